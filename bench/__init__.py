@@ -1,0 +1,1 @@
+"""Benchmarks: `python bench/latency.py` (end to end) and `python bench/kernels.py` (fused ops)."""

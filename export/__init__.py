@@ -1,0 +1,1 @@
+"""ONNX export (`python -m export.onnx ckpt.pt`) and the onnxruntime runtime."""

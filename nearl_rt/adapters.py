@@ -1,0 +1,88 @@
+"""The trainable parts of NEARL-CLIP: the USEformer synergy step and the OCA adapters."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+import kernels
+from nearl_rt.config import NearlConfig
+
+
+def _trunc_normal(*shape, std: float) -> nn.Parameter:
+    return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=std, a=-2 * std, b=2 * std))
+
+
+class OCA(nn.Module):
+    """Orthogonal Cross-Attention Adapter for one modality at one layer (math: kernels/oca.py)."""
+
+    def __init__(self, width: int, config: NearlConfig):
+        super().__init__()
+        r, ds = config.oca_rank, config.synergy_dim
+        self.w_q = _trunc_normal(width, r, std=width ** -0.5)
+        self.w_k = _trunc_normal(ds, r, std=ds ** -0.5)
+        self.w_v = _trunc_normal(ds, r, std=ds ** -0.5)
+        zero_out = config.zero_init == "out_proj"
+        self.w_o = nn.Parameter(torch.zeros(r, width)) if zero_out else _trunc_normal(r, width, std=r ** -0.5)
+        # s = 0 makes the update exactly zero at init; with W_o = 0 instead, s starts at 1.
+        self.scale = nn.Parameter(torch.tensor(1.0 if zero_out else 0.0))
+        self.eps = config.oca_eps
+        self.orthogonal = config.orthogonal
+        self.keep_parallel = config.keep_parallel
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, group: torch.Tensor, backend: str) -> torch.Tensor:
+        """x: [R, N, D] tokens; z: [G, M, d_s] synergy; group: [R] which z each sequence reads."""
+        k, v = z @ self.w_k, z @ self.w_v
+        return kernels.oca(x, group, k, v, self.w_q, self.w_o, self.scale, backend=backend, eps=self.eps,
+                           orthogonal=self.orthogonal, keep_parallel=self.keep_parallel)
+
+
+class USEformer(nn.Module):
+    """Unified Synergy Embedding Transformer: M queries that read both towers at every layer.
+
+    USE_step(Z, X, T, l):  Q  = Z + e_l
+                           Z' = Z + W_o MHA(LN(Q), K, K),  K = [LN(X) W_dv ; LN(T) W_dt]
+                           Z  = Z' + MLP(LN(Z'))
+    Weights are shared across steps; only e_l is per step.
+    """
+
+    def __init__(self, vision_width: int, text_width: int, layers: int, config: NearlConfig):
+        super().__init__()
+        M, ds = config.num_queries, config.synergy_dim
+        self.heads = config.synergy_heads
+        self.seeds = _trunc_normal(M, ds, std=0.02)
+        self.step_embed = _trunc_normal(layers, ds, std=0.02)
+        self.ln_x = nn.LayerNorm(vision_width)
+        self.down_x = nn.Linear(vision_width, ds, bias=False)
+        self.ln_t = nn.LayerNorm(text_width)
+        self.down_t = nn.Linear(text_width, ds, bias=False)
+        self.ln_q = nn.LayerNorm(ds)
+        self.q_proj = nn.Linear(ds, ds)
+        self.k_proj = nn.Linear(ds, ds)
+        self.v_proj = nn.Linear(ds, ds)
+        self.out_proj = nn.Linear(ds, ds)
+        self.ln_mlp = nn.LayerNorm(ds)
+        hidden = int(round(config.synergy_mlp_ratio * ds))
+        self.mlp = nn.Sequential(nn.Linear(ds, hidden), nn.GELU(), nn.Linear(hidden, ds))
+
+    def initial(self, groups: int) -> torch.Tensor:
+        return self.seeds.unsqueeze(0).expand(groups, -1, -1)
+
+    def step(self, z: torch.Tensor, layer: int, x: Optional[torch.Tensor], t: torch.Tensor,
+             t_valid: torch.Tensor, backend: str) -> torch.Tensor:
+        """z: [G, M, d_s]; x: [G, Nx, Dv] or None; t: [G or 1, Nt, Dt]; t_valid: [G or 1, Nt]."""
+        q = self.q_proj(self.ln_q(z + self.step_embed[layer]))
+        img = (self.ln_x.weight, self.ln_x.bias, self.down_x.weight) if x is not None else (None, None, None)
+        o = kernels.use_attention(q, x, t, t_valid, *img, self.ln_t.weight, self.ln_t.bias, self.down_t.weight,
+                                  self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias,
+                                  heads=self.heads, backend=backend)
+        z = z + self.out_proj(o)
+        return z + self.mlp(self.ln_mlp(z))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = ["OCA", "USEformer", "count_parameters"]

@@ -1,0 +1,131 @@
+"""Adapter checkpoints: adapter weights + config + classes + backbone identity + format version.
+
+A checkpoint is a torch zip file holding only tensors and plain Python values, read back with
+`torch.load(weights_only=True)`: nothing else is ever unpickled. Writes are atomic.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nearl_rt.atomic import atomic_output
+from nearl_rt.backbone import sha256_file
+from nearl_rt.config import NearlConfig
+from nearl_rt.errors import CheckpointError
+
+FORMAT = "nearl-rt-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
+    """Write `model`'s adapter weights and everything needed to rebuild it to `path` (atomically)."""
+    from nearl_rt import __version__
+    ident = model.backbone_identity
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nearl_rt_version": __version__,
+        "config": model.config.to_dict(),
+        "class_names": list(model.class_names),
+        "template": model.template,
+        "backbone": {"name": ident.name, "sha256": ident.sha256, "path": ident.path, "quick_gelu": ident.quick_gelu},
+        "adapter": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()},
+        "extra": dict(extra or {}),
+    }
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """Read and validate a checkpoint file's contents without building a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; nearl-rt "
+                                  f"refuses to unpickle them (unsafe). It is not a nearl-rt checkpoint") from None
+        raise CheckpointError(f"{path} is not a nearl-rt checkpoint (unreadable: {e})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is damaged or truncated, or not a nearl-rt checkpoint "
+                              f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a nearl-rt checkpoint (no '{FORMAT}' format marker); "
+                              f"write checkpoints with nearl_rt.save_checkpoint")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = "upgrade nearl-rt" if isinstance(version, int) and version > FORMAT_VERSION else "re-save it"
+        raise CheckpointError(f"{path} has checkpoint format version {version!r}; this nearl-rt reads version "
+                              f"{FORMAT_VERSION} ({hint})")
+    for key, typ in (("config", dict), ("adapter", dict), ("backbone", dict), ("class_names", list)):
+        if not isinstance(payload.get(key), typ):
+            raise CheckpointError(f"{path} is missing its '{key}' entry (damaged checkpoint)")
+    try:
+        payload["config"] = NearlConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid config: {e}") from None
+    return payload
+
+
+def _resolve_pretrained(path, backbone: dict, pretrained) -> Optional[str]:
+    want = backbone.get("sha256")
+    if want is None:
+        return None  # trained on a random-init backbone: rebuild it the same way
+    candidates = [pretrained] if pretrained is not None else [backbone.get("path")]
+    for cand in candidates:
+        if cand is not None and os.path.isfile(cand):
+            got = sha256_file(cand)
+            if got != want:
+                raise CheckpointError(f"backbone weights {cand} (sha256 {got[:12]}…) are not the ones {path} was "
+                                      f"trained on (sha256 {want[:12]}…); pass pretrained= the original file")
+            return os.fspath(cand)
+        if cand is not None and pretrained is not None:
+            raise CheckpointError(f"backbone weights file not found: {cand}")
+    raise CheckpointError(f"{path} was trained on {backbone.get('name')} weights with sha256 {want[:12]}… "
+                          f"(originally {backbone.get('path')}); pass pretrained=PATH to that file on this machine")
+
+
+def load_checkpoint(path, *, pretrained=None, backend: str = "auto", interaction: Optional[str] = None):
+    """Rebuild the model a checkpoint was saved from: backbone, adapter weights, classes.
+
+    pretrained: the backbone weights file on this machine (checked against the stored sha256);
+    defaults to the path recorded at training time. interaction: override the stored mode.
+    """
+    from nearl_rt import build_model
+    payload = read_checkpoint(path)
+    config: NearlConfig = payload["config"]
+    if interaction is not None:
+        config = config.replace(interaction=interaction)
+    weights = _resolve_pretrained(path, payload["backbone"], pretrained)
+    model = build_model(config, interaction=config.interaction, backend=backend, pretrained=weights)
+    try:
+        model.load_adapter_state_dict(payload["adapter"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}. The checkpoint's weights are for a different preset or config") from None
+    if payload["class_names"]:
+        model.set_classes(payload["class_names"], payload["template"] or "a photo of {}.")
+    return model
+
+
+def load_adapter_weights(model, path) -> dict:
+    """Load a checkpoint's adapter weights into an existing model of the same config. Returns the payload."""
+    payload = read_checkpoint(path)
+    stored, own = payload["config"].to_dict(), model.config.to_dict()
+    differ = [k for k in own if k != "interaction" and stored.get(k) != own[k]]
+    if differ:
+        detail = ", ".join(f"{k}: checkpoint {stored.get(k)!r} vs model {own[k]!r}" for k in differ)
+        raise CheckpointError(f"{path} holds weights for a different preset/config ({detail})")
+    try:
+        model.load_adapter_state_dict(payload["adapter"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return payload

@@ -1,0 +1,265 @@
+"""NEARL-CLIP: a frozen open_clip CLIP plus USEformer and an OCA after every layer of both towers.
+
+Lock-step forward (per layer l):
+    X = VisionBlock_l(X);  T = TextBlock_l(T)            frozen
+    Z = USE_step(Z, X, T, l)                             per image
+    X = OCA_v^l(X, Z);     T = OCA_t^l(T, Z)             each prompt reads its image's Z
+
+In `text_cacheable` mode the text stream reads a synergy Z_t computed from the prompts alone, so
+class text features (and the per-layer text tokens the image stream's USEformer reads) are
+computed once per class set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from nearl_rt.adapters import OCA, USEformer, count_parameters
+from nearl_rt.backbone import BackboneIdentity
+from nearl_rt.config import NearlConfig
+from nearl_rt.errors import BackboneError
+from nearl_rt.tokenizer import tokenize
+
+
+@dataclass
+class TextStream:
+    """Output of the prompt-only text stream (text_cacheable mode)."""
+
+    features: torch.Tensor            # [C, E] L2-normalised class text features
+    layer_tokens: list                # per layer: [1, C*n, Dt] text tokens before OCA (USEformer keys)
+    valid: torch.Tensor               # [1, C*n] bool, False at padding
+
+
+@dataclass
+class PromptBatch:
+    tokens: torch.Tensor    # [C, n] prompt tokens trimmed to the longest EOT + 1
+    eot: torch.Tensor       # [C] position of each prompt's EOT
+    valid: torch.Tensor     # [C, n] bool, False after the EOT
+
+
+class NearlCLIP(nn.Module):
+    """The NEARL-CLIP model; build it with `nearl_rt.build_model`."""
+
+    def __init__(self, config: NearlConfig, backbone: nn.Module, identity: BackboneIdentity, backend: str = "auto"):
+        super().__init__()
+        for attr in ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final", "attn_mask"):
+            if not hasattr(backbone, attr):
+                raise BackboneError(f"backbone {identity.name} is not an open_clip CLIP with a built-in text tower "
+                                    f"(missing `{attr}`); NEARL-CLIP supports open_clip ViT CLIP models")
+        if backbone.text_pool_type not in ("argmax", "eos"):
+            raise BackboneError(f"text pooling {backbone.text_pool_type!r} is not supported (argmax or eos)")
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; use one of {kernels.BACKENDS}")
+        self.config = config
+        self.backend = backend
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.backbone_identity = identity
+        self.vision_blocks = list(backbone.visual.transformer.resblocks)
+        self.text_blocks = list(backbone.transformer.resblocks)
+        if len(self.vision_blocks) != len(self.text_blocks):
+            raise BackboneError(f"{identity.name} has {len(self.vision_blocks)} vision and {len(self.text_blocks)} "
+                                f"text layers; NEARL-CLIP's lock-step forward needs the same depth")
+        if not (backbone.visual.transformer.batch_first and backbone.transformer.batch_first):
+            raise BackboneError("open_clip transformers must run batch_first")
+        layers = len(self.vision_blocks)
+        vw, tw = backbone.visual.transformer.width, backbone.transformer.width
+        self.use = USEformer(vw, tw, layers, config)
+        self.oca_v = nn.ModuleList(OCA(vw, config) for _ in range(layers))
+        self.oca_t = nn.ModuleList(OCA(tw, config) for _ in range(layers))
+        self.class_names: list[str] = []
+        self.template: Optional[str] = None
+        self.register_buffer("class_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self._text_cache: Optional[tuple] = None
+
+    # ----------------------------------------------------------------------------------- basics
+    @property
+    def interaction(self) -> str:
+        return self.config.interaction
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.template.format(c) for c in self.class_names] if self.template else []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.visual.conv1.weight.dtype
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """Input size, mean, std and interpolation the backbone expects (open_clip's preprocess config)."""
+        return dict(self.backbone.visual.preprocess_cfg)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: never in training mode (dropout, patch dropout)
+        return self
+
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        return {"use": self.use, "oca_v": self.oca_v, "oca_t": self.oca_t}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, m in self.adapter_modules().items() for k, v in m.state_dict().items()}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.adapter_modules().values() for p in m.parameters()]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(count_parameters(m) for m in self.adapter_modules().values())
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load adapter weights; raises ValueError naming missing, unexpected or mis-shaped entries."""
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(f"adapter weights do not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
+                             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} with another "
+                             f"shape (e.g. {shapes[:2]})")
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+
+    # ---------------------------------------------------------------------------------- classes
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return tokenize(texts, self.backbone_identity.name)
+
+    def set_classes(self, class_names: Sequence[str], template: str = "a photo of {}.") -> None:
+        """Fix the classes `classify` scores: one prompt per class, `template.format(name)`."""
+        if isinstance(class_names, str) or not class_names:
+            raise ValueError("class_names must be a non-empty list of strings, e.g. ['normal', 'pneumonia']")
+        names = [str(c) for c in class_names]
+        if any(not c.strip() for c in names) or len(set(names)) != len(names):
+            raise ValueError(f"class names must be non-empty and unique, got {names}")
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {template!r}")
+        self.class_names, self.template = names, template
+        self.class_tokens = self.tokenize(self.prompts).to(self.class_tokens.device)
+        self._text_cache = None
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits [B, len(class_names)] for the classes set with `set_classes`."""
+        if not self.class_names:
+            raise RuntimeError("no classes set: call model.set_classes(['class a', 'class b', ...]) first")
+        if self.interaction == "text_cacheable" and not torch.is_grad_enabled():
+            return self._logits(self.encode_images(images, self.cached_text_stream()),
+                                self._text_cache[1].features)
+        return self(images, self.class_tokens)
+
+    def cached_text_stream(self) -> TextStream:
+        """The class text stream, recomputed only when the classes, adapter weights, device or dtype change."""
+        key = (self.class_tokens.data_ptr(), self.dtype, tuple((p.data_ptr(), p._version) for p in self.adapter_parameters()))
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.encode_text_stream(self.class_tokens))
+        return self._text_cache[1]
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] (preprocessed), tokens [C, context] -> logits [B, C]."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [C, context_length] (from nearl_rt.tokenize), got {tuple(tokens.shape)}")
+        if self.interaction == "text_cacheable":
+            text = self.encode_text_stream(tokens)
+            return self._logits(self.encode_images(images, text), text.features)
+        img, txt = self._bidirectional(images, tokens)
+        return self._logits_paired(img, txt)
+
+    def _logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        logits = self.backbone.logit_scale.exp() * img @ txt.t()
+        return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
+
+    def _logits_paired(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        logits = self.backbone.logit_scale.exp() * torch.einsum("be,bce->bc", img, txt)
+        return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
+
+    def _prompts(self, tokens: torch.Tensor) -> PromptBatch:
+        bb = self.backbone
+        if bb.text_pool_type == "argmax":
+            eot = tokens.argmax(dim=-1)
+        else:
+            eot = (tokens == bb.text_eos_id).int().argmax(dim=-1)
+        n = int(eot.max()) + 1
+        valid = torch.arange(n, device=tokens.device)[None, :] <= eot[:, None]
+        return PromptBatch(tokens=tokens[:, :n], eot=eot, valid=valid)
+
+    def _text_embed(self, p: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        bb = self.backbone
+        n = p.tokens.shape[1]
+        x = bb.token_embedding(p.tokens).to(self.dtype) + bb.positional_embedding[:n].to(self.dtype)
+        return x, bb.attn_mask[:n, :n].to(self.dtype)
+
+    def _text_features(self, t: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        pooled = bb.ln_final(t[torch.arange(t.shape[0], device=t.device), eot])
+        pooled = bb.text_projection(pooled) if isinstance(bb.text_projection, nn.Linear) else pooled @ bb.text_projection
+        return F.normalize(pooled, dim=-1)
+
+    def _image_embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.visual._embeds(images.to(self.dtype))
+
+    def _image_features(self, x: torch.Tensor) -> torch.Tensor:
+        visual = self.backbone.visual
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return F.normalize(pooled, dim=-1)
+
+    def _bidirectional(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers in lock-step; text row b*C + c is prompt c scored against image b."""
+        x = self._image_embed(images)
+        p = self._prompts(tokens)
+        t, mask = self._text_embed(p)
+        B, (C, n) = x.shape[0], p.tokens.shape
+        z = self.use.initial(B)
+        image_group = torch.arange(B, device=x.device)
+        text_group = image_group.repeat_interleave(C)
+        valid_shared = p.valid.reshape(1, C * n)
+        valid_per_image = valid_shared.expand(B, -1).contiguous()
+        for layer, (vblock, tblock) in enumerate(zip(self.vision_blocks, self.text_blocks)):
+            x = vblock(x)
+            t = tblock(t, attn_mask=mask)
+            if t.shape[0] == C:  # prompts are identical across images until the first OCA
+                z = self.use.step(z, layer, x, t.reshape(1, C * n, -1), valid_shared, self.backend)
+                t = t.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * C, n, -1)
+            else:
+                z = self.use.step(z, layer, x, t.reshape(B, C * n, -1), valid_per_image, self.backend)
+            x = self.oca_v[layer](x, z, image_group, self.backend)
+            t = self.oca_t[layer](t, z, text_group, self.backend)
+        txt = self._text_features(t, p.eot.repeat(B)).view(B, C, -1)
+        return self._image_features(x), txt
+
+    def encode_text_stream(self, tokens: torch.Tensor) -> TextStream:
+        """text_cacheable: the prompts' own stream, whose OCAs read the text-only synergy Z_t."""
+        p = self._prompts(tokens)
+        t, mask = self._text_embed(p)
+        C, n = p.tokens.shape
+        valid = p.valid.reshape(1, C * n)
+        zt = self.use.initial(1)
+        group = torch.zeros(C, dtype=torch.long, device=t.device)
+        layer_tokens = []
+        for layer, tblock in enumerate(self.text_blocks):
+            t = tblock(t, attn_mask=mask)
+            layer_tokens.append(t.reshape(1, C * n, -1))
+            zt = self.use.step(zt, layer, None, layer_tokens[-1], valid, self.backend)
+            t = self.oca_t[layer](t, zt, group, self.backend)
+        return TextStream(features=self._text_features(t, p.eot), layer_tokens=layer_tokens, valid=valid)
+
+    def encode_images(self, images: torch.Tensor, text: TextStream) -> torch.Tensor:
+        """text_cacheable: image features [B, E] (normalised); the USEformer reads image + class prompts."""
+        x = self._image_embed(images)
+        z = self.use.initial(x.shape[0])
+        group = torch.arange(x.shape[0], device=x.device)
+        for layer, vblock in enumerate(self.vision_blocks):
+            x = vblock(x)
+            z = self.use.step(z, layer, x, text.layer_tokens[layer], text.valid, self.backend)
+            x = self.oca_v[layer](x, z, group, self.backend)
+        return self._image_features(x)

@@ -1,0 +1,23 @@
+import os
+
+# Triton must see this before any @triton.jit is defined: kernels then run in the interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pneumoniamnist_balanced_28.npz"
+
+
+@pytest.fixture
+def pneumonia_npz():
+    if not DATA.is_file():
+        pytest.skip(f"real data not present at {DATA}")
+    return DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
