@@ -75,6 +75,7 @@ class NearlCLIP(nn.Module):
         self.template: Optional[str] = None
         self.register_buffer("class_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self._text_cache: Optional[tuple] = None
+        self.trim_prompts = True  # False pads prompts to the full context (same result, slower)
 
     # ----------------------------------------------------------------------------------- basics
     @property
@@ -170,8 +171,15 @@ class NearlCLIP(nn.Module):
         if self.interaction == "text_cacheable":
             text = self.encode_text_stream(tokens)
             return self._logits(self.encode_images(images, text), text.features)
-        img, txt = self._bidirectional(images, tokens)
-        return self._logits_paired(img, txt)
+        return self._logits_paired(*self._bidirectional(images, tokens))
+
+    def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised features: image [B, E] and text [B, C, E] (prompt c as scored against image b)."""
+        if self.interaction == "text_cacheable":
+            text = self.encode_text_stream(tokens)
+            img = self.encode_images(images, text)
+            return img, text.features.unsqueeze(0).expand(img.shape[0], -1, -1)
+        return self._bidirectional(images, tokens)
 
     def _logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         logits = self.backbone.logit_scale.exp() * img @ txt.t()
@@ -187,7 +195,7 @@ class NearlCLIP(nn.Module):
             eot = tokens.argmax(dim=-1)
         else:
             eot = (tokens == bb.text_eos_id).int().argmax(dim=-1)
-        n = int(eot.max()) + 1
+        n = int(eot.max()) + 1 if self.trim_prompts else tokens.shape[1]
         valid = torch.arange(n, device=tokens.device)[None, :] <= eot[:, None]
         return PromptBatch(tokens=tokens[:, :n], eot=eot, valid=valid)
 
