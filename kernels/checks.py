@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the test reference
 
 
 class OpInputError(ValueError):
