@@ -14,16 +14,18 @@ __version__ = "0.1.0"
 
 
 def build_model(preset="vit_b16", *, interaction: str = "bidirectional", backend: str = "auto",
-                pretrained: Optional[str] = None, **overrides) -> NearlCLIP:
+                pretrained: Optional[str] = None, backbone_init_seed: int = 0, **overrides) -> NearlCLIP:
     """Build NEARL-CLIP on a frozen open_clip backbone.
 
     preset: "vit_b16" (the paper's default), "vit_b32", "tiny" (CPU tests), or a NearlConfig.
     pretrained: path to a local open_clip / OpenAI CLIP weights file; None = random backbone
-    (warns: accuracy is then meaningless). Nothing is ever downloaded.
+    (warns: accuracy is then meaningless), drawn from `backbone_init_seed` on a private RNG so a
+    checkpoint rebuilds it exactly. Nothing is ever downloaded.
     overrides: any NearlConfig field, e.g. oca_rank=16, orthogonal=False.
     """
     config = preset_config(preset, interaction=interaction, **overrides)
-    backbone, identity = build_backbone(config.backbone, pretrained, quick_gelu=config.quick_gelu)
+    backbone, identity = build_backbone(config.backbone, pretrained, quick_gelu=config.quick_gelu,
+                                        init_seed=backbone_init_seed)
     config = config.replace(quick_gelu=identity.quick_gelu)
     return NearlCLIP(config, backbone, identity, backend=backend)
 

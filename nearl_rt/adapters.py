@@ -85,4 +85,38 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def build_adapters(config: NearlConfig, vision_width: int, text_width: int, layers: int) -> dict[str, nn.Module]:
+    """The trainable modules, keyed by the prefix their weights carry in checkpoints."""
+    return {"use": USEformer(vision_width, text_width, layers, config),
+            "oca_v": nn.ModuleList(OCA(vision_width, config) for _ in range(layers)),
+            "oca_t": nn.ModuleList(OCA(text_width, config) for _ in range(layers))}
+
+
+def expected_adapter_shapes(config: NearlConfig) -> dict[str, tuple]:
+    """Adapter tensor shapes for `config`, from the backbone's open_clip config alone (no weights built)."""
+    import open_clip
+    from nearl_rt.backbone import register_model_configs
+    register_model_configs()
+    cfg = open_clip.get_model_config(config.backbone)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {config.backbone!r}")
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    with torch.device("meta"):
+        mods = build_adapters(config, vision["width"], text["width"], vision["layers"])
+    return {f"{name}.{k}": tuple(v.shape) for name, m in mods.items() for k, v in m.state_dict().items()}
+
+
+def state_mismatch(expected: dict[str, tuple], state: dict[str, torch.Tensor]):
+    """None if `state` has exactly the expected names and shapes, else a message saying what differs."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+              for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if not (missing or unexpected or shapes):
+        return None
+    return (f"adapter weights do not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} with another shape "
+            f"(e.g. {shapes[:2]})")
+
+
 __all__ = ["OCA", "USEformer", "count_parameters"]

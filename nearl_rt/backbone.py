@@ -35,6 +35,7 @@ class BackboneIdentity:
     sha256: Optional[str] = None   # of the weights file; None for random init
     path: Optional[str] = None     # where the weights file was when the model was built (a hint)
     quick_gelu: bool = False
+    init_seed: Optional[int] = None  # random init only: the seed that rebuilds the same weights
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -78,12 +79,17 @@ def _read_state_dict(path: str) -> tuple[dict, bool]:
     return sd, False
 
 
-def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool = False):
+RANDOM_INIT_SEED = 0
+
+
+def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool = False,
+                   init_seed: int = RANDOM_INIT_SEED):
     """Build the frozen open_clip model `name`.
 
     pretrained: path to a local open_clip or OpenAI CLIP weights file, or None for random init
-    (with a RandomBackboneWarning). Returns (model, BackboneIdentity). OpenAI TorchScript files
-    switch on QuickGELU, as OpenAI's weights were trained with it.
+    (with a RandomBackboneWarning) drawn from `init_seed` on a private RNG, so that a checkpoint
+    trained on it rebuilds the same backbone. Returns (model, BackboneIdentity). OpenAI
+    TorchScript files switch on QuickGELU, as OpenAI's weights were trained with it.
     """
     register_model_configs()
     if name not in open_clip.list_models():
@@ -102,13 +108,16 @@ def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool
         warnings.warn(f"backbone {name} has random weights (pretrained=None): logits and accuracy are "
                       f"meaningless; pass pretrained=PATH to a local CLIP weights file for real use",
                       RandomBackboneWarning, stacklevel=3)
-    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu,
-                                   pretrained_text=False, pretrained_image=False, device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu,
+                                       pretrained_text=False, pretrained_image=False, device="cpu")
     if state_dict is not None:
         _load_weights(model, state_dict, pretrained, name)
     model.requires_grad_(False).eval()
-    path = os.path.abspath(pretrained) if pretrained is not None else None
-    return model, BackboneIdentity(name=name, sha256=sha, path=path, quick_gelu=quick_gelu)
+    if pretrained is None:
+        return model, BackboneIdentity(name=name, quick_gelu=quick_gelu, init_seed=init_seed)
+    return model, BackboneIdentity(name=name, sha256=sha, path=os.path.abspath(pretrained), quick_gelu=quick_gelu)
 
 
 def _load_weights(model, state_dict: dict, path: str, name: str) -> None:

@@ -5,6 +5,7 @@ A checkpoint is a torch zip file holding only tensors and plain Python values, r
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -13,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from nearl_rt.adapters import expected_adapter_shapes, state_mismatch
 from nearl_rt.atomic import atomic_output
 from nearl_rt.backbone import sha256_file
 from nearl_rt.config import NearlConfig
@@ -33,7 +35,7 @@ def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
         "config": model.config.to_dict(),
         "class_names": list(model.class_names),
         "template": model.template,
-        "backbone": {"name": ident.name, "sha256": ident.sha256, "path": ident.path, "quick_gelu": ident.quick_gelu},
+        "backbone": dataclasses.asdict(ident),
         "adapter": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()},
         "extra": dict(extra or {}),
     }
@@ -71,8 +73,11 @@ def read_checkpoint(path) -> dict:
             raise CheckpointError(f"{path} is missing its '{key}' entry (damaged checkpoint)")
     try:
         payload["config"] = NearlConfig.from_dict(payload["config"])
+        problem = state_mismatch(expected_adapter_shapes(payload["config"]), payload["adapter"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has an invalid config: {e}") from None
+    if problem:
+        raise CheckpointError(f"{path}: {problem}. The checkpoint's weights are for a different preset or config")
     return payload
 
 
@@ -106,7 +111,9 @@ def load_checkpoint(path, *, pretrained=None, backend: str = "auto", interaction
     if interaction is not None:
         config = config.replace(interaction=interaction)
     weights = _resolve_pretrained(path, payload["backbone"], pretrained)
-    model = build_model(config, interaction=config.interaction, backend=backend, pretrained=weights)
+    seed = payload["backbone"].get("init_seed")
+    model = build_model(config, interaction=config.interaction, backend=backend, pretrained=weights,
+                        **({} if weights is not None or seed is None else {"backbone_init_seed": seed}))
     try:
         model.load_adapter_state_dict(payload["adapter"])
     except ValueError as e:

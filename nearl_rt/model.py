@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from nearl_rt.adapters import OCA, USEformer, count_parameters
+from nearl_rt.adapters import build_adapters, count_parameters, state_mismatch
 from nearl_rt.backbone import BackboneIdentity
 from nearl_rt.config import NearlConfig
 from nearl_rt.errors import BackboneError
@@ -68,9 +68,8 @@ class NearlCLIP(nn.Module):
             raise BackboneError("open_clip transformers must run batch_first")
         layers = len(self.vision_blocks)
         vw, tw = backbone.visual.transformer.width, backbone.transformer.width
-        self.use = USEformer(vw, tw, layers, config)
-        self.oca_v = nn.ModuleList(OCA(vw, config) for _ in range(layers))
-        self.oca_t = nn.ModuleList(OCA(tw, config) for _ in range(layers))
+        adapters = build_adapters(config, vw, tw, layers)
+        self.use, self.oca_v, self.oca_t = adapters["use"], adapters["oca_v"], adapters["oca_t"]
         self.class_names: list[str] = []
         self.template: Optional[str] = None
         self.register_buffer("class_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
@@ -115,14 +114,9 @@ class NearlCLIP(nn.Module):
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load adapter weights; raises ValueError naming missing, unexpected or mis-shaped entries."""
         own = self.adapter_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            raise ValueError(f"adapter weights do not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} with another "
-                             f"shape (e.g. {shapes[:2]})")
+        problem = state_mismatch({k: tuple(v.shape) for k, v in own.items()}, state)
+        if problem:
+            raise ValueError(problem)
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k])
