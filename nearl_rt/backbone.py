@@ -61,7 +61,9 @@ def _read_state_dict(path: str) -> tuple[dict, bool]:
         return load_file(path, device="cpu"), False
     if _is_torchscript_archive(path):
         # TorchScript's loader only rebuilds TorchScript modules and tensors (no arbitrary Python).
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
         for key in ("input_resolution", "context_length", "vocab_size"):
             sd.pop(key, None)
         return sd, True
@@ -122,16 +124,22 @@ def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool
 
 def _load_weights(model, state_dict: dict, path: str, name: str) -> None:
     from open_clip.factory import convert_state_dict, resize_pos_embed, resize_text_pos_embed
-    state_dict = convert_state_dict(model, state_dict)
-    if "logit_scale" in state_dict and model.logit_scale.ndim != state_dict["logit_scale"].ndim:
-        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
-    resize_pos_embed(state_dict, model)
-    resize_text_pos_embed(state_dict, model)
-    result = model.load_state_dict(state_dict, strict=False)
+
+    def misfit(detail: str) -> BackboneError:
+        return BackboneError(f"{path} does not fit open_clip model {name}: {detail}. "
+                             f"Check that the preset's backbone matches the weights file")
+    try:
+        state_dict = convert_state_dict(model, state_dict)
+        if "logit_scale" in state_dict and model.logit_scale.ndim != state_dict["logit_scale"].ndim:
+            state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
+        resize_pos_embed(state_dict, model)
+        resize_text_pos_embed(state_dict, model)
+        buffers = {n for n, _ in model.named_buffers()}  # e.g. attn_mask, saved by TorchScript archives
+        result = model.load_state_dict({k: v for k, v in state_dict.items() if k not in buffers}, strict=False)
+    except (AssertionError, RuntimeError, KeyError, ValueError) as e:
+        raise misfit(str(e).splitlines()[0] if str(e) else e.__class__.__name__) from None
     missing = [k for k in result.missing_keys if k != "logit_bias"]
     if missing or result.unexpected_keys:
-        raise BackboneError(
-            f"{path} does not fit open_clip model {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}). "
-            f"Check that the preset's backbone matches the weights file")
+        raise misfit(f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(result.unexpected_keys)} "
+                     f"unexpected keys (e.g. {result.unexpected_keys[:3]})")
     logging.getLogger(__name__).info("loaded backbone weights %s into %s", path, name)
