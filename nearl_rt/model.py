@@ -74,6 +74,7 @@ class NearlCLIP(nn.Module):
         self.template: Optional[str] = None
         self.register_buffer("class_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self._text_cache: Optional[tuple] = None
+        self._class_prompts: Optional[tuple] = None
         self.trim_prompts = True  # False pads prompts to the full context (same result, slower)
 
     # ----------------------------------------------------------------------------------- basics
@@ -136,7 +137,7 @@ class NearlCLIP(nn.Module):
             raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {template!r}")
         self.class_names, self.template = names, template
         self.class_tokens = self.tokenize(self.prompts).to(self.class_tokens.device)
-        self._text_cache = None
+        self._text_cache = self._class_prompts = None
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Logits [B, len(class_names)] for the classes set with `set_classes`."""
@@ -184,6 +185,16 @@ class NearlCLIP(nn.Module):
         return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
 
     def _prompts(self, tokens: torch.Tensor) -> PromptBatch:
+        """Trim prompts to the longest EOT + 1. For the class prompts the result is cached: trimming reads
+        the EOT positions back to the host, which would stall the GPU (and break CUDA-graph capture)."""
+        if tokens is not self.class_tokens:
+            return self._trim(tokens)
+        key = (tokens.data_ptr(), tokens.device, self.trim_prompts)
+        if self._class_prompts is None or self._class_prompts[0] != key:
+            self._class_prompts = (key, self._trim(tokens))
+        return self._class_prompts[1]
+
+    def _trim(self, tokens: torch.Tensor) -> PromptBatch:
         bb = self.backbone
         if bb.text_pool_type == "argmax":
             eot = tokens.argmax(dim=-1)
