@@ -7,6 +7,7 @@ import sys
 
 from nearl_rt.checkpoint import read_checkpoint
 from nearl_rt.cli import run_cli
+from nearl_rt.config import preset_name
 
 
 def main(argv=None) -> int:
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
     summary = {
         "format_version": payload["format_version"],
         "nearl_rt_version": payload.get("nearl_rt_version"),
+        "preset": preset_name(payload["config"]) or "custom",
         "config": payload["config"].to_dict(),
         "class_names": payload["class_names"],
         "template": payload.get("template"),

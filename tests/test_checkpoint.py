@@ -1,4 +1,5 @@
 """Checkpoints: exact round trip, safe loading, clear errors, atomic writes."""
+import json
 import os
 import pickle
 import subprocess
@@ -41,6 +42,18 @@ def test_round_trip_is_exact(saved):
     assert list(path.parent.iterdir()) == [path], "no temp files left behind"
     out = cli_info(path)
     assert out.returncode == 0 and "nearl-tiny" in out.stdout and "a chest x-ray of {}." in out.stdout
+    assert "custom" in out.stdout, "oca_rank=5 is not a preset"
+
+
+def test_info_json_names_the_preset(tmp_path):
+    model = tiny("text_cacheable")
+    model.set_classes(CLASSES)
+    path = nearl_rt.save_checkpoint(model, tmp_path / "ckpt.pt")
+    out = subprocess.run([sys.executable, "-m", "nearl_rt", "info", str(path), "--json"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    info = json.loads(out.stdout)
+    assert info["preset"] == "tiny" and info["config"]["interaction"] == "text_cacheable"
+    assert info["class_names"] == CLASSES and info["adapter_parameters"] == model.num_trainable_parameters()
 
 
 def _expect_error(path, match):
