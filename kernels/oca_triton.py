@@ -22,7 +22,7 @@ import triton.language as tl
 
 from kernels.checks import check_oca_inputs
 from kernels.oca import LN_EPS
-from kernels.triton_common import check_fused_launch, compute_dtype, mm, pow2
+from kernels.triton_common import check_fused_launch, compute_dtype, mm, pow2, rmax, rsum
 
 
 @triton.jit
@@ -39,9 +39,9 @@ def _recompute(x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R
     m2 = rmask[:, None] & cmask[None, :]
     offs = seq.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / D
+    mean = rsum(x, 1) / D
     xc = tl.where(m2, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + ln_eps)
+    rstd = 1.0 / tl.sqrt(rsum(xc * xc, 1) / D + ln_eps)
     ln = xc * rstd[:, None]
     wq = tl.load(wq_ptr + cols[:, None] * R_RANK + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
     q = mm(ln, wq, CDT)  # [T, r]
@@ -51,8 +51,8 @@ def _recompute(x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R
     vv = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
     sc = mm(q, tl.trans(kk), CDT) * qk_scale
     sc = tl.where(mmask[None, :], sc, float("-inf"))
-    e = tl.exp(sc - tl.max(sc, 1)[:, None])
-    p = e / tl.sum(e, 1)[:, None]
+    e = tl.exp(sc - rmax(sc, 1)[:, None])
+    p = e / rsum(e, 1)[:, None]
     pv = mm(p, vv, CDT)  # [T, r]
     wo = tl.load(wo_ptr + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
     h = mm(pv, wo, CDT)  # [T, D]
@@ -69,7 +69,7 @@ def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D,
         BLOCK_T, BLOCK_D, BLOCK_M, BLOCK_R, CDT)
     s = tl.load(s_ptr).to(tl.float32)
     if ORTHO:
-        coef = tl.sum(h * x, 1) / (tl.sum(x * x, 1) + eps)
+        coef = rsum(h * x, 1) / (rsum(x * x, 1) + eps)
         h = h - coef[:, None] * x
     tl.store(out_ptr + offs, (x + s * h).to(out_ptr.dtype.element_ty), mask=m2)
 
@@ -89,25 +89,25 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
     gu = s * go
     dx = go
     if ORTHO:
-        denom = tl.sum(x * x, 1) + eps
-        coef = tl.sum(h * x, 1) / denom
-        a = tl.sum(gu * x, 1) / denom
+        denom = rsum(x * x, 1) + eps
+        coef = rsum(h * x, 1) / denom
+        a = rsum(gu * x, 1) / denom
         dh = gu - a[:, None] * x
         dx += -coef[:, None] * gu - a[:, None] * (h - 2.0 * coef[:, None] * x)
         if DS_FULL_H:
-            ds_tok = tl.sum(go * h, 1)
+            ds_tok = rsum(go * h, 1)
         else:
-            ds_tok = tl.sum(go * (h - coef[:, None] * x), 1)
+            ds_tok = rsum(go * (h - coef[:, None] * x), 1)
     else:
-        a = tl.zeros_like(mean)
+        a = mean * 0.0
         dh = gu
-        ds_tok = tl.sum(go * h, 1)
+        ds_tok = rsum(go * h, 1)
     dpv = mm(dh, tl.trans(wo), CDT)  # [T, r]
     dp = mm(dpv, tl.trans(vv), CDT)  # [T, M]
-    dsc = p * (dp - tl.sum(p * dp, 1)[:, None])
+    dsc = p * (dp - rsum(p * dp, 1)[:, None])
     dq = mm(dsc, kk, CDT) * qk_scale
     dln = mm(dq, tl.trans(wq), CDT)  # [T, D]; zero in padded columns
-    dx += rstd[:, None] * (dln - (tl.sum(dln, 1) / D)[:, None] - ln * (tl.sum(dln * ln, 1) / D)[:, None])
+    dx += rstd[:, None] * (dln - (rsum(dln, 1) / D)[:, None] - ln * (rsum(dln * ln, 1) / D)[:, None])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m2)
     # per-token factors for the weight-gradient kernel, fp32
     tok = seq.to(tl.int64) * N + rows
@@ -140,9 +140,9 @@ def _oca_bwd_weights(x_ptr, go_ptr, s_ptr, mean_ptr, rstd_ptr, dq_ptr, pv_ptr, a
     rk = tl.arange(0, BLOCK_R)
     cmask, kmask = cols < D, rk < R_RANK
     s = tl.load(s_ptr).to(tl.float32)
-    acc_q = tl.zeros((BLOCK_DC, BLOCK_R), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_R, BLOCK_DC), dtype=tl.float32)
-    for tb in range(split, tl.cdiv(T, BLOCK_T), nsplit):
+    acc_q = tl.full((BLOCK_DC, BLOCK_R), 0.0, dtype=tl.float32)
+    acc_o = tl.full((BLOCK_R, BLOCK_DC), 0.0, dtype=tl.float32)
+    for tb in range(split, (T + BLOCK_T - 1) // BLOCK_T, nsplit):
         rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         rmask = rows < T
         m2 = rmask[:, None] & cmask[None, :]

@@ -40,3 +40,17 @@ def pow2(n: int, lo: int = 16) -> int:
 def mm(a, b, CDT: tl.constexpr):
     """a @ b with operands rounded to CDT (the activation dtype) and fp32 accumulation; fp32 stays IEEE."""
     return tl.dot(a.to(CDT), b.to(CDT), input_precision="ieee")
+
+
+# tl.sum, tl.max (and tl.zeros, tl.cdiv) are @triton.jit functions of triton.language itself. When triton was imported before
+# TRITON_INTERPRET=1 was set (under pytest, resolving the filterwarnings class imports nearl_rt -> open_clip
+# -> torch._dynamo -> triton before conftest runs), they stay compile-only and the interpreter refuses to
+# call them. tl.reduce with triton's own combine functions is the same reduction and works in both modes.
+@triton.jit
+def rsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def rmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)

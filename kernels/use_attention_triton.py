@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_use_inputs
-from kernels.triton_common import check_fused_launch, mm, pow2
+from kernels.triton_common import check_fused_launch, mm, pow2, rmax, rsum
 from kernels.use_attention import down_project
 
 BLOCK_K = 32
@@ -66,18 +66,18 @@ def _use_fwd(q_ptr, beta_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, D
     kg = g * K_GROUP_STRIDE  # 0 when every group reads the same (shared) text keys
     qi, qmask, qoffs, q2, qs, beta = _load_queries(q_ptr, beta_ptr, g, NQ, DS, BLOCK_Q, BLOCK_S)
     m_i = tl.full((BLOCK_Q,), -1e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
+    l_i = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
+    acc = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
     lo = split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, tl.cdiv(NK, BLOCK_K))
+    hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
     for kb in range(lo, hi):
         keys, kmask, _ = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
         sc = mm(qs, tl.trans(keys), tl.float32) * scale + beta[:, None]
         sc = tl.where(kmask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_new = tl.maximum(m_i, rmax(sc, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + rsum(p, 1)
         acc = acc * alpha[:, None] + mm(p, keys, tl.float32)
         m_i = m_new
     part = (g * total_splits + split_offset + split) * NQ
@@ -96,10 +96,10 @@ def _use_bwd(q_ptr, beta_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_p
     do = tl.load(do_ptr + qoffs, mask=q2, other=0.0)
     lse = tl.load(lse_ptr + g * NQ + qi, mask=qmask, other=0.0)
     delta = tl.load(delta_ptr + g * NQ + qi, mask=qmask, other=0.0)
-    dq = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
-    dbeta = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    dq = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
+    dbeta = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
     lo = split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, tl.cdiv(NK, BLOCK_K))
+    hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
     for kb in range(lo, hi):
         keys, kmask, koffs = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
         sc = mm(qs, tl.trans(keys), tl.float32) * scale + beta[:, None]
@@ -112,7 +112,7 @@ def _use_bwd(q_ptr, beta_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_p
         dk_offs = g * NK * DS + keys_i[:, None] * DS + cs[None, :]
         tl.store(dk_ptr + dk_offs, dkeys, mask=(keys_i < NK)[:, None] & (cs < DS)[None, :])
         dq += mm(dsc, keys, tl.float32) * scale
-        dbeta += tl.sum(dsc, 1)
+        dbeta += rsum(dsc, 1)
     part = (g * total_splits + split_offset + split) * NQ
     tl.store(dq_ptr + part * DS + qoffs - g * NQ * DS, dq, mask=q2)
     tl.store(dbeta_ptr + part + qi, dbeta, mask=qmask)
