@@ -3,8 +3,10 @@
 The key/value projections are folded into the few queries, so k and v are never built:
     q_h . (W_k,h K_j + b_k,h) = (W_k,h^T q_h) . K_j + q_h . b_k,h
     sum_j p_j (W_v,h K_j + b_v,h) = W_v,h (sum_j p_j K_j) + b_v,h        (softmax rows sum to 1)
-so every (query, head) pair becomes one query row q~ of width d_s with a score offset beta = q_h . b_k,h,
-and all rows attend over the down-projected tokens K itself: o~ = softmax(q~ K^T / sqrt(d_h) + beta) K.
+so every (query, head) pair becomes one query row q~ of width d_s, and all rows attend over the
+down-projected tokens K itself: o~ = softmax(q~ K^T / sqrt(d_h)) K. The offset beta = q_h . b_k,h shifts
+every score of a row equally, so softmax ignores it and its gradient is exactly zero; it still enters the
+autograd Function so that b_k (and q through it) get that exact zero gradient, as in the reference.
 
 All products run in fp32 (keys are exact in fp32; the attention math is small next to reading the keys):
 the backward's dp = dO K^T must agree with delta = rowsum(dO * O) to fp32 rounding, else a softmax over
@@ -14,7 +16,7 @@ Kernels (Flash-Decoding style, split over the key length, no atomics):
   _use_fwd   grid (G, splits) per key source (image keys, text keys): online softmax over the split's
              key blocks, writes partial (max, sum, acc); torch combines all partials of both sources.
   _use_bwd   same grid: recomputes p from the saved log-sum-exp, writes dK per key and per-split partial
-             sums of dq~ and dbeta, summed by torch in a fixed order.
+             sums of dq~, summed by torch in a fixed order.
 LN + down-projection of the tokens (K = LN(X) W_dx, LN(T) W_dt) run in PyTorch (one GEMM each, same
 code as the reference) and get their gradients from autograd; the fold above keeps their output d_s wide.
 """
@@ -47,24 +49,23 @@ def _load_keys(k_ptr, valid_ptr, grp, kb, NK, DS, HAS_MASK: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _load_queries(q_ptr, beta_ptr, g, NQ, DS, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+def _load_queries(q_ptr, g, NQ, DS, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
     qi = tl.arange(0, BLOCK_Q)
     cs = tl.arange(0, BLOCK_S)
     qmask = qi < NQ
     qoffs = g * NQ * DS + qi[:, None] * DS + cs[None, :]
     q2 = qmask[:, None] & (cs < DS)[None, :]
     qs = tl.load(q_ptr + qoffs, mask=q2, other=0.0)
-    beta = tl.load(beta_ptr + g * NQ + qi, mask=qmask, other=0.0)
-    return qi, qmask, qoffs, q2, qs, beta
+    return qi, qmask, qoffs, q2, qs
 
 
 @triton.jit
-def _use_fwd(q_ptr, beta_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, DS, K_GROUP_STRIDE,
+def _use_fwd(q_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, DS, K_GROUP_STRIDE,
              blocks_per_split, split_offset, total_splits, scale, HAS_MASK: tl.constexpr,
              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     g, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     kg = g * K_GROUP_STRIDE  # 0 when every group reads the same (shared) text keys
-    qi, qmask, qoffs, q2, qs, beta = _load_queries(q_ptr, beta_ptr, g, NQ, DS, BLOCK_Q, BLOCK_S)
+    qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, NQ, DS, BLOCK_Q, BLOCK_S)
     m_i = tl.full((BLOCK_Q,), -1e30, dtype=tl.float32)
     l_i = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
     acc = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
@@ -72,7 +73,7 @@ def _use_fwd(q_ptr, beta_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, D
     hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
     for kb in range(lo, hi):
         keys, kmask, _ = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
-        sc = mm(qs, tl.trans(keys), tl.float32) * scale + beta[:, None]
+        sc = mm(qs, tl.trans(keys), tl.float32) * scale
         sc = tl.where(kmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, rmax(sc, 1))
         alpha = tl.exp(m_i - m_new)
@@ -87,22 +88,21 @@ def _use_fwd(q_ptr, beta_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, D
 
 
 @triton.jit
-def _use_bwd(q_ptr, beta_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr, dbeta_ptr,
+def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr,
              NQ, NK, DS, K_GROUP_STRIDE, blocks_per_split, split_offset, total_splits, scale,
              HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     g, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     kg = g * K_GROUP_STRIDE
-    qi, qmask, qoffs, q2, qs, beta = _load_queries(q_ptr, beta_ptr, g, NQ, DS, BLOCK_Q, BLOCK_S)
+    qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, NQ, DS, BLOCK_Q, BLOCK_S)
     do = tl.load(do_ptr + qoffs, mask=q2, other=0.0)
     lse = tl.load(lse_ptr + g * NQ + qi, mask=qmask, other=0.0)
     delta = tl.load(delta_ptr + g * NQ + qi, mask=qmask, other=0.0)
     dq = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
-    dbeta = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
     lo = split * blocks_per_split
     hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
     for kb in range(lo, hi):
         keys, kmask, koffs = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
-        sc = mm(qs, tl.trans(keys), tl.float32) * scale + beta[:, None]
+        sc = mm(qs, tl.trans(keys), tl.float32) * scale
         p = tl.where(kmask[None, :] & qmask[:, None], tl.exp(sc - lse[:, None]), 0.0)
         dp = mm(do, tl.trans(keys), tl.float32)
         dsc = p * (dp - delta[:, None])
@@ -112,10 +112,8 @@ def _use_bwd(q_ptr, beta_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_p
         dk_offs = g * NK * DS + keys_i[:, None] * DS + cs[None, :]
         tl.store(dk_ptr + dk_offs, dkeys, mask=(keys_i < NK)[:, None] & (cs < DS)[None, :])
         dq += mm(dsc, keys, tl.float32) * scale
-        dbeta += rsum(dsc, 1)
     part = (g * total_splits + split_offset + split) * NQ
     tl.store(dq_ptr + part * DS + qoffs - g * NQ * DS, dq, mask=q2)
-    tl.store(dbeta_ptr + part + qi, dbeta, mask=qmask)
 
 
 def _sources(kx, kt, t_valid):
@@ -138,7 +136,10 @@ def _split_plan(G: int, sources, device: torch.device):
 
 
 class USEAttentionFunction(torch.autograd.Function):
-    """o~ = softmax(q~ K^T * scale + beta) K over image keys kx (may be None) and masked text keys kt."""
+    """o~ = softmax(q~ K^T * scale + beta) K over image keys kx (may be None) and masked text keys kt.
+
+    beta [G, NQ] is a per-row score offset: it does not change the result and gets a zero gradient.
+    """
 
     @staticmethod
     def forward(ctx, qt, beta, kx, kt, t_valid, scale):
@@ -152,7 +153,7 @@ class USEAttentionFunction(torch.autograd.Function):
         meta = dict(BLOCK_Q=pow2(NQ), BLOCK_K=BLOCK_K, BLOCK_S=pow2(DS))
         offset = 0
         for (keys, valid, stride), (per, n) in zip(sources, plan):
-            _use_fwd[(G, n)](qt, beta, keys, valid if valid is not None else keys, m, l, acc, NQ, keys.shape[1],
+            _use_fwd[(G, n)](qt, keys, valid if valid is not None else keys, m, l, acc, NQ, keys.shape[1],
                              DS, stride, per, offset, total, scale, HAS_MASK=valid is not None, **meta)
             offset += n
         # combine the splits (fixed order): a split that saw no valid key has m = -1e30 and weight 0
@@ -175,17 +176,15 @@ class USEAttentionFunction(torch.autograd.Function):
         total = sum(n for _, n in ctx.plan)
         f32 = dict(device=qt.device, dtype=torch.float32)
         dq_part = torch.empty(G, total, NQ, DS, **f32)
-        dbeta_part = torch.empty(G, total, NQ, **f32)
         dkeys, offset = [], 0
         for (keys, valid, stride), (per, n) in zip(sources, ctx.plan):
             dk = torch.empty(G, keys.shape[1], DS, **f32)  # per reading group; shared keys summed below
-            _use_bwd[(G, n)](qt, beta, keys, valid if valid is not None else keys, lse, grad_out, delta, dk,
-                             dq_part, dbeta_part, NQ, keys.shape[1], DS, stride, per, offset, total, ctx.scale,
+            _use_bwd[(G, n)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ, keys.shape[1], DS, stride, per, offset, total, ctx.scale,
                              HAS_MASK=valid is not None, **ctx.meta)
             offset += n
             dkeys.append((dk if stride else dk.sum(0, keepdim=True)).to(keys.dtype))
         dkx = dkeys[0] if kx is not None else None
-        return dq_part.sum(1), dbeta_part.sum(1), dkx, dkeys[-1], None, None
+        return dq_part.sum(1), torch.zeros_like(beta), dkx, dkeys[-1], None, None
 
 
 def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v,
