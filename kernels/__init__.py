@@ -1,12 +1,13 @@
 """Ops that NEARL adds to a frozen CLIP, with a backend switch.
 
 Every op has a plain PyTorch reference (`*_reference`), the ground truth for tests. `oca` and
-`use_attention` dispatch on `backend`: "torch" (reference), "triton" (fused kernels), or "auto"
-(the fastest available on the input's device). The environment variable NEARL_RT_BACKEND
-overrides the argument.
+`use_attention` dispatch on `backend`: "torch" (reference), "triton" (the fused kernels in
+kernels/oca_triton.py and kernels/use_attention_triton.py), or "auto" (triton for CUDA tensors of
+fp32/fp16/bf16, torch otherwise). The environment variable NEARL_RT_BACKEND overrides the argument.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -18,25 +19,44 @@ from kernels.use_attention import use_attention_reference
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return the concrete backend ("torch" or "triton") for tensors on `device`."""
-    backend = os.environ.get("NEARL_RT_BACKEND", backend)
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Return the concrete backend ("torch" or "triton") for tensors on `device`.
+
+    "auto" is "triton" for CUDA tensors and "torch" elsewhere or for float64 (the test reference). "triton" on CPU tensors runs only in the Triton
+    interpreter (TRITON_INTERPRET=1, the CI setting); otherwise it is refused with a clear error.
+    """
+    backend = os.environ.get("NEARL_RT_BACKEND") or backend
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (from argument or NEARL_RT_BACKEND); use one of {BACKENDS}")
+    if backend == "auto":
+        fused = device.type == "cuda" and dtype != torch.float64 and _triton_importable()
+        return "triton" if fused else "torch"
     if backend == "triton":
-        raise NotImplementedError("the fused Triton backend is not available in this build; use backend='torch'")
-    return "torch"
+        if not _triton_importable():
+            raise OpInputError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise OpInputError(f"backend='triton' runs on CUDA tensors, got tensors on {device}; use "
+                               "backend='torch' or 'auto' there (or TRITON_INTERPRET=1 for the slow interpreter)")
+    return backend
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def oca(x, group, k, v, w_q, w_o, scale, *, backend: str = "auto", **options):
     """OCA update F -> F + s * D_perp; see kernels.oca for the math and shapes."""
-    resolve_backend(backend, x.device)
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
+        from kernels.oca_triton import oca_triton
+        return oca_triton(x, group, k, v, w_q, w_o, scale, **options)
     return oca_reference(x, group, k, v, w_q, w_o, scale, **options)
 
 
 def use_attention(q, x, t, t_valid, *params, heads: int, backend: str = "auto"):
     """USEformer few-query cross-attention; see kernels.use_attention for the math and shapes."""
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q.device, q.dtype) == "triton":
+        from kernels.use_attention_triton import use_attention_triton
+        return use_attention_triton(q, x, t, t_valid, *params, heads=heads)
     return use_attention_reference(q, x, t, t_valid, *params, heads=heads)
 
 

@@ -51,13 +51,13 @@ def use_attention_reference(
     check_use_inputs(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v,
                      heads, need_contiguous=False)
     G, M, ds = q.shape
-    keys = _down(t, ln_t_w, ln_t_b, w_dt).to(q.dtype)  # [Gt, Nt, d_s]
+    keys = down_project(t, ln_t_w, ln_t_b, w_dt).to(q.dtype)  # [Gt, Nt, d_s]
     valid = t_valid
     if t.shape[0] != G:
         keys = keys.expand(G, -1, -1)
         valid = valid.expand(G, -1)
     if x is not None:
-        kx = _down(x, ln_x_w, ln_x_b, w_dx).to(q.dtype)
+        kx = down_project(x, ln_x_w, ln_x_b, w_dx).to(q.dtype)
         keys = torch.cat([kx, keys], dim=1)
         valid = torch.cat([valid.new_ones(G, x.shape[1]), valid], dim=1)
     w_k, b_k, w_v, b_v = (p.to(q.dtype) for p in (w_k, b_k, w_v, b_v))
@@ -68,7 +68,7 @@ def use_attention_reference(
     return o.transpose(1, 2).reshape(G, M, ds)
 
 
-def _down(tokens, ln_w, ln_b, w_down):
+def down_project(tokens, ln_w, ln_b, w_down):
     """LN (with affine) then the down-projection to d_s, in the tokens' dtype."""
     dt = tokens.dtype
     return F.linear(F.layer_norm(tokens, (tokens.shape[-1],), ln_w.to(dt), ln_b.to(dt), LN_EPS), w_down.to(dt))

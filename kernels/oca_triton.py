@@ -1,0 +1,229 @@
+"""Fused Triton OCA (math: kernels/oca.py), forward and backward, behind one autograd.Function.
+
+Forward: one program per block of BLOCK_T token rows of one sequence; the sequence carries its group
+index, so image rows, per-image text rows and cached-text rows (one shared Z) use the same kernel. Each
+row is read once and written once: LN -> q -> scores over the M keys -> softmax -> .V -> .W_o ->
+fp32 parallel/orthogonal split -> F + s * D_perp.
+
+Backward (no atomics, deterministic):
+  _oca_bwd_rows   recomputes the forward per row block and writes dF, the per-token ds terms, the small
+                  per-token factors (mean, rstd, dq, p.V, a) and per-block partial sums of dk and dv;
+  _oca_bwd_weights  D-chunked partial sums over token blocks of dW_q = LN(F)^T dq and
+                  dW_o = (p.V)^T dH, with dH = s*g - a*F rebuilt from g and F (never stored);
+  torch sums the partials in a fixed order (dk/dv per group through a one-hot matmul).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import check_oca_inputs
+from kernels.oca import LN_EPS
+from kernels.triton_common import check_fused_launch, compute_dtype, mm, pow2, rmax, rsum
+
+
+@triton.jit
+def _recompute(x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, ln_eps,
+               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+               CDT: tl.constexpr):
+    """Forward math for one block of rows of sequence `seq`, everything in fp32 registers."""
+    g = tl.load(grp_ptr + seq).to(tl.int64)
+    rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    mk = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_R)
+    rmask, cmask, mmask, kmask = rows < N, cols < D, mk < M, rk < R_RANK
+    m2 = rmask[:, None] & cmask[None, :]
+    offs = seq.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    mean = rsum(x, 1) / D
+    xc = tl.where(m2, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(rsum(xc * xc, 1) / D + ln_eps)
+    ln = xc * rstd[:, None]
+    wq = tl.load(wq_ptr + cols[:, None] * R_RANK + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+    q = mm(ln, wq, CDT)  # [T, r]
+    kv_offs = g * M * R_RANK + mk[:, None] * R_RANK + rk[None, :]
+    kv_mask = mmask[:, None] & kmask[None, :]
+    kk = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+    vv = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+    sc = mm(q, tl.trans(kk), CDT) * qk_scale
+    sc = tl.where(mmask[None, :], sc, float("-inf"))
+    e = tl.exp(sc - rmax(sc, 1)[:, None])
+    p = e / rsum(e, 1)[:, None]
+    pv = mm(p, vv, CDT)  # [T, r]
+    wo = tl.load(wo_ptr + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+    h = mm(pv, wo, CDT)  # [T, D]
+    return x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h
+
+
+@triton.jit
+def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, qk_scale, eps,
+             ORTHO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_R: tl.constexpr, CDT: tl.constexpr):
+    seq, tb = tl.program_id(0), tl.program_id(1)
+    x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h = _recompute(
+        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, LN_EPS,
+        BLOCK_T, BLOCK_D, BLOCK_M, BLOCK_R, CDT)
+    s = tl.load(s_ptr).to(tl.float32)
+    if ORTHO:
+        coef = rsum(h * x, 1) / (rsum(x * x, 1) + eps)
+        h = h - coef[:, None] * x
+    tl.store(out_ptr + offs, (x + s * h).to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr,
+                  mean_ptr, rstd_ptr, dq_ptr, pv_ptr, a_ptr, dstok_ptr, dk_ptr, dv_ptr,
+                  N, D, M, R_RANK, qk_scale, eps, ORTHO: tl.constexpr, DS_FULL_H: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_R: tl.constexpr, CDT: tl.constexpr):
+    seq, tb = tl.program_id(0), tl.program_id(1)
+    x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h = _recompute(
+        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, LN_EPS,
+        BLOCK_T, BLOCK_D, BLOCK_M, BLOCK_R, CDT)
+    go = tl.load(go_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr).to(tl.float32)
+    gu = s * go
+    dx = go
+    if ORTHO:
+        denom = rsum(x * x, 1) + eps
+        coef = rsum(h * x, 1) / denom
+        a = rsum(gu * x, 1) / denom
+        dh = gu - a[:, None] * x
+        dx += -coef[:, None] * gu - a[:, None] * (h - 2.0 * coef[:, None] * x)
+        if DS_FULL_H:
+            ds_tok = rsum(go * h, 1)
+        else:
+            ds_tok = rsum(go * (h - coef[:, None] * x), 1)
+    else:
+        a = mean * 0.0
+        dh = gu
+        ds_tok = rsum(go * h, 1)
+    dpv = mm(dh, tl.trans(wo), CDT)  # [T, r]
+    dp = mm(dpv, tl.trans(vv), CDT)  # [T, M]
+    dsc = p * (dp - rsum(p * dp, 1)[:, None])
+    dq = mm(dsc, kk, CDT) * qk_scale
+    dln = mm(dq, tl.trans(wq), CDT)  # [T, D]; zero in padded columns
+    dx += rstd[:, None] * (dln - (rsum(dln, 1) / D)[:, None] - ln * (rsum(dln * ln, 1) / D)[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+    # per-token factors for the weight-gradient kernel, fp32
+    tok = seq.to(tl.int64) * N + rows
+    rk = tl.arange(0, BLOCK_R)
+    r2 = rmask[:, None] & (rk < R_RANK)[None, :]
+    tl.store(mean_ptr + tok, mean, mask=rmask)
+    tl.store(rstd_ptr + tok, rstd, mask=rmask)
+    tl.store(a_ptr + tok, a, mask=rmask)
+    tl.store(dstok_ptr + tok, ds_tok, mask=rmask)
+    tl.store(dq_ptr + tok[:, None] * R_RANK + rk[None, :], dq, mask=r2)
+    tl.store(pv_ptr + tok[:, None] * R_RANK + rk[None, :], pv, mask=r2)
+    # per-block partial sums of dk, dv (rows past N carry zero gradient)
+    dsc = tl.where(rmask[:, None], dsc, 0.0)
+    pm = tl.where(rmask[:, None], p, 0.0)
+    blk = seq.to(tl.int64) * tl.num_programs(1) + tb
+    mk = tl.arange(0, BLOCK_M)
+    part = blk * M * R_RANK + mk[:, None] * R_RANK + rk[None, :]
+    pmask = (mk < M)[:, None] & (rk < R_RANK)[None, :]
+    tl.store(dk_ptr + part, tl.dot(tl.trans(dsc), q, input_precision="ieee") * qk_scale, mask=pmask)
+    tl.store(dv_ptr + part, tl.dot(tl.trans(pm), dpv, input_precision="ieee"), mask=pmask)
+
+
+@triton.jit
+def _oca_bwd_weights(x_ptr, go_ptr, s_ptr, mean_ptr, rstd_ptr, dq_ptr, pv_ptr, a_ptr, dwq_ptr, dwo_ptr,
+                     T, D, R_RANK, BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_R: tl.constexpr,
+                     CDT: tl.constexpr):
+    dc, split = tl.program_id(0), tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    cols = dc * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    rk = tl.arange(0, BLOCK_R)
+    cmask, kmask = cols < D, rk < R_RANK
+    s = tl.load(s_ptr).to(tl.float32)
+    acc_q = tl.full((BLOCK_DC, BLOCK_R), 0.0, dtype=tl.float32)
+    acc_o = tl.full((BLOCK_R, BLOCK_DC), 0.0, dtype=tl.float32)
+    for tb in range(split, (T + BLOCK_T - 1) // BLOCK_T, nsplit):
+        rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        m2 = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        go = tl.load(go_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
+        r2 = rmask[:, None] & kmask[None, :]
+        dq = tl.load(dq_ptr + rows[:, None] * R_RANK + rk[None, :], mask=r2, other=0.0)
+        pv = tl.load(pv_ptr + rows[:, None] * R_RANK + rk[None, :], mask=r2, other=0.0)
+        ln = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)
+        acc_q += mm(tl.trans(ln), dq, CDT)
+        acc_o += mm(tl.trans(pv), s * go - a[:, None] * x, CDT)
+    base = split.to(tl.int64) * D * R_RANK
+    tl.store(dwq_ptr + base + cols[:, None] * R_RANK + rk[None, :], acc_q, mask=cmask[:, None] & kmask[None, :])
+    tl.store(dwo_ptr + base + rk[:, None] * D + cols[None, :], acc_o, mask=kmask[:, None] & cmask[None, :])
+
+
+def _meta(x, k, w_q):
+    R, N, D = x.shape
+    M, r = k.shape[1], w_q.shape[1]
+    block_t = pow2(min(N, 32))
+    return dict(BLOCK_T=block_t, BLOCK_D=pow2(D), BLOCK_M=pow2(M), BLOCK_R=pow2(r), CDT=compute_dtype(x.dtype)), \
+        (R, triton.cdiv(N, block_t))
+
+
+def _num_splits(tokens: int, d_chunks: int, block_t: int, device: torch.device) -> int:
+    """Token splits of the weight-gradient kernel: enough programs to fill the device, fixed per shape."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(triton.cdiv(tokens, block_t), triton.cdiv(2 * sms, d_chunks)))
+
+
+class OCAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, k, v, w_q, w_o, scale, eps, orthogonal, keep_parallel):
+        meta, grid = _meta(x, k, w_q)
+        R, N, D = x.shape
+        qk_scale = 1.0 / math.sqrt(w_q.shape[1])
+        out = torch.empty_like(x)
+        _oca_fwd[grid](x, out, group, k, v, w_q, w_o, scale, N, D, k.shape[1], w_q.shape[1], qk_scale, eps,
+                       ORTHO=orthogonal and keep_parallel == "drop", **meta)
+        ctx.save_for_backward(x, group, k, v, w_q, w_o, scale)
+        ctx.opts = (eps, orthogonal, keep_parallel)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, group, k, v, w_q, w_o, scale = ctx.saved_tensors
+        eps, orthogonal, keep_parallel = ctx.opts
+        grad_out = grad_out.contiguous()
+        meta, grid = _meta(x, k, w_q)
+        R, N, D = x.shape
+        (G, M, r), T = k.shape, R * N
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x)
+        mean, rstd, a, ds_tok = (torch.empty(T, **f32) for _ in range(4))
+        dq, pv = torch.empty(T, r, **f32), torch.empty(T, r, **f32)
+        dk_part = torch.empty(R, grid[1], M, r, **f32)
+        dv_part = torch.empty_like(dk_part)
+        _oca_bwd_rows[grid](x, grad_out, dx, group, k, v, w_q, w_o, scale, mean, rstd, dq, pv, a, ds_tok,
+                            dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), eps, ORTHO=orthogonal,
+                            DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **meta)
+        block_dc, block_t = min(64, pow2(D)), 32
+        splits = _num_splits(T, triton.cdiv(D, block_dc), block_t, x.device)
+        dwq_part = torch.empty(splits, D, r, **f32)
+        dwo_part = torch.empty(splits, r, D, **f32)
+        _oca_bwd_weights[(triton.cdiv(D, block_dc), splits)](
+            x, grad_out, scale, mean, rstd, dq, pv, a, dwq_part, dwo_part, T, D, r,
+            BLOCK_T=block_t, BLOCK_DC=block_dc, BLOCK_R=meta["BLOCK_R"], CDT=meta["CDT"])
+        onehot = torch.nn.functional.one_hot(group.long(), G).to(torch.float32).t()  # [G, R]
+        dk = (onehot @ dk_part.sum(1).view(R, M * r)).view(G, M, r)
+        dv = (onehot @ dv_part.sum(1).view(R, M * r)).view(G, M, r)
+        return (dx, None, dk.to(k.dtype), dv.to(v.dtype), dwq_part.sum(0).to(w_q.dtype),
+                dwo_part.sum(0).to(w_o.dtype), ds_tok.sum().to(scale.dtype).view_as(scale), None, None, None)
+
+
+def oca_triton(x, group, k, v, w_q, w_o, scale, *, eps: float = 1e-6, orthogonal: bool = True,
+               keep_parallel: str = "drop") -> torch.Tensor:
+    """Fused OCA with the signature and result of kernels.oca.oca_reference (fp32 accumulation)."""
+    check_oca_inputs(x, group, k, v, w_q, w_o, scale, keep_parallel=keep_parallel, need_contiguous=True)
+    check_fused_launch(x, k, v, w_q, w_o, scale)
+    return OCAFunction.apply(x, group, k, v, w_q, w_o, scale, eps, orthogonal, keep_parallel)

@@ -1,0 +1,56 @@
+"""Helpers shared by the fused Triton ops: launch-time checks, dtype mapping, the matmul precision rule."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import OpInputError
+
+_COMPUTE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The Triton dtype the fused ops feed to tl.dot for activations of `dtype` (fp32 accumulation)."""
+    if dtype not in _COMPUTE_DTYPES:
+        raise OpInputError(f"the fused Triton ops take float32, float16 or bfloat16 tensors, got {dtype}; "
+                           "use backend='torch' for float64 (the test reference)")
+    return _COMPUTE_DTYPES[dtype]
+
+
+def check_fused_launch(*tensors) -> None:
+    """Refuse tensors the fused kernels cannot take: float64, or CPU tensors outside the interpreter."""
+    for t in tensors:
+        if t is None or not torch.is_floating_point(t):
+            continue
+        compute_dtype(t.dtype)
+        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise OpInputError("the fused Triton ops run on CUDA tensors (or on CPU only with TRITON_INTERPRET=1); "
+                               "use backend='torch' or backend='auto' on CPU")
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """Block size for a dimension of n: a power of two, at least `lo` (tl.dot needs 16)."""
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+@triton.jit
+def mm(a, b, CDT: tl.constexpr):
+    """a @ b with operands rounded to CDT (the activation dtype) and fp32 accumulation; fp32 stays IEEE."""
+    return tl.dot(a.to(CDT), b.to(CDT), input_precision="ieee")
+
+
+# tl.sum, tl.max (and tl.zeros, tl.cdiv) are @triton.jit functions of triton.language itself. When triton was imported before
+# TRITON_INTERPRET=1 was set (under pytest, resolving the filterwarnings class imports nearl_rt -> open_clip
+# -> torch._dynamo -> triton before conftest runs), they stay compile-only and the interpreter refuses to
+# call them. tl.reduce with triton's own combine functions is the same reduction and works in both modes.
+@triton.jit
+def rsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def rmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
