@@ -16,6 +16,16 @@ from nearl_rt.errors import CheckpointError
 METHODS = ("nearl", "zeroshot", "linear_probe")
 
 
+def resolve_device(arg: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else as torch.device understands it."""
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(arg)
+    except RuntimeError:
+        raise ValueError(f"--device {arg!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
 def frozen_image_features(model, images: torch.Tensor) -> torch.Tensor:
     """The frozen backbone's L2-normalised image features [B, E] (what a linear probe reads)."""
     return F.normalize(model.backbone.encode_image(images.to(model.dtype)), dim=-1)

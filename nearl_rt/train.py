@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import nearl_rt
 from nearl_rt.atomic import atomic_output
-from nearl_rt.classifier import METHODS, Classifier, frozen_image_features
+from nearl_rt.classifier import METHODS, Classifier, frozen_image_features, resolve_device
 from nearl_rt.cli import run_cli
 from nearl_rt.data import Dataset, Preprocess, load_images, parse_classes, read_dataset
 from nearl_rt.errors import NearlError
@@ -80,9 +80,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_arg == "auto":
-            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device_arg)
+        self.device = resolve_device(device_arg)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", local)
         if self.world > 1 and not dist.is_initialized():
