@@ -52,7 +52,7 @@ def classification_metrics(labels, probs, class_names) -> dict:
         "num_images": int(len(labels)),
         "accuracy": float(correct.sum() / len(labels)),
         "balanced_accuracy": float(np.nanmean(recall)),
-        "macro_f1": float(f1[present].mean()),
+        "macro_f1": float(f1[present | (predicted > 0)].mean()),  # classes seen in labels or predictions
         "auc": float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan"),
         "per_class_accuracy": {n: (None if np.isnan(r) else float(r)) for n, r in zip(class_names, recall)},
         "per_class_auc": {n: (None if np.isnan(a) else a) for n, a in zip(class_names, aucs)},

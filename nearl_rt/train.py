@@ -242,7 +242,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         start_epoch, best = resume_state["epoch"], resume_state["best"]
     net = model
     if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        net = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
     classifier = Classifier(model)
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
