@@ -15,6 +15,7 @@ from nearl_rt.cli import run_cli
 from nearl_rt.data import DataError, Preprocess, parse_classes, read_dataset
 from nearl_rt.errors import NearlError
 from nearl_rt.metrics import SUMMARY_KEYS, aggregate, classification_metrics
+from nearl_rt.sampling import balanced_subset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
     p.add_argument("--classes", help="comma-separated class names (default: from the data)")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="evaluate the first N images of the split only")
+    p.add_argument("--limit", type=int, help="evaluate a fixed class-balanced subset of N images (the first of each class)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     p.add_argument("--pretrained", help="the backbone weights file, if it moved since training")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     ds = read_dataset(args.data, args.image_root, parse_classes(args.classes))
     split = ds.split(args.split)
     if args.limit is not None:
-        split = split.subset(range(min(args.limit, len(split))))
+        split = split.subset(balanced_subset(split.labels, args.limit))
     if len(split) == 0:
         raise DataError(f"the {args.split} split of {args.data} is empty")
     device = resolve_device(args.device)

@@ -44,3 +44,15 @@ def sample_shots(ds: Dataset, shots: int, seed: int) -> dict:
                              exclude=set(train_idx))
     return {"seed": seed, "shots": shots, "train_split": train_split, "train": train_idx,
             "val_split": val_split, "val": val_idx}
+
+
+def balanced_subset(labels: np.ndarray, n: int) -> list:
+    """A fixed class-balanced subset of at most n images: the first images of each class, taken in turn
+    (class 0's first, class 1's first, ..., class 0's second, ...), returned in split order."""
+    per_class = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
+    chosen = []
+    for rank in range(max((len(p) for p in per_class), default=0)):
+        chosen += [p[rank] for p in per_class if rank < len(p)]
+        if len(chosen) >= n:
+            break
+    return sorted(chosen[:n])

@@ -7,7 +7,7 @@ from PIL import Image
 
 from export.preprocess import preprocess_batch
 from nearl_rt.data import DataError, Preprocess, Split, load_images, parse_classes, read_dataset
-from nearl_rt.sampling import sample_shots
+from nearl_rt.sampling import balanced_subset, sample_shots
 
 CFG = {"size": (32, 32), "mean": (0.48, 0.45, 0.40), "std": (0.26, 0.26, 0.27), "interpolation": "bicubic"}
 
@@ -163,3 +163,13 @@ def test_augmentation_is_reproducible_per_image(tmp_path):
     assert np.array_equal(full[2:], pre.augment(images[2:], [13, 14]))   # same seed -> same crop, any batching
     assert not np.array_equal(full[0], pre.augment(images[:1], [99])[0])   # another seed -> another crop
     assert not np.array_equal(full[0], pre.eval(images[:1])[0])            # it does augment
+
+
+def test_balanced_subset_takes_classes_in_turn():
+    labels = np.array([1, 1, 1, 1, 0, 2, 0, 1])
+    assert balanced_subset(labels, 5) == [0, 1, 4, 5, 6]     # 0s: 4, 6; 1s: 0, 1; 2s: 5
+    assert balanced_subset(labels, 100) == list(range(8))
+    rng = np.random.default_rng(2)
+    labels = np.sort(rng.integers(0, 3, 200))                  # sorted, like the real test split
+    counts = np.bincount(labels[balanced_subset(labels, 30)], minlength=3)
+    assert counts.tolist() == [10, 10, 10]

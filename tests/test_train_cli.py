@@ -18,6 +18,7 @@ from nearl_rt import evaluate, predict, train
 from nearl_rt.classifier import frozen_image_features
 from nearl_rt.cli import run_cli
 from nearl_rt.data import Preprocess
+from nearl_rt.sampling import balanced_subset
 from tests.helpers import frozen_clip_logits
 from tests.test_data import make_tree, write_png
 
@@ -72,11 +73,12 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     report = json.loads((tmp_path / "eval.json").read_text())["results"][str(a)]
     model = nearl_rt.load_checkpoint(a / "best.pt")
     data = np.load(pneumonia_npz)
-    x = Preprocess(model.preprocess_cfg).eval([_pil(im) for im in data["test_images"][:40]])
+    subset = balanced_subset(data["test_labels"][:, 0], 40)
+    x = Preprocess(model.preprocess_cfg).eval([_pil(data["test_images"][i]) for i in subset])
     with torch.no_grad():
         probs = model.classify(x).softmax(-1)
-    labels = data["test_labels"][:40, 0]
-    assert report["num_images"] == 40
+    labels = data["test_labels"][subset, 0]
+    assert report["num_images"] == 40 and np.bincount(labels).tolist() == [20, 20]
     assert report["accuracy"] == pytest.approx(float((probs.argmax(-1).numpy() == labels).mean()))
     assert np.array(report["confusion_matrix"]).sum() == 40
 
@@ -84,10 +86,12 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     rc, out, _ = cli(predict, [a, pneumonia_npz, "--split", "test", "--limit", "5", "--topk", "2"], capsys)
     rows = [line.split(",") for line in out.strip().splitlines()]
     assert rc == 0 and rows[0] == ["input", "rank", "class", "probability"] and len(rows) == 11
-    assert float(rows[1][3]) == pytest.approx(probs[0].max().item(), abs=1e-5)
+    assert rows[1][0].endswith("test:0") and rows[2][0] == rows[1][0] and rows[3][0].endswith("test:1")
+    first = subset.index(0)  # test image 0 is in the evaluated subset
+    assert float(rows[1][3]) == pytest.approx(probs[first].max().item(), abs=1e-5)
     rc, _, _ = cli(predict, [a, pneumonia_npz, "--limit", "3", "--output", tmp_path / "p.json"], capsys)
     pred = json.loads((tmp_path / "p.json").read_text())
-    assert [p["top"][0]["class"] for p in pred] == [model.class_names[i] for i in probs[:3].argmax(-1)]
+    assert [p["top"][0]["class"] for p in pred] == [model.class_names[i] for i in probs[[subset.index(j) for j in range(3)]].argmax(-1)]
 
 
 def _pil(arr):
