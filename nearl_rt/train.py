@@ -300,7 +300,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
                 nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
             log.append(record)
             write_log(out / "metrics.jsonl", log)
-            state = {"epoch": epoch + 1, "best": best, "adapter": {k: v.detach().cpu() for k, v in model.adapter_state_dict().items()},
+            state = {"epoch": epoch + 1, "best": best,
+                     "adapter": {k: v.detach().cpu() for k, v in model.adapter_state_dict().items()},
                      "optimizer": opt.state_dict(), "rng": rng_state()}
             with atomic_output(out / STATE) as tmp:
                 torch.save(state, tmp)
@@ -323,16 +324,17 @@ def train_baseline(args, model, train, val, out: Path) -> None:
              "val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
     nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
     nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
-    write_log(out / "metrics.jsonl", [{"epoch": 0, "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}])
+    write_log(out / "metrics.jsonl", [{"epoch": 0, "val_loss": val_metrics["loss"],
+                                       "val_accuracy": val_metrics["accuracy"]}])
     print(f"{args.method}: val loss {val_metrics['loss']:.4f}, val acc {val_metrics['accuracy']:.4f}")
 
 
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name, value, low in (("--shots", args.shots, 1), ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            raise NearlError(f"{name} must be >= {low}, got {value}")
+    for name, value in (("--shots", args.shots), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise NearlError(f"{name} must be >= 1, got {value}")
     if args.stop_after is not None and args.stop_after < 1:
         raise NearlError(f"--stop-after must be >= 1, got {args.stop_after}")
     out = Path(args.out)

@@ -91,7 +91,8 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     assert float(rows[1][3]) == pytest.approx(probs[first].max().item(), abs=1e-5)
     rc, _, _ = cli(predict, [a, pneumonia_npz, "--limit", "3", "--output", tmp_path / "p.json"], capsys)
     pred = json.loads((tmp_path / "p.json").read_text())
-    assert [p["top"][0]["class"] for p in pred] == [model.class_names[i] for i in probs[[subset.index(j) for j in range(3)]].argmax(-1)]
+    first3 = probs[[subset.index(j) for j in range(3)]].argmax(-1)
+    assert [p["top"][0]["class"] for p in pred] == [model.class_names[i] for i in first3]
 
 
 def _pil(arr):
@@ -102,7 +103,8 @@ def test_zeroshot_and_linear_probe(pneumonia_npz, tmp_path, capsys):
     z, lp = tmp_path / "zs_s1", tmp_path / "lp"
     common = ["--data", pneumonia_npz, "--preset", "tiny", "--shots", "8"]
     for seed in (1, 2):
-        assert cli(train, [*common, "--seed", seed, "--method", "zeroshot", "--out", tmp_path / f"zs_s{seed}"], capsys)[0] == 0
+        run = tmp_path / f"zs_s{seed}"
+        assert cli(train, [*common, "--seed", seed, "--method", "zeroshot", "--out", run], capsys)[0] == 0
     common += ["--seed", "1"]
     rc, out, _ = cli(train, [*common, "--method", "linear_probe", "--out", lp], capsys)
     assert rc == 0 and "98 trainable parameters" in out  # 2 classes x (48 + 1)
@@ -226,4 +228,5 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
                            "--shots", "1", "--out", str(tmp_path / "r")], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"python -m nearl_rt.train: error: dataset not found: {tmp_path / 'gone.npz'}"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"python -m nearl_rt.train: error: dataset not found: {tmp_path / 'gone.npz'}"
