@@ -230,3 +230,26 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"python -m nearl_rt.train: error: dataset not found: {tmp_path / 'gone.npz'}"
+
+
+def test_folder_tree_train_evaluate_predict(tmp_path, capsys):
+    data = make_tree(tmp_path / "d", {"cyst": 3, "solid": 3}, "train")
+    make_tree(data, {"cyst": 2, "solid": 2}, "val")
+    make_tree(data, {"cyst": 2, "solid": 3}, "test")
+    run = tmp_path / "run"
+    rc, _, _ = cli(train, ["--data", data, "--out", run, "--preset", "tiny", "--shots", "2", "--epochs", "1",
+                           "--template", "an ultrasound of a {} lesion.", "--no-progress"], capsys)
+    assert rc == 0
+    shots = json.loads((run / "shots.json").read_text())
+    assert len(shots["train_images"]) == 4 and all("/train/" in p for p in shots["train_images"])
+    assert shots["val_split"] == "val" and all("/val/" in p for p in shots["val_images"])
+    rc, out, _ = cli(evaluate, [run, "--data", data, "--split", "test", "--json", tmp_path / "e.json"], capsys)
+    result = json.loads((tmp_path / "e.json").read_text())["results"][str(run)]
+    assert rc == 0 and result["num_images"] == 5 and np.array(result["confusion_matrix"]).sum(1).tolist() == [2, 3]
+    (data / "test" / "solid" / "zz_broken.png").write_bytes(b"not a png")
+    rc, _, err = cli(predict, [run, data / "test"], capsys)
+    assert rc == 2 and "zz_broken.png" in err and "--skip-bad-images" in err
+    rc, out, err = cli(predict, [run, data / "test", "--skip-bad-images", "--output", tmp_path / "p.csv"], capsys)
+    lines = (tmp_path / "p.csv").read_text().strip().splitlines()
+    assert rc == 0 and "skipped 1" in err and len(lines) == 1 + 5
+    assert [line.split(",")[0] for line in lines[1:]] == sorted(str(p) for p in (data / "test").rglob("img*.png"))
