@@ -1,0 +1,122 @@
+"""A trained run's classifier, whatever the method: NEARL adapters, zero-shot CLIP, or a linear probe on
+frozen image features. Shared by training (validation), evaluation and prediction."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
+from nearl_rt.data import DataError, Preprocess, Split, load_images
+from nearl_rt.errors import CheckpointError
+
+METHODS = ("nearl", "zeroshot", "linear_probe")
+
+
+def resolve_device(arg: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else as torch.device understands it."""
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(arg)
+    except RuntimeError:
+        raise ValueError(f"--device {arg!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def frozen_image_features(model, images: torch.Tensor) -> torch.Tensor:
+    """The frozen backbone's L2-normalised image features [B, E] (what a linear probe reads)."""
+    return F.normalize(model.backbone.encode_image(images.to(model.dtype)), dim=-1)
+
+
+class Classifier:
+    """logits(images) for a NEARL-CLIP model; `head` = (weight [C, E], bias [C]) makes it a linear probe."""
+
+    def __init__(self, model, method: str = "nearl", head: Optional[tuple] = None):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+        if (method == "linear_probe") != (head is not None):
+            raise ValueError("a linear_probe classifier needs its head (weight, bias); other methods take none")
+        self.model, self.method, self.head = model, method, head
+
+    @property
+    def class_names(self) -> list:
+        return self.model.class_names
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.class_tokens.device
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device)
+        if self.head is None:
+            return self.model.classify(images)
+        weight, bias = self.head
+        return frozen_image_features(self.model, images).to(weight.dtype) @ weight.t() + bias
+
+    @torch.no_grad()
+    def probabilities(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
+                      skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+        """Class probabilities [N, C] for a split's images, read and scored a batch at a time.
+        Returns (probs, kept indices, skipped image descriptions)."""
+        self.model.eval()
+        probs, kept, skipped = [], [], []
+        for start in range(0, len(split), batch_size):
+            idx = list(range(start, min(start + batch_size, len(split))))
+            images, ok, bad = load_images(split.subset(idx), skip_bad)
+            skipped += bad
+            if images:
+                probs.append(self.logits(preprocess.eval(images)).float().softmax(-1).cpu().numpy())
+                kept.append(np.asarray(idx)[ok])
+        if not probs:
+            raise DataError(f"no readable images to score ({len(skipped)} skipped)")
+        return np.concatenate(probs), np.concatenate(kept), skipped
+
+    def checkpoint_extra(self) -> dict:
+        extra = {"method": self.method}
+        if self.head is not None:
+            extra["linear_head"] = {"weight": self.head[0].detach().cpu(), "bias": self.head[1].detach().cpu()}
+        return extra
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or a run directory (its best.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "best.pt"
+        if not best.is_file():
+            raise CheckpointError(f"run directory {path} has no best.pt (training not finished an epoch yet?)")
+        return best
+    return path
+
+
+def load_classifier(path, *, pretrained=None, backend: str = "auto",
+                    device: Optional[torch.device] = None) -> tuple[Classifier, dict]:
+    """Rebuild the classifier a checkpoint (or run directory) holds. Returns (classifier, checkpoint extra)."""
+    path = resolve_checkpoint(path)
+    extra = read_checkpoint(path).get("extra") or {}
+    method = extra.get("method", "nearl")
+    if method not in METHODS:
+        raise CheckpointError(f"{path} records an unknown method {method!r}; expected one of {METHODS}")
+    model = load_checkpoint(path, pretrained=pretrained, backend=backend)
+    if device is not None:
+        model = model.to(device)
+    head = None
+    if method == "linear_probe":
+        h = extra.get("linear_head")
+        if not (isinstance(h, dict) and isinstance(h.get("weight"), torch.Tensor)
+                and isinstance(h.get("bias"), torch.Tensor)
+                and h["weight"].shape[0] == h["bias"].shape[0] == len(model.class_names)):
+            raise CheckpointError(f"{path} is a linear_probe checkpoint without a valid linear_head "
+                                  f"(weight [C, E], bias [C] for its {len(model.class_names)} classes)")
+        head = (h["weight"].to(model.class_tokens.device), h["bias"].to(model.class_tokens.device))
+    return Classifier(model, method, head), extra
+
+
+def check_classes(classifier: Classifier, dataset_classes: Sequence[str], data_path) -> None:
+    """The dataset's labels index the checkpoint's classes: the counts must match."""
+    if len(dataset_classes) != len(classifier.class_names):
+        raise DataError(f"{data_path} has {len(dataset_classes)} classes {list(dataset_classes)} but the checkpoint "
+                        f"was trained on {len(classifier.class_names)} {classifier.class_names}")

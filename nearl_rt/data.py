@@ -1,0 +1,266 @@
+"""Labelled image data for training, evaluation and prediction.
+
+Three sources, all read into the same `Dataset` (per split: image sources + integer labels + class names):
+- an image-folder tree: ROOT/<class>/<image> (one split, "all"), or ROOT/<split>/<class>/<image>
+  for splits named train / val / test;
+- a BiomedCoOp-style split JSON: {"train": [[relpath, label, classname], ...], "val": [...], "test": [...]},
+  paths relative to --image-root (default: the JSON's folder);
+- a MedMNIST .npz: `<split>_images` (uint8 [N, H, W] or [N, H, W, 3]) and `<split>_labels` ([N] or [N, 1]).
+
+Images are decoded lazily (`load_images`) to RGB; preprocessing is the backbone's own
+(export.preprocess), with random-resized-crop augmentation for training (flips off by default: they
+change anatomy).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from export.preprocess import load_image, preprocess_image
+from nearl_rt.errors import NearlError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm")
+# MedMNIST class names (medmnist INFO), keyed by the file name's prefix.
+MEDMNIST_CLASSES = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal or benign"],
+    "retinamnist": ["no retinopathy", "mild retinopathy", "moderate retinopathy", "severe retinopathy",
+                    "proliferative retinopathy"],
+    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte",
+                   "monocyte", "neutrophil", "platelet"],
+}
+
+Source = Union[str, np.ndarray]  # a file path or a uint8 image array
+
+
+class DataError(NearlError):
+    """A dataset is empty, inconsistent, or holds a file that is not a readable image."""
+
+
+@dataclass
+class Split:
+    sources: list            # per image: a path (str) or a uint8 array
+    labels: np.ndarray       # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, i: int) -> str:
+        src = self.sources[i]
+        return src if isinstance(src, str) else f"image #{i}"
+
+    def subset(self, idx: Sequence[int]) -> "Split":
+        return Split([self.sources[i] for i in idx], self.labels[np.asarray(idx, dtype=np.int64)])
+
+
+@dataclass
+class Dataset:
+    path: str
+    class_names: list
+    splits: dict             # split name -> Split
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataError(f"{self.path} has no split {name!r}; it has {sorted(self.splits)}")
+        return self.splits[name]
+
+
+def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None) -> Dataset:
+    """Read a folder tree, split JSON or .npz (chosen by what `path` is) and check its labels."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
+    if path.is_dir():
+        ds = _read_folder(path)
+    elif path.suffix == ".json":
+        ds = _read_split_json(path, Path(image_root) if image_root else path.parent)
+    elif path.suffix == ".npz":
+        ds = _read_npz(path)
+    else:
+        raise DataError(f"{path}: unknown dataset kind; pass an image folder, a split .json or a MedMNIST .npz")
+    if classes is not None:
+        ds.class_names = list(classes)
+    _check_labels(ds)
+    return ds
+
+
+def _check_labels(ds: Dataset) -> None:
+    if not any(len(s) for s in ds.splits.values()):
+        raise DataError(f"{ds.path} holds no images (empty dataset)")
+    n = len(ds.class_names)
+    for name, s in ds.splits.items():
+        bad = np.flatnonzero((s.labels < 0) | (s.labels >= n))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{ds.path}: label {int(s.labels[i])} of {s.describe(i)} ({name} split) is out of range "
+                            f"for {n} classes {ds.class_names}; fix the label or pass --classes with all class names")
+
+
+def _list_images(folder: Path) -> list:
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _read_folder(root: Path) -> Dataset:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_dirs = [p for p in subdirs if p.name in SPLITS]
+    if split_dirs and len(split_dirs) != len(subdirs):
+        raise DataError(f"{root} mixes split folders {[p.name for p in split_dirs]} with class folders "
+                        f"{[p.name for p in subdirs if p.name not in SPLITS]}; use one layout")
+    trees = {p.name: p for p in split_dirs} if split_dirs else {"all": root}
+    class_names = sorted({c.name for t in trees.values() for c in t.iterdir() if c.is_dir() and not c.name.startswith(".")})
+    if not class_names:
+        raise DataError(f"{root} has no class sub-folders (expected ROOT/<class>/<image>, empty dataset)")
+    splits = {}
+    for split, tree in trees.items():
+        sources, labels = [], []
+        for label, cname in enumerate(class_names):
+            files = _list_images(tree / cname) if (tree / cname).is_dir() else []
+            if not files and split in ("all", "train"):
+                raise DataError(f"class {cname!r} has no images (folder {tree / cname} is empty or missing)")
+            sources += files
+            labels += [label] * len(files)
+        splits[split] = Split(sources, np.asarray(labels, dtype=np.int64))
+    return Dataset(str(root), class_names, splits)
+
+
+def _read_split_json(path: Path, image_root: Path) -> Dataset:
+    try:
+        spec = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(spec, dict) or not any(k in spec for k in SPLITS):
+        raise DataError(f"{path} must be an object with 'train' / 'val' / 'test' lists of [relpath, label, classname]")
+    names: dict = {}
+    splits = {}
+    for split in (k for k in SPLITS if k in spec):
+        sources, labels, missing = [], [], []
+        for entry in spec[split]:
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[1], int)):
+                raise DataError(f"{path}: {split} entry {entry!r} is not [relpath, integer label, classname]")
+            rel, label, cname = entry
+            if names.setdefault(label, cname) != cname:
+                raise DataError(f"{path}: label {label} is named both {names[label]!r} and {cname!r}")
+            full = image_root / rel
+            if not full.is_file():
+                missing.append(str(full))
+            sources.append(str(full))
+            labels.append(label)
+        if missing:
+            raise DataError(f"{path}: {len(missing)} {split} image(s) not found, first {missing[0]}; "
+                            f"check --image-root (now {image_root})")
+        splits[split] = Split(sources, np.asarray(labels, dtype=np.int64))
+    top = max(names) if names else -1
+    class_names = [names.get(i, f"class {i}") for i in range(top + 1)]
+    return Dataset(str(path), class_names, splits)
+
+
+def _read_npz(path: Path) -> Dataset:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    splits = {}
+    for split in SPLITS:
+        if f"{split}_images" not in data.files:
+            continue
+        images, labels = data[f"{split}_images"], data[f"{split}_labels"] if f"{split}_labels" in data.files else None
+        if labels is None:
+            raise DataError(f"{path} has {split}_images but no {split}_labels")
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise DataError(f"{path}: {split}_labels has shape {labels.shape}; expected [{len(images)}] or "
+                            f"[{len(images)}, 1] (single-label classification)")
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise DataError(f"{path}: {split}_images must be uint8 [N, H, W] or [N, H, W, 3], "
+                            f"got {images.dtype} {images.shape}")
+        splits[split] = Split(list(images), labels.astype(np.int64))
+    if not splits:
+        raise DataError(f"{path} has no train_images / val_images / test_images arrays (not a MedMNIST file)")
+    prefix = path.stem.split("_")[0].lower()
+    top = max((int(s.labels.max()) for s in splits.values() if len(s)), default=0)
+    class_names = MEDMNIST_CLASSES.get(prefix, [f"class {i}" for i in range(top + 1)])
+    return Dataset(str(path), list(class_names), splits)
+
+
+def load_images(split: Split, skip_bad: bool = False) -> tuple[list, np.ndarray, list]:
+    """Decode a split's images to RGB PIL images. A file that is not a readable image raises DataError
+    naming it, or with skip_bad is left out. Returns (images, kept indices, skipped descriptions)."""
+    images, kept, skipped = [], [], []
+    for i, src in enumerate(split.sources):
+        try:
+            images.append(load_image(src))
+            kept.append(i)
+        except (ValueError, FileNotFoundError, Image.DecompressionBombError) as e:
+            if not skip_bad:
+                raise DataError(f"{e}; fix or remove the file, or pass --skip-bad-images to skip it") from None
+            skipped.append(split.describe(i))
+    return images, np.asarray(kept, dtype=np.int64), skipped
+
+
+class Preprocess:
+    """The backbone's evaluation preprocessing, plus random-resized-crop augmentation for training."""
+
+    def __init__(self, cfg: dict, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = False):
+        size = cfg["size"]
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean, self.std = cfg["mean"], cfg["std"]
+        self.interpolation = cfg.get("interpolation", "bicubic")
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+
+    def eval(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([preprocess_image(im, self.size, self.mean, self.std, self.interpolation)
+                                          for im in images]))
+
+    def augment(self, images: Sequence[Image.Image], seeds: Sequence[int]) -> torch.Tensor:
+        """Random resized crop (and optional horizontal flip); image i draws from its own RNG seeded
+        with seeds[i], so the result does not depend on how a batch is split across processes."""
+        out = []
+        for im, seed in zip(images, seeds):
+            generator = torch.Generator().manual_seed(int(seed))
+            left, top, w, h = self._crop_box(im.size, generator)
+            crop = im.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)
+            if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            out.append(preprocess_image(crop, self.size, self.mean, self.std, self.interpolation))
+        return torch.from_numpy(np.stack(out))
+
+    def _crop_box(self, size, generator):
+        width, height = size
+        area = width * height
+        for _ in range(10):
+            u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+            target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+            log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+            aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                pos = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+                return int(pos[0] * (width - w + 1)), int(pos[1] * (height - h + 1)), w, h
+        return 0, 0, width, height
+
+
+def parse_classes(text: Optional[str]) -> Optional[list]:
+    """`--classes "normal,pneumonia"` -> ['normal', 'pneumonia']."""
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise DataError(f"--classes {text!r} must be comma-separated, non-empty, unique class names")
+    return names
+
+
+def is_image_file(path: os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS

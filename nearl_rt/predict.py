@@ -1,0 +1,110 @@
+"""`python -m nearl_rt.predict CKPT INPUTS...`: top-k classes with probabilities for image files, folders
+of images, or the images of a dataset file (.npz / split .json, `--split`). Prints CSV
+(`input,rank,class,probability`), or writes CSV / JSON to `--output` (by its extension)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nearl_rt.atomic import atomic_output
+from nearl_rt.classifier import load_classifier, resolve_device
+from nearl_rt.cli import run_cli
+from nearl_rt.data import DataError, Preprocess, Split, is_image_file, read_dataset
+from nearl_rt.errors import NearlError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nearl_rt.predict", description=__doc__)
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory (its best.pt)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images, or .npz / split .json")
+    p.add_argument("--split", default="test", help="which split of a dataset file to read")
+    p.add_argument("--image-root", help="folder a split JSON's paths are relative to")
+    p.add_argument("--limit", type=int, help="predict the first N images only")
+    p.add_argument("--topk", type=int, default=1, help="classes per image")
+    p.add_argument("--output", help="write .csv or .json here instead of printing CSV")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    p.add_argument("--pretrained", help="the backbone weights file, if it moved since training")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def collect_inputs(inputs: list, split: str, image_root) -> tuple[list, list]:
+    """(names, sources) for every input image, in the order given (folders sorted)."""
+    names, sources = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            if not files:
+                raise DataError(f"folder {path} holds no image files (.png, .jpg, .bmp, .tif, ...)")
+            names += [str(p) for p in files]
+            sources += [str(p) for p in files]
+        elif path.suffix in (".npz", ".json"):
+            part = read_dataset(path, image_root).split(split)
+            names += [s if isinstance(s, str) else f"{path}:{split}:{i}" for i, s in enumerate(part.sources)]
+            sources += part.sources
+        elif path.is_file():
+            names.append(str(path))
+            sources.append(str(path))
+        else:
+            raise DataError(f"input not found: {path}")
+    return names, sources
+
+
+def rows(names: list, probs: np.ndarray, class_names: list, topk: int) -> list:
+    out = []
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
+    for name, p, top in zip(names, probs, order):
+        out.append({"input": name, "top": [{"class": class_names[c], "probability": float(p[c])} for c in top]})
+    return out
+
+
+def to_csv(results: list) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["input", "rank", "class", "probability"])
+    for r in results:
+        for rank, t in enumerate(r["top"], 1):
+            w.writerow([r["input"], rank, t["class"], f"{t['probability']:.6f}"])
+    return buf.getvalue()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.topk < 1 or (args.limit is not None and args.limit < 1):
+        raise NearlError(f"--topk and --limit must be >= 1 (got {args.topk}, {args.limit})")
+    if args.output and Path(args.output).suffix not in (".csv", ".json"):
+        raise NearlError(f"--output {args.output}: use a .csv or .json file name")
+    names, sources = collect_inputs(args.inputs, args.split, args.image_root)
+    if args.limit is not None:
+        names, sources = names[:args.limit], sources[:args.limit]
+    classifier, _ = load_classifier(args.checkpoint, pretrained=args.pretrained, backend=args.backend,
+                                    device=resolve_device(args.device))
+    if args.topk > len(classifier.class_names):
+        raise NearlError(f"--topk {args.topk} exceeds the checkpoint's {len(classifier.class_names)} classes")
+    split = Split(sources, np.zeros(len(sources), dtype=np.int64))
+    probs, kept, skipped = classifier.probabilities(split, Preprocess(classifier.model.preprocess_cfg),
+                                                    args.batch_size, args.skip_bad_images)
+    results = rows([names[i] for i in kept], probs, classifier.class_names, args.topk)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), first {skipped[0]}", file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(to_csv(results))
+    else:
+        text = json.dumps(results, indent=1) + "\n" if args.output.endswith(".json") else to_csv(results)
+        with atomic_output(Path(args.output)) as tmp:
+            tmp.write_text(text)
+        print(f"wrote {len(results)} predictions to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="python -m nearl_rt.predict"))

@@ -1,0 +1,391 @@
+"""`python -m nearl_rt.train`: few-shot training of NEARL-CLIP (or a baseline) on labelled images.
+
+RUN_DIR receives: run.json (the run's settings), shots.json (the K-shot indices), metrics.jsonl (one line
+per epoch), last.pt and best.pt (nearl_rt checkpoints; best on validation accuracy, then loss) and
+train_state.pt (adapter + optimizer + RNG state, for --resume). Every file is written atomically.
+Multi-process: `torchrun --nproc_per_node N -m nearl_rt.train ...` (DistributedDataParallel; gloo on
+CPU, nccl on CUDA); each global batch is split across processes, so N processes follow the
+single-process run up to floating-point summation order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import nearl_rt
+from nearl_rt.atomic import atomic_output
+from nearl_rt.classifier import METHODS, Classifier, frozen_image_features, resolve_device
+from nearl_rt.cli import run_cli
+from nearl_rt.data import Dataset, Preprocess, load_images, parse_classes, read_dataset
+from nearl_rt.errors import NearlError
+from nearl_rt.sampling import sample_shots
+
+# Settings that define a run: --resume refuses to continue a run with different ones.
+RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
+            "seed", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
+            "hflip", "skip_bad_images")
+STATE = "train_state.pt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nearl_rt.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
+    p.add_argument("--image-root", help="folder the split JSON's paths are relative to (default: the JSON's folder)")
+    p.add_argument("--classes", help="comma-separated class names (default: from the data, or MedMNIST's names)")
+    p.add_argument("--template", default="a medical image showing {}.", help="prompt template, one '{}'")
+    p.add_argument("--preset", default="vit_b16", choices=sorted(nearl_rt.PRESETS))
+    p.add_argument("--pretrained", help="local open_clip / OpenAI CLIP weights file (default: random backbone)")
+    p.add_argument("--interaction", default="bidirectional", choices=["bidirectional", "text_cacheable"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--method", default="nearl", choices=METHODS)
+    p.add_argument("--shots", type=int, required=True, help="K training images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="also the linear probe's L2 strength")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they change anatomy)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N epochs of this invocation (continue later with --resume)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ helpers
+class Dist:
+    """Process-group facts; world 1 when not launched by torchrun."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(device_arg)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def write_log(path: Path, records: list) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_log(path: Path, upto_epoch: int) -> list:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("epoch", 0) <= upto_epoch]
+
+
+def check_out_dir(out: Path, settings: dict, resume: bool) -> bool:
+    """Refuse to mix runs. Returns True when a run is there to resume."""
+    if out.exists() and not out.is_dir():
+        raise NearlError(f"--out {out} is a file; choose a directory")
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise NearlError(f"--out {out} exists and is not a nearl-rt run directory (no run.json); choose a new --out")
+        return False
+    try:
+        stored = json.loads(run_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise NearlError(f"{run_file} is damaged; choose a new --out") from None
+    differ = [f"{k}: run has {stored.get(k)!r}, now {settings[k]!r}" for k in RUN_KEYS if stored.get(k) != settings[k]]
+    if not resume:
+        what = "a different run" if differ else "this run"
+        raise NearlError(f"--out {out} already holds {what} (run.json); pass --resume to continue it, "
+                         f"or choose a new --out")
+    if differ:
+        raise NearlError(f"--resume: {out} holds a different run ({'; '.join(differ)})")
+    return (out / STATE).is_file()
+
+
+def make_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NearlError(f"cannot create output directory {out}: {e.strerror} (choose a writable --out)") from None
+    if not os.access(out, os.W_OK):
+        raise NearlError(f"output directory {out} is not writable (choose a writable --out)")
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------- data
+def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
+    """Read the data, drop unreadable images if asked, draw the K shots, decode the chosen images."""
+    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes))
+    skipped = []
+    if args.skip_bad_images:  # check every candidate first, so the shots are drawn among readable images
+        for name in {"train", "val", "all"} & set(ds.splits):
+            _, ok, bad = load_images(ds.splits[name], skip_bad=True)
+            ds.splits[name] = ds.splits[name].subset(ok)
+            skipped += bad
+    shots = sample_shots(ds, args.shots, args.seed)
+    train_split, val_split = ds.split(shots["train_split"]), ds.split(shots["val_split"])
+    shots["train_images"] = [train_split.describe(i) for i in shots["train"]]
+    shots["val_images"] = [val_split.describe(i) for i in shots["val"]]
+    train = train_split.subset(shots["train"])
+    val = val_split.subset(shots["val"])
+    train_images, _, _ = load_images(train)
+    val_images, _, _ = load_images(val)
+    return ds, shots, (train_images, train.labels), (val_images, val.labels), skipped
+
+
+# --------------------------------------------------------------------------------------- training
+def evaluate_batches(classifier: Classifier, images: torch.Tensor, labels: np.ndarray, batch: int = 64) -> dict:
+    classifier.model.eval()
+    with torch.no_grad():
+        logits = torch.cat([classifier.logits(images[i:i + batch]).float() for i in range(0, len(images), batch)])
+    target = torch.from_numpy(labels).to(logits.device)
+    return {"loss": F.cross_entropy(logits, target).item(), "accuracy": (logits.argmax(-1) == target).float().mean().item()}
+
+
+def fit_linear_probe(model, images: torch.Tensor, labels: np.ndarray, l2: float) -> tuple:
+    """Multinomial logistic regression on frozen, normalised image features (L-BFGS in float64)."""
+    with torch.no_grad():
+        feats = torch.cat([frozen_image_features(model, images[i:i + 64]) for i in range(0, len(images), 64)])
+    feats = feats.double().cpu()
+    target = torch.from_numpy(labels)
+    weight = torch.zeros(len(model.class_names), feats.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(model.class_names), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(feats @ weight.t() + bias, target) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    device = model.class_tokens.device
+    return weight.detach().float().to(device), bias.detach().float().to(device)
+
+
+def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: list) -> None:
+    preprocess = Preprocess(model.preprocess_cfg, hflip=args.hflip)
+    train_images, train_labels = train
+    val_x = preprocess.eval(val[0]).to(d.device)
+    val_y = val[1]
+    n = len(train_labels)
+    if args.batch_size < d.world:
+        raise NearlError(f"--batch-size {args.batch_size} is smaller than the {d.world} processes; raise it")
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
+    params = model.adapter_parameters()
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start_epoch, best = 0, None
+    if resume_state is not None:
+        model.load_adapter_state_dict(resume_state["adapter"])
+        opt.load_state_dict(resume_state["optimizer"])
+        set_rng_state(resume_state["rng"])
+        start_epoch, best = resume_state["epoch"], resume_state["best"]
+    net = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    classifier = Classifier(model)
+    end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        t0 = time.perf_counter()
+        model.train()
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        aug_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=args.no_progress or not d.main, file=sys.stderr)
+        for step in range(steps_per_epoch):
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+            if len(batch) < d.world:  # too few images to give every process one
+                continue
+            mine = np.array_split(np.asarray(batch), d.world)[d.rank].tolist()
+            lr = lr_at(epoch * steps_per_epoch + step, total, warmup, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = preprocess.augment([train_images[i] for i in mine], [aug_seeds[i] for i in mine]).to(d.device)
+            y = torch.from_numpy(train_labels[mine]).to(d.device)
+            with amp:
+                logits = net(x, model.class_tokens).float()
+            # sum over this process's images / global batch * world: DDP's averaging then gives the global mean
+            loss = F.cross_entropy(logits, y, reduction="sum") * (d.world / len(batch))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            loss_sum += loss.item() * len(batch) / d.world
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(mine)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item() * len(batch) / d.world / len(mine):.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        if d.world > 1:  # the epoch's loss and accuracy over all processes
+            stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+            dist.all_reduce(stats)
+            loss_sum, correct, seen = stats[0].item(), int(stats[1]), int(stats[2])
+        train_time = time.perf_counter() - t0
+        val_metrics = evaluate_batches(classifier, val_x, val_y)
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / n, "train_accuracy": correct / max(seen, 1),
+                  "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+                  "epoch_time_s": train_time}
+        improved = best is None or (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+        if improved:
+            best = {"epoch": epoch + 1, "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"]}
+        if d.main:
+            extra = {"method": "nearl", "epoch": epoch + 1, "seed": args.seed, "shots": args.shots,
+                     "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"]}
+            nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
+            if improved:
+                nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
+            log.append(record)
+            write_log(out / "metrics.jsonl", log)
+            state = {"epoch": epoch + 1, "best": best,
+                     "adapter": {k: v.detach().cpu() for k, v in model.adapter_state_dict().items()},
+                     "optimizer": opt.state_dict(), "rng": rng_state()}
+            with atomic_output(out / STATE) as tmp:
+                torch.save(state, tmp)
+            print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f}, val loss "
+                  f"{record['val_loss']:.4f}, val acc {record['val_accuracy']:.4f}, {train_time:.1f} s", flush=True)
+        d.barrier()
+
+
+def train_baseline(args, model, train, val, out: Path) -> None:
+    """zeroshot (no training) or linear_probe (logistic regression on frozen features): one step, no epochs."""
+    preprocess = Preprocess(model.preprocess_cfg)
+    device = model.class_tokens.device
+    head = None
+    model.eval()
+    if args.method == "linear_probe":
+        head = fit_linear_probe(model, preprocess.eval(train[0]).to(device), train[1], args.weight_decay)
+    classifier = Classifier(model, args.method, head)
+    val_metrics = evaluate_batches(classifier, preprocess.eval(val[0]).to(device), val[1])
+    extra = {**classifier.checkpoint_extra(), "epoch": 0, "seed": args.seed, "shots": args.shots,
+             "val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
+    nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
+    nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
+    write_log(out / "metrics.jsonl", [{"epoch": 0, "val_loss": val_metrics["loss"],
+                                       "val_accuracy": val_metrics["accuracy"]}])
+    print(f"{args.method}: val loss {val_metrics['loss']:.4f}, val acc {val_metrics['accuracy']:.4f}")
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, value in (("--shots", args.shots), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise NearlError(f"{name} must be >= 1, got {value}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise NearlError(f"--stop-after must be >= 1, got {args.stop_after}")
+    out = Path(args.out)
+    settings = {k: getattr(args, k) for k in RUN_KEYS}
+    settings["data"] = os.path.abspath(args.data)
+    d = Dist(args.device)
+    try:
+        resuming = check_out_dir(out, settings, args.resume)
+        ds, shots, train, val, skipped = prepare_data(args)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image(s), first {skipped[0]}", file=sys.stderr)
+        torch.manual_seed(args.seed)  # adapter initialisation
+        model = nearl_rt.build_model(args.preset, interaction=args.interaction, backend=args.backend,
+                                     pretrained=args.pretrained).to(d.device)
+        model.set_classes(ds.class_names, args.template)
+        trainable = model.num_trainable_parameters() if args.method == "nearl" else (
+            0 if args.method == "zeroshot" else len(ds.class_names) * (model.backbone.visual.output_dim + 1))
+        if d.main:
+            print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "
+                  f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)
+        resume_state = None
+        if resuming:
+            resume_state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+            if resume_state["epoch"] >= args.epochs or args.method != "nearl":
+                print(f"{out} is complete ({args.epochs} epochs); nothing to do")
+                return 0
+            print(f"resuming {out} after epoch {resume_state['epoch']}")
+        created = not out.exists()
+        if d.main:
+            make_output_dir(out)
+        d.barrier()
+        try:
+            if d.main and not resuming:
+                write_json(out / "run.json", settings)
+                write_json(out / "shots.json", shots)
+            log = read_log(out / "metrics.jsonl", resume_state["epoch"] if resume_state else 0)
+            if args.method == "nearl":
+                train_nearl(args, d, model, train, val, out, resume_state, log)
+            elif d.main:
+                train_baseline(args, model, train, val, out)
+                with atomic_output(out / STATE) as tmp:
+                    torch.save({"epoch": args.epochs}, tmp)
+        except BaseException:
+            if created and d.main and not (out / STATE).exists():
+                shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no half-made run
+            raise
+        d.barrier()
+    finally:
+        d.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="python -m nearl_rt.train"))
