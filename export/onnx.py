@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from export.graph import export_module, reference_ops
+from export.runtime import METADATA_PREFIX, decode_metadata
 from nearl_rt.atomic import atomic_output
 from nearl_rt.errors import NearlError
 
@@ -30,7 +31,6 @@ log = logging.getLogger("export.onnx")
 # MatMul/Softmax, which ORT fuses; opset 23's native Attention was not faster.
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
-METADATA_PREFIX = "nearl."
 # |ORT - PyTorch fp32| <= ATOL + RTOL * max|PyTorch logit|. fp32: both sides round in float32 but sum in
 # different orders (~1e-6 relative per op through a dozen layers). fp16: float16 has a unit roundoff
 # of 4.9e-4; through 12 layers of matmuls and LayerNorms the normalised features move by ~1e-3 and the
@@ -166,14 +166,6 @@ def read_metadata(path) -> dict:
     props = {p.key[len(METADATA_PREFIX):]: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
              if p.key.startswith(METADATA_PREFIX)}
     return decode_metadata(props)
-
-
-def decode_metadata(props: dict) -> dict:
-    out = dict(props)
-    for key in ("class_names", "input_size", "mean", "std"):
-        if key in out:
-            out[key] = json.loads(out[key])
-    return out
 
 
 def _optimize_offline(path: Path) -> None:
