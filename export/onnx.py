@@ -58,6 +58,8 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
     fixed_batch = _parse_batch_size(batch_size)
     module = export_module(model)  # checks the model before anything is written
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
     with atomic_output(out_path) as tmp:
         proto = _to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
         _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256))

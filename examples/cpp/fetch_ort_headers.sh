@@ -31,7 +31,7 @@ SRC
 apt_opts=(-q -o "Dir::Etc::SourceList=$work/etc/sources.list" -o "Dir::Etc::SourceParts=$work/etc/sources.list.d"
           -o "Dir::Etc::PreferencesParts=$work/etc/preferences.d" -o "Dir::State::Lists=$work/lists"
           -o "Dir::Cache=$work/cache" -o "Dir::State::status=/dev/null" -o "APT::Architecture=amd64"
-          -o "Acquire::Languages=none" -o "Debug::NoLocking=1")
+          -o "Acquire::Languages=none" -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root")
 apt-get "${apt_opts[@]}" update >&2 || { echo "fetch_ort_headers.sh: error: apt-get update of Debian trixie failed (no network?)" >&2; exit 1; }
 (cd "$work/deb" && apt-get "${apt_opts[@]}" download libonnxruntime-dev >&2) \
     || { echo "fetch_ort_headers.sh: error: could not download libonnxruntime-dev from Debian trixie" >&2; exit 1; }
