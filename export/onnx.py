@@ -1,0 +1,244 @@
+"""`python -m export.onnx CKPT`: a trained checkpoint as one ONNX file that onnxruntime serves as it is.
+
+Input `images` float32 [batch, 3, H, W] (normalised); outputs `logits` and `probs` float32 [batch, C].
+The class prompts (bidirectional) or the cached class text stream (text_cacheable) are constants.
+The file is verified before it is kept: onnx.checker, then onnxruntime CPU vs PyTorch on fresh
+random inputs at two batch sizes; on any failure no file is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import onnx
+import torch
+
+from export.graph import export_module, reference_ops
+from export.runtime import METADATA_PREFIX, decode_metadata
+from nearl_rt.atomic import atomic_output
+from nearl_rt.errors import NearlError
+
+log = logging.getLogger("export.onnx")
+
+# Measured on CPU onnxruntime (README "Export and serving"): opset 18 decomposes attention into
+# MatMul/Softmax, which ORT fuses; opset 23's native Attention was not faster.
+DEFAULT_OPSET = 18
+MIN_OPSET = 18
+# |ORT - PyTorch fp32| <= ATOL + RTOL * max|PyTorch logit|. fp32: both sides round in float32 but sum in
+# different orders (~1e-6 relative per op through a dozen layers). fp16: float16 has a unit roundoff
+# of 4.9e-4; through 12 layers of matmuls and LayerNorms the normalised features move by ~1e-3 and the
+# logits (cosine x exp(logit_scale) <= 100) by that times the scale.
+TOLERANCE = {False: (1e-4, 1e-5), True: (5e-2, 1e-2)}
+
+
+class ExportError(NearlError):
+    """The export failed, or the exported file does not reproduce the PyTorch model."""
+
+
+def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
+                 batch_size: Union[str, int] = "dynamic", verify: bool = True,
+                 checkpoint_sha256: Optional[str] = None) -> Path:
+    """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
+
+    opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
+    outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
+    int; verify: onnx.checker + onnxruntime CPU vs PyTorch at two batch sizes (raises ExportError on a
+    mismatch); checkpoint_sha256: recorded in the metadata. Returns the written path.
+    """
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset={opset!r}: use an int >= {MIN_OPSET}")
+    fixed_batch = _parse_batch_size(batch_size)
+    module = export_module(model)  # checks the model before anything is written
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
+    with atomic_output(out_path) as tmp:
+        proto = _to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
+        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256))
+        onnx.save(proto, tmp)
+        if optimize:
+            _optimize_offline(tmp)
+        if verify:
+            for batch, diff in verify_onnx(tmp, module, fp16=fp16, fixed_batch=fixed_batch).items():
+                log.info("verified %s: batch %d, max |ORT - PyTorch| logits %.3g, probs %.3g",
+                         out_path.name, batch, diff["logits"], diff["probs"])
+    return out_path
+
+
+def _parse_batch_size(batch_size) -> Optional[int]:
+    if batch_size == "dynamic":
+        return None
+    try:
+        n = int(batch_size)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(batch_size, bool) or n < 1 or str(n) != str(batch_size).strip():
+        raise ValueError(f"batch_size={batch_size!r}: use 'dynamic' or a positive int")
+    return n
+
+
+def _to_onnx(module, opset: int, fixed_batch: Optional[int]) -> onnx.ModelProto:
+    src = module.model
+    was_training = src.training
+    src.eval()
+    size = _input_size(src)
+    example = torch.randn(fixed_batch or 2, 3, *size)
+    dynamic = None if fixed_batch else {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    try:
+        with reference_ops(src), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
+                                        input_names=["images"], output_names=["logits", "probs"],
+                                        dynamic_shapes=dynamic, custom_translation_table=_translations(opset),
+                                        optimize=True, verbose=False)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"torch.onnx export failed ({e.__class__.__name__}: {first})") from e
+    finally:
+        src.train(was_training)
+    return program.model_proto
+
+
+def _translations(opset: int) -> dict:
+    """opset >= 23 exports SDPA as the native Attention op, whose CPU kernel in onnxruntime needs the
+    mask's query axis spelled out: broadcast [.., 1, K] masks to [.., Lq, K] first."""
+    if opset < 23:
+        return {}
+    from onnxscript import opset23 as op
+    from onnxscript.onnx_types import BOOL, FLOAT
+
+    def sdpa(query: FLOAT, key: FLOAT, value: FLOAT, attn_mask: Optional[BOOL] = None, dropout_p: float = 0.0,
+             is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False):
+        if attn_mask is not None:
+            ones = op.Constant(value_ints=[1, 1])
+            lq = op.Shape(query, start=2, end=3)
+            attn_mask = op.Expand(attn_mask, op.Concat(ones, lq, op.Constant(value_ints=[1]), axis=0))
+        y, _, _, _ = op.Attention(query, key, value, attn_mask, scale=scale, is_causal=is_causal)
+        return y
+
+    return {torch.ops.aten.scaled_dot_product_attention.default: sdpa}
+
+
+def _input_size(model) -> tuple[int, int]:
+    size = model.preprocess_cfg["size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str]) -> dict:
+    from nearl_rt import __version__
+    cfg = model.preprocess_cfg
+    return {
+        "class_names": json.dumps(list(model.class_names)),
+        "template": model.template,
+        "interaction": model.interaction,
+        "input_size": json.dumps(list(_input_size(model))),
+        "mean": json.dumps([float(v) for v in cfg["mean"]]),
+        "std": json.dumps([float(v) for v in cfg["std"]]),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+        "backbone": model.backbone_identity.name,
+        "backbone_sha256": model.backbone_identity.sha256 or "",
+        "nearl_rt_version": __version__,
+        "checkpoint_sha256": checkpoint_sha256 or "",
+        "opset": str(opset),
+        "precision": "fp16" if fp16 else "fp32",
+        "batch_size": str(fixed_batch) if fixed_batch else "dynamic",
+    }
+
+
+def _set_metadata(proto: onnx.ModelProto, values: dict) -> None:
+    keep = [p for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in values.items():
+        proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
+    proto.producer_name, proto.doc_string = "nearl-rt", "NEARL-CLIP classifier: images -> logits, probs"
+
+
+def read_metadata(path) -> dict:
+    """The nearl.* metadata of an exported file, decoded (lists as lists)."""
+    props = {p.key[len(METADATA_PREFIX):]: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+             if p.key.startswith(METADATA_PREFIX)}
+    return decode_metadata(props)
+
+
+def _optimize_offline(path: Path) -> None:
+    """Replace `path` by onnxruntime's offline-optimised graph (extended level: portable across CPU and
+    CUDA, unlike the layout-specific "all" level), keeping the metadata."""
+    import onnxruntime as ort
+    meta = onnx.load(str(path), load_external_data=False).metadata_props
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    proto = onnx.load(str(path))
+    _set_metadata(proto, {p.key[len(METADATA_PREFIX):]: p.value for p in meta if p.key.startswith(METADATA_PREFIX)})
+    onnx.save(proto, str(path))
+
+
+def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] = None, seed: int = 0) -> dict:
+    """onnx.checker, then onnxruntime CPU vs the float32 PyTorch `module` (an export.graph module) on
+    fresh random inputs: batch 1 and 3 (or the fixed batch). Returns {batch: {"logits": d, "probs": d}}
+    max |diff|; raises ExportError when a difference exceeds TOLERANCE or an output is not finite."""
+    import onnxruntime as ort
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    size = _input_size(module.model)
+    g = torch.Generator().manual_seed(seed)
+    atol, rtol = TOLERANCE[fp16]
+    result = {}
+    with reference_ops(module.model), torch.no_grad():
+        for batch in ([fixed_batch] if fixed_batch else [1, 3]):
+            images = torch.randn(batch, 3, *size, generator=g)
+            ref = [t.numpy() for t in module(images)]
+            got = session.run(["logits", "probs"], {"images": images.numpy()})
+            diff = {name: float(np.abs(a - b).max()) for name, a, b in zip(("logits", "probs"), got, ref)}
+            tol = atol + rtol * float(np.abs(ref[0]).max())
+            if not all(np.isfinite(a).all() for a in got) or diff["logits"] > tol:
+                raise ExportError(f"onnxruntime disagrees with PyTorch at batch {batch}: max |diff| of the logits "
+                                  f"{diff['logits']:.3g} > tolerance {tol:.3g} (or a non-finite output); the file "
+                                  f"was not written")
+            result[batch] = diff
+    return result
+
+
+def main(argv=None) -> int:
+    from nearl_rt.backbone import sha256_file
+    from nearl_rt.checkpoint import load_checkpoint
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
+    parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
+    parser.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--fp16", action="store_true", help="float16 model; input and outputs stay float32")
+    parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
+    parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
+    parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    args = parser.parse_args(argv)
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
+    model = load_checkpoint(args.checkpoint, pretrained=args.pretrained, backend="torch")
+    if not model.class_names:
+        raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.StreamHandler(sys.stderr))
+    path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
+                        batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint))
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
+          f"{len(model.class_names)} classes)")
+    return 0
+
+
+if __name__ == "__main__":
+    from nearl_rt.cli import run_cli
+    sys.exit(run_cli(main, prog="python -m export.onnx"))
