@@ -275,8 +275,9 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(records: list[dict], header: str) -> str:
     lines = [header]
-    cols = ("backend", "B", "median ms", "p90 ms", "p99 ms", "img/s", "peak MiB", "xCLIP", "speedup", "max|dlogit|")
-    widths = (14, 4, 10, 10, 10, 9, 9, 6, 9, 11)
+    cols = ("backend", "B", "median ms", "p90 ms", "p99 ms", "img/s", "peak MiB", "xCLIP", "speedup", "max|dlogit|",
+            "1st call s")
+    widths = (14, 4, 10, 9, 9, 9, 9, 6, 8, 11, 10)
     for mode in dict.fromkeys(r["mode"] for r in records):
         rows = [r for r in records if r["mode"] == mode]
         lines += ["", f"mode: {mode}", "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
@@ -287,7 +288,7 @@ def format_table(records: list[dict], header: str) -> str:
             cells = (r["backend"], str(r["batch_size"]), _fmt(r["median_ms"], ".2f"), _fmt(r["p90_ms"], ".2f"),
                      _fmt(r["p99_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), _fmt(r["peak_mem_mib"], ".1f"),
                      _fmt(r["overhead_vs_frozen_clip"], ".2f"), _fmt(r["speedup_vs_eager"], ".2f"),
-                     _fmt(r["max_abs_diff_vs_fp32_eager"], ".1e"))
+                     _fmt(r["max_abs_diff_vs_fp32_eager"], ".1e"), _fmt(r["first_call_s"], ".2f"))
             lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))))
         notes = {}
         for r in rows:
@@ -296,7 +297,8 @@ def format_table(records: list[dict], header: str) -> str:
         for (name, status, reason), sizes in notes.items():
             lines.append(f"  {status}: {name} (B={','.join(sizes)}): {reason}")
     lines += ["", "xCLIP = median / frozen_clip median (overhead); speedup = eager median / median; "
-              "max|dlogit| = vs the fp32 eager model on the same input"]
+              "max|dlogit| = vs the fp32 eager model on the same input;\n1st call s = the untimed first call (compilation, "
+              "graph capture, engine build) after the backend's setup (setup_s in the JSON)"]
     return "\n".join(lines)
 
 
