@@ -191,10 +191,10 @@ class _Ort(Backend):
                            f"{', '.join(ort.get_available_providers())})")
         try:
             import export.onnx  # noqa: F401
-        except ModuleNotFoundError as e:
-            if e.name in ("export.onnx", "export"):
+        except ImportError as e:
+            if isinstance(e, ModuleNotFoundError) and e.name in ("export.onnx", "export"):
                 return False, "export.onnx not available"
-            raise
+            return False, f"export.onnx cannot be imported: {e}"
         return True, ""
 
     def provider_options(self) -> dict:
