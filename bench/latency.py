@@ -1,0 +1,363 @@
+"""`python bench/latency.py`: latency and throughput of every NEARL-CLIP backend, side by side.
+
+With no arguments: the vit_b16 preset with random weights, C = 2 classes, the available device, both
+interaction modes, every backend (those that cannot run here are listed with the reason). Prints a
+table; --out writes every figure and the machine info as JSON; --plot draws latency vs batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import nearl_rt  # noqa: E402
+from bench.backends import BACKENDS, BenchContext  # noqa: E402
+from bench.harness import PeakMemory, machine_info, summarize, synchronize, time_calls  # noqa: E402
+from nearl_rt.atomic import atomic_output  # noqa: E402
+from nearl_rt.backbone import sha256_file  # noqa: E402
+from nearl_rt.cli import run_cli  # noqa: E402
+from nearl_rt.config import INTERACTIONS, PRESETS  # noqa: E402
+from nearl_rt.errors import RandomBackboneWarning  # noqa: E402
+
+PROG = "bench/latency.py"
+SCHEMA = "nearl-rt-bench-latency/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TEMPLATE = "a chest X-ray showing {}."
+INPUT_ROTATION = 4  # distinct input batches cycled through the iterations
+DEFAULTS = {  # (warmup, iters, batch sizes)
+    "quick": (1, 3, (1, 3)),
+    "cuda": (10, 100, (1, 8, 64)),
+    "cpu": (3, 20, (1, 8)),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_cli, not argparse's usage block
+        raise ValueError(f"{message} (see {PROG} --help)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,8,64") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _positive(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _backend_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if names == ("all",):
+        return tuple(BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or [text]}; choose from all, "
+                                         f"{', '.join(BACKENDS)}")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", type=_int_list, help="comma-separated, e.g. 1,8,64 "
+                   "(default: 1,8,64 on CUDA, 1,8 on CPU, 1,3 with --quick)")
+    p.add_argument("--classes", type=_positive(1), help="number of classes C (default 2, or the checkpoint's)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="PyTorch backends' dtype (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--mode", choices=["both", *INTERACTIONS], default="both", help="interaction mode(s)")
+    p.add_argument("--backends", type=_backend_list,
+                   help=f"comma-separated subset of: {', '.join(BACKENDS)} (default: all)")
+    p.add_argument("--warmup", type=_positive(0), help="untimed calls per measurement (default 10 CUDA, 3 CPU)")
+    p.add_argument("--iters", type=_positive(1), help="timed calls per measurement (default 100 CUDA, 20 CPU)")
+    p.add_argument("--out", type=Path, help="write every figure and the machine info to this JSON file")
+    p.add_argument("--plot", type=Path, help="draw latency vs batch size to this PNG (needs matplotlib)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny preset, batch sizes 1,3, 1 warm-up + 3 iterations: the CI smoke run")
+    p.add_argument("--ckpt", type=Path, help="a nearl-rt checkpoint (default: the preset with random weights)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default vit_b16; tiny with --quick)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input images")
+    args = p.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args) -> None:
+    """Everything that can be wrong with the options, before any model is built."""
+    if os.environ.get("NEARL_RT_BACKEND"):
+        raise ValueError("NEARL_RT_BACKEND is set and would override every backend's kernels; unset it "
+                         "(the benchmark picks each backend itself)")
+    args.device = _resolve_device(args.device)
+    if args.dtype == "auto":
+        args.dtype = "float16" if args.device.type == "cuda" else "float32"
+    kind = "quick" if args.quick else args.device.type
+    warmup, iters, batch_sizes = DEFAULTS[kind]
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.iters = iters if args.iters is None else args.iters
+    args.batch_sizes = args.batch_sizes or batch_sizes
+    args.preset = args.preset or ("tiny" if args.quick else "vit_b16")
+    args.explicit_backends = args.backends or ()
+    args.backends = args.backends or tuple(BACKENDS)
+    if args.ckpt is not None and not args.ckpt.is_file():
+        raise ValueError(f"--ckpt {args.ckpt}: file not found (pass a checkpoint written by nearl_rt.save_checkpoint)")
+    for opt, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
+            raise ValueError(f"{opt} {path}: directory {path.parent} does not exist")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'nearl-rt[bench]' (or leave out --plot)") from None
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are benchmarked")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        device = torch.device("cuda", device.index or 0)
+    return device
+
+
+def class_names(n: int) -> list[str]:
+    return ["normal", "pneumonia", *(f"finding {i}" for i in range(3, n + 1))][:n]
+
+
+def build_master(args, mode: str) -> nearl_rt.NearlCLIP:
+    """The model every backend copies: float32 on the CPU, classes set."""
+    if args.ckpt is not None:
+        model = nearl_rt.load_checkpoint(args.ckpt, backend="torch", interaction=mode)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomBackboneWarning)  # said in the table header instead
+            model = nearl_rt.build_model(args.preset, interaction=mode, backend="torch")
+        with torch.no_grad():  # an untrained model is the identity; scales != 0 make the adapters count
+            for name, p in model.adapter_state_dict().items():
+                if name.endswith("scale"):
+                    p.fill_(0.5)
+    if args.classes is not None or not model.class_names:
+        model.set_classes(class_names(args.classes or 2), template=model.template or TEMPLATE)
+    return model.eval()
+
+
+def make_inputs(model, batch_sizes, device, seed: int) -> dict[int, list[torch.Tensor]]:
+    size = model.preprocess_cfg["size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    g = torch.Generator().manual_seed(seed)
+    return {b: [torch.randn(b, 3, h, w, generator=g).to(device) for _ in range(INPUT_ROTATION)]
+            for b in batch_sizes}
+
+
+def _reason(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def run_benchmark(args, progress) -> tuple[list[dict], int]:
+    """Every (mode, backend, batch size): a record with figures, or status skipped/failed and the reason.
+    Returns the records and the number of classes."""
+    records = []
+    device, dtype = args.device, DTYPES[args.dtype]
+    modes = INTERACTIONS if args.mode == "both" else (args.mode,)
+    sha = sha256_file(args.ckpt) if args.ckpt is not None else None
+    memory = PeakMemory(device)
+    with tempfile.TemporaryDirectory(prefix="nearl-bench-") as workdir, torch.no_grad():
+        for mode in modes:
+            master = build_master(args, mode)
+            inputs = make_inputs(master, args.batch_sizes, device, args.seed)
+            reference = master if device.type == "cpu" else copy.deepcopy(master).to(device)
+            expected = {b: reference.classify(x[0]).float().cpu() for b, x in inputs.items()}
+            del reference
+            ctx = BenchContext(master=master, device=device, dtype=dtype, workdir=Path(workdir), quick=args.quick,
+                               explicit=frozenset(args.explicit_backends), checkpoint_sha256=sha)
+            for name in args.backends:
+                backend = BACKENDS[name]()
+                base = {"backend": name, "mode": mode, "dtype": backend.precision or args.dtype}
+                progress.set_postfix_str(f"{mode} {name}")
+                ok, reason = backend.available(ctx)
+                status, setup_s = "skipped", None
+                if ok:
+                    try:
+                        t0 = time.perf_counter()
+                        backend.setup(ctx)
+                        setup_s = time.perf_counter() - t0
+                    except Exception as e:  # noqa: BLE001 - one backend failing must not hide the others
+                        ok, status, reason = False, "failed", f"setup failed: {_reason(e)}"
+                for b in args.batch_sizes:
+                    if not ok:
+                        records.append({**base, "batch_size": b, "status": status, "reason": reason})
+                    else:
+                        records.append({**base, "batch_size": b, "setup_s": setup_s,
+                                        **_measure(backend, b, inputs[b], expected[b], args, memory)})
+                    progress.update(1)
+                del backend
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            num_classes = len(master.class_names)
+    _add_ratios(records)
+    return records, num_classes
+
+
+def _measure(backend, batch_size: int, inputs, expected, args, memory) -> dict:
+    try:
+        t0 = time.perf_counter()
+        run = backend.runner(batch_size)
+        logits = run(inputs[0])
+        synchronize(args.device)
+        first_call_s = time.perf_counter() - t0
+        timing = time_calls(run, inputs, warmup=args.warmup, iters=args.iters, device=args.device, memory=memory)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory at this batch size: recorded, the run goes on
+        return {"status": "failed", "reason": _reason(e)}
+    out = {"status": "ok", **summarize(timing.times_ms, batch_size), "first_call_s": first_call_s,
+           "warmup": args.warmup, "iters": args.iters, "peak_mem_mib": None, "max_abs_diff_vs_fp32_eager": None}
+    if args.device.type == "cpu" or backend.torch_allocated:
+        out["peak_mem_mib"] = timing.peak_mem_mib
+    if backend.compares_to_eager:
+        got = torch.as_tensor(logits.float().cpu() if isinstance(logits, torch.Tensor) else logits)
+        if tuple(got.shape) != tuple(expected.shape):
+            return {"status": "failed", "reason": f"logits have shape {tuple(got.shape)}, expected "
+                                                  f"{tuple(expected.shape)}"}
+        out["max_abs_diff_vs_fp32_eager"] = float((got.float() - expected).abs().max())
+    return out
+
+
+def _add_ratios(records: list[dict]) -> None:
+    """overhead vs frozen CLIP and speed-up vs eager, from the medians of the same mode and batch size."""
+    median = {(r["backend"], r["mode"], r["batch_size"]): r["median_ms"] for r in records if r["status"] == "ok"}
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        floor = median.get(("frozen_clip", r["mode"], r["batch_size"]))
+        eager = median.get(("eager", r["mode"], r["batch_size"]))
+        r["overhead_vs_frozen_clip"] = r["median_ms"] / floor if floor else None
+        r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def format_table(records: list[dict], header: str) -> str:
+    lines = [header]
+    cols = ("backend", "B", "median ms", "p90 ms", "p99 ms", "img/s", "peak MiB", "xCLIP", "speedup", "max|dlogit|",
+            "1st call s")
+    widths = (14, 4, 10, 9, 9, 9, 9, 6, 8, 11, 10)
+    for mode in dict.fromkeys(r["mode"] for r in records):
+        rows = [r for r in records if r["mode"] == mode]
+        lines += ["", f"mode: {mode}", "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                                                enumerate(zip(cols, widths)))]
+        for r in rows:
+            if r["status"] != "ok":
+                continue
+            cells = (r["backend"], str(r["batch_size"]), _fmt(r["median_ms"], ".2f"), _fmt(r["p90_ms"], ".2f"),
+                     _fmt(r["p99_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), _fmt(r["peak_mem_mib"], ".1f"),
+                     _fmt(r["overhead_vs_frozen_clip"], ".2f"), _fmt(r["speedup_vs_eager"], ".2f"),
+                     _fmt(r["max_abs_diff_vs_fp32_eager"], ".1e"), _fmt(r["first_call_s"], ".2f"))
+            lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+        notes = {}
+        for r in rows:
+            if r["status"] != "ok":
+                notes.setdefault((r["backend"], r["status"], r["reason"]), []).append(str(r["batch_size"]))
+        for (name, status, reason), sizes in notes.items():
+            lines.append(f"  {status}: {name} (B={','.join(sizes)}): {reason}")
+    lines += ["", "xCLIP = median / frozen_clip median (overhead); speedup = eager median / median; "
+              "max|dlogit| = vs the fp32 eager model on the same input;\n1st call s = the untimed first call (compilation, "
+              "graph capture, engine build) after the backend's setup (setup_s in the JSON)"]
+    return "\n".join(lines)
+
+
+def write_plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for name in dict.fromkeys(r["backend"] for r in records):
+            pts = [(r["batch_size"], r["median_ms"]) for r in records
+                   if r["mode"] == mode and r["backend"] == name and r["status"] == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median latency (ms)", title=mode)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    modes = 1 if args.mode != "both" else len(INTERACTIONS)
+    total = modes * len(args.backends) * len(args.batch_sizes)
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
+        records, num_classes = run_benchmark(args, progress)
+    weights = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset}, random weights"
+    info = machine_info(args.device)
+    where = info["gpu"]["name"] if info["gpu"] else f"{info['cpu']}, {info['torch_threads']} threads"
+    header = (f"NEARL-CLIP latency: {weights}, C={num_classes}, device {args.device} ({where}), PyTorch backends "
+              f"{args.dtype}; {args.iters} timed calls after {args.warmup} warm-up")
+    print(format_table(records, header))
+    if args.out is not None:
+        doc = {"schema": SCHEMA, "command": [PROG, *argv], "created_unix": time.time(), "machine": info,
+               "settings": {"preset": None if args.ckpt else args.preset, "ckpt": str(args.ckpt) if args.ckpt else None,
+                            "classes": num_classes, "dtype": args.dtype,
+                            "device": str(args.device), "modes": list(dict.fromkeys(r["mode"] for r in records)),
+                            "backends": list(args.backends), "batch_sizes": list(args.batch_sizes),
+                            "warmup": args.warmup, "iters": args.iters, "quick": args.quick, "seed": args.seed,
+                            "input_rotation": INPUT_ROTATION, "peak_mem_kind": PeakMemory.describe(args.device)},
+               "backends": {n: BACKENDS[n].description for n in args.backends},
+               "results": records}
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+        print(f"wrote {args.out}")
+    if args.plot is not None:
+        write_plot(records, args.plot)
+        print(f"wrote {args.plot}")
+    failed = sum(r["status"] == "failed" for r in records)
+    if failed:
+        print(f"{PROG}: {failed} measurement(s) failed; see the table", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog=PROG))

@@ -1,0 +1,179 @@
+"""bench/latency.py: the --quick CI run writes the JSON schema, every requested backend has figures or an
+explicit skip reason, the harness times what it says, and bad options fail with one clear line.
+No test asserts a speed."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import harness, latency
+from bench.backends import BACKENDS
+from nearl_rt.cli import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "images_per_s", "setup_s", "first_call_s")
+MODES = ("bidirectional", "text_cacheable")
+
+
+def run_script(*args):
+    """As a user runs it: `python bench/latency.py` from the repository root, no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "bench/latency.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def check_document(doc, backends, modes, batch_sizes):
+    """The JSON schema, and that every requested (backend, mode, batch size) has figures or a reason."""
+    assert doc["schema"] == latency.SCHEMA
+    machine = doc["machine"]
+    assert machine["cpu"] and machine["cpu_count"] >= 1 and machine["versions"]["torch"] == torch.__version__
+    assert {"triton", "onnxruntime", "open_clip"} <= set(machine["versions"])
+    settings = doc["settings"]
+    assert settings["backends"] == list(backends) and settings["modes"] == list(modes)
+    assert settings["batch_sizes"] == list(batch_sizes) and settings["iters"] >= 1
+    assert set(doc["backends"]) == set(backends) and all(doc["backends"].values())
+    results = doc["results"]
+    keys = [(r["backend"], r["mode"], r["batch_size"]) for r in results]
+    assert sorted(keys) == sorted(product(backends, modes, batch_sizes)), "one record per requested measurement"
+    by_key = dict(zip(keys, results))
+    for (name, mode, b), r in by_key.items():
+        assert r["status"] in ("ok", "skipped"), r
+        if r["status"] == "skipped":
+            assert isinstance(r["reason"], str) and r["reason"].strip(), r
+            continue
+        assert all(isinstance(r[f], float) and math.isfinite(r[f]) and r[f] >= 0 for f in FIGURES), r
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["images_per_s"] == pytest.approx(b * 1000 / r["median_ms"])
+        assert r["iters"] == settings["iters"] and r["warmup"] == settings["warmup"]
+        assert r["peak_mem_mib"] is None or r["peak_mem_mib"] >= 0
+        floor, eager = by_key.get(("frozen_clip", mode, b)), by_key.get(("eager", mode, b))
+        if floor and floor["status"] == "ok":
+            assert r["overhead_vs_frozen_clip"] == pytest.approx(r["median_ms"] / floor["median_ms"])
+        if eager and eager["status"] == "ok":
+            assert r["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / r["median_ms"])
+        if BACKENDS[name].compares_to_eager:
+            assert r["max_abs_diff_vs_fp32_eager"] >= 0
+    return by_key
+
+
+def export_available() -> bool:
+    try:
+        return importlib.util.find_spec("export.onnx") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_quick_run_as_a_script_writes_the_schema(tmp_path):
+    out = tmp_path / "results.json"
+    proc = run_script("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    by_key = check_document(doc, tuple(BACKENDS), MODES, (1, 3))
+    assert doc["settings"]["preset"] == "tiny" and doc["settings"]["classes"] == 2
+    for mode, b in product(MODES, (1, 3)):
+        eager, floor = by_key[("eager", mode, b)], by_key[("frozen_clip", mode, b)]
+        assert eager["status"] == floor["status"] == "ok"
+        assert eager["speedup_vs_eager"] == 1.0 and floor["overhead_vs_frozen_clip"] == 1.0
+        assert eager["max_abs_diff_vs_fp32_eager"] <= 1e-4  # a float32 copy of the reference itself
+        assert "--quick" in by_key[("torch_compile", mode, b)]["reason"]
+        if not torch.cuda.is_available():
+            for name in ("triton", "cuda_graphs", "ort_cuda_fp32", "ort_cuda_fp16", "ort_tensorrt"):
+                assert by_key[(name, mode, b)]["reason"].startswith("needs CUDA")
+        ort = by_key[("ort_cpu", mode, b)]
+        if export_available():
+            assert ort["status"] == "ok" and ort["max_abs_diff_vs_fp32_eager"] <= 1e-3, ort
+        else:
+            assert ort["reason"] == "export.onnx not available"
+    for name in BACKENDS:
+        assert name in proc.stdout, f"{name} missing from the table"
+    assert "mode: bidirectional" in proc.stdout and "mode: text_cacheable" in proc.stdout
+
+
+def test_subset_one_mode_more_classes_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "r.json", tmp_path / "latency.png"
+    argv = ["--quick", "--mode", "text_cacheable", "--backends", "eager,frozen_clip", "--batch-sizes", "2,1",
+            "--classes", "5", "--iters", "2", "--warmup", "0", "--out", str(out), "--plot", str(png)]
+    assert run_cli(latency.main, argv, prog=latency.PROG) == 0
+    doc = json.loads(out.read_text())
+    by_key = check_document(doc, ("eager", "frozen_clip"), ("text_cacheable",), (2, 1))
+    assert doc["settings"]["classes"] == 5 and doc["settings"]["warmup"] == 0
+    assert all(r["status"] == "ok" and r["iters"] == 2 for r in by_key.values())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.png", "r.json"], "no temp files left"
+    assert "C=5" in capsys.readouterr().out
+
+
+def test_time_calls_excludes_warmup_and_rotates_inputs():
+    calls = []
+    inputs = [torch.full((1,), float(i)) for i in range(3)]
+    memory = harness.PeakMemory(torch.device("cpu"))
+    timing = harness.time_calls(lambda x: calls.append(int(x)), inputs, warmup=2, iters=7,
+                                device=torch.device("cpu"), memory=memory)
+    assert len(timing.times_ms) == 7 and len(calls) == 9
+    assert calls == [i % 3 for i in range(9)], "each call takes the next input batch"
+    stats = harness.summarize([4.0, 1.0, 3.0, 2.0, 5.0], batch_size=8)
+    assert (stats["median_ms"], stats["min_ms"], stats["mean_ms"]) == (3.0, 1.0, 3.0)
+    assert stats["p90_ms"] == pytest.approx(4.6) and stats["p99_ms"] == pytest.approx(4.96)
+    assert stats["images_per_s"] == pytest.approx(8 / 3e-3)
+
+
+def test_cpu_peak_memory_sees_an_allocation():
+    memory = harness.PeakMemory(torch.device("cpu"))
+    if memory.kind is None:
+        pytest.skip("no /proc/self/clear_refs: peak RSS cannot be reset here")
+    memory.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+    del block
+    assert memory.stop() >= 48
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--batch-sizes", "0"], "batch sizes must be integers >= 1"),
+    (["--batch-sizes", "1,x"], "comma-separated list of integers"),
+    (["--backends", "eager,warp_drive"], "unknown backend(s) ['warp_drive']"),
+    (["--iters", "0"], "must be >= 1"),
+    (["--classes", "0"], "must be >= 1"),
+    (["--mode", "sideways"], "invalid choice"),
+    (["--device", "meta"], "only cpu and cuda"),
+    (["--device", "banana"], "is not a device"),
+    (["--ckpt", "/nonexistent/ckpt.pt"], "file not found"),
+    (["--out", "/nonexistent/dir/r.json"], "does not exist"),
+])
+def test_bad_options_fail_with_one_line(argv, expect, capsys):
+    assert run_cli(latency.main, ["--quick", *argv], prog=latency.PROG) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench/latency.py: error: ") and expect in err[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    assert run_cli(latency.main, ["--device", "cuda"], prog=latency.PROG) == 2
+    assert "CUDA is not available on this machine; use --device cpu" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert run_cli(latency.main, ["--quick", "--plot", "x.png"], prog=latency.PROG) == 2
+    assert "pip install 'nearl-rt[bench]'" in capsys.readouterr().err
+
+
+def test_backend_override_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("NEARL_RT_BACKEND", "torch")
+    assert run_cli(latency.main, ["--quick"], prog=latency.PROG) == 2
+    assert "unset it" in capsys.readouterr().err
+
+
+def test_script_error_has_no_traceback():
+    proc = run_script("--quick", "--backends", "nope")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"bench/latency.py: error: argument --backends: unknown backend(s) ['nope']; choose from all, "
+        f"{', '.join(BACKENDS)} (see bench/latency.py --help)"]
