@@ -60,12 +60,12 @@ def _recompute(x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R
 
 
 @triton.jit
-def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, qk_scale, eps,
+def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, qk_scale, ln_eps, eps,
              ORTHO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_R: tl.constexpr, CDT: tl.constexpr):
     seq, tb = tl.program_id(0), tl.program_id(1)
     x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h = _recompute(
-        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, LN_EPS,
+        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, ln_eps,
         BLOCK_T, BLOCK_D, BLOCK_M, BLOCK_R, CDT)
     s = tl.load(s_ptr).to(tl.float32)
     if ORTHO:
@@ -77,12 +77,12 @@ def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D,
 @triton.jit
 def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr,
                   mean_ptr, rstd_ptr, dq_ptr, pv_ptr, a_ptr, dstok_ptr, dk_ptr, dv_ptr,
-                  N, D, M, R_RANK, qk_scale, eps, ORTHO: tl.constexpr, DS_FULL_H: tl.constexpr,
+                  N, D, M, R_RANK, qk_scale, ln_eps, eps, ORTHO: tl.constexpr, DS_FULL_H: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_R: tl.constexpr, CDT: tl.constexpr):
     seq, tb = tl.program_id(0), tl.program_id(1)
     x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h = _recompute(
-        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, LN_EPS,
+        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, ln_eps,
         BLOCK_T, BLOCK_D, BLOCK_M, BLOCK_R, CDT)
     go = tl.load(go_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     s = tl.load(s_ptr).to(tl.float32)
@@ -184,7 +184,7 @@ class OCAFunction(torch.autograd.Function):
         R, N, D = x.shape
         qk_scale = 1.0 / math.sqrt(w_q.shape[1])
         out = torch.empty_like(x)
-        _oca_fwd[grid](x, out, group, k, v, w_q, w_o, scale, N, D, k.shape[1], w_q.shape[1], qk_scale, eps,
+        _oca_fwd[grid](x, out, group, k, v, w_q, w_o, scale, N, D, k.shape[1], w_q.shape[1], qk_scale, LN_EPS, eps,
                        ORTHO=orthogonal and keep_parallel == "drop", **meta)
         ctx.save_for_backward(x, group, k, v, w_q, w_o, scale)
         ctx.opts = (eps, orthogonal, keep_parallel)
@@ -205,7 +205,7 @@ class OCAFunction(torch.autograd.Function):
         dk_part = torch.empty(R, grid[1], M, r, **f32)
         dv_part = torch.empty_like(dk_part)
         _oca_bwd_rows[grid](x, grad_out, dx, group, k, v, w_q, w_o, scale, mean, rstd, dq, pv, a, ds_tok,
-                            dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), eps, ORTHO=orthogonal,
+                            dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), LN_EPS, eps, ORTHO=orthogonal,
                             DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **meta)
         block_dc, block_t = min(64, pow2(D)), 32
         splits = _num_splits(T, triton.cdiv(D, block_dc), block_t, x.device)
