@@ -7,12 +7,13 @@ import torch
 import kernels.oca_triton
 import kernels.use_attention_triton
 from tests.helpers import perturb_adapters, tiny, tiny_inputs
+from tests.test_kernels_oca import DEVICE
 
 
 def logits_and_grads(interaction, backend):
     torch.manual_seed(0)
-    model = perturb_adapters(tiny(interaction, backend=backend))
-    images, tokens = tiny_inputs()
+    model = perturb_adapters(tiny(interaction, backend=backend)).to(DEVICE)
+    images, tokens = (t.to(DEVICE) for t in tiny_inputs())
     logits = model(images, tokens)
     (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

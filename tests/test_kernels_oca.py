@@ -115,7 +115,8 @@ def test_backend_resolution(monkeypatch):
     assert kernels.resolve_backend("auto", cpu) == "torch"
     assert kernels.resolve_backend("auto", cuda) == "triton"
     assert kernels.resolve_backend("auto", cuda, torch.float64) == "torch"
-    assert kernels.resolve_backend("triton", cpu) == "triton"  # TRITON_INTERPRET=1 (conftest)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.resolve_backend("triton", cpu) == "triton"
     monkeypatch.setenv("NEARL_RT_BACKEND", "torch")
     assert kernels.resolve_backend("triton", cuda) == "torch"
     monkeypatch.setenv("NEARL_RT_BACKEND", "fast")
