@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_oca_inputs
+from kernels.checks import check_fused_tensors, check_oca_inputs
 from kernels.oca import LN_EPS
-from kernels.triton_common import check_fused_launch, compute_dtype, mm, pow2, rmax, rsum
+from kernels.triton_common import compute_dtype, mm, pow2, rmax, rsum
 
 
 @triton.jit
@@ -277,5 +277,5 @@ def oca_triton(x, group, k, v, w_q, w_o, scale, *, eps: float = 1e-6, orthogonal
                keep_parallel: str = "drop") -> torch.Tensor:
     """Fused OCA with the signature and result of kernels.oca.oca_reference (fp32 accumulation)."""
     check_oca_inputs(x, group, k, v, w_q, w_o, scale, keep_parallel=keep_parallel, need_contiguous=True)
-    check_fused_launch(x, k, v, w_q, w_o, scale)
+    check_fused_tensors(x, k, v, w_q, w_o, scale)
     return OCAFunction.apply(x, group, k, v, w_q, w_o, scale, eps, orthogonal, keep_parallel)

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_use_inputs
-from kernels.triton_common import check_fused_launch, mm, pow2, rmax, rsum
+from kernels.checks import check_fused_tensors, check_use_inputs
+from kernels.triton_common import mm, pow2, rmax, rsum
 from kernels.use_attention import down_project
 
 BLOCK_K = 32
@@ -192,7 +192,7 @@ def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b,
     """Fused USEformer attention with the signature and result of use_attention_reference."""
     check_use_inputs(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v,
                      heads, need_contiguous=True)
-    check_fused_launch(q, x, t, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v)
+    check_fused_tensors(q, x, t, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v)
     G, M, ds = q.shape
     dh = ds // heads
     kt = down_project(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
