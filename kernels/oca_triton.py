@@ -1,13 +1,19 @@
 """Fused Triton OCA (math: kernels/oca.py), forward and backward, behind one autograd.Function.
 
 Forward: one program per block of BLOCK_T token rows of one sequence; the sequence carries its group
-index, so image rows, per-image text rows and cached-text rows (one shared Z) use the same kernel. Each
-row is read once and written once: LN -> q -> scores over the M keys -> softmax -> .V -> .W_o ->
-fp32 parallel/orthogonal split -> F + s * D_perp.
+index, so image rows, per-image text rows and cached-text rows (one shared Z) use the same kernel:
+LN -> q -> scores over the M keys -> softmax -> .V -> .W_o -> fp32 parallel/orthogonal split ->
+F + s * D_perp. The row block streams D in BLOCK_D-wide chunks (registers stay bounded at D = 768/1024):
+pass 1 the LayerNorm statistics, pass 2 q = LN(F) W_q and, for the split, F W_o^T (<H, F> is
+p.V . F W_o^T, so H is never held whole), pass 3 writes F + s * (H - c F) chunk by chunk. The block
+(BLOCK_T x D) is read from HBM once; passes 2 and 3 re-read it from cache. The output is written once.
 
 Backward (no atomics, deterministic):
-  _oca_bwd_rows   recomputes the forward per row block and writes dF, the per-token ds terms, the small
-                  per-token factors (mean, rstd, dq, p.V, a) and per-block partial sums of dk and dv;
+  _oca_bwd_rows   recomputes the forward per row block (same chunked passes; every full-row reduction
+                  of the backward folds into r-wide products: <g, H> = p.V . g W_o^T,
+                  sum_d dLN = dq . sum_d W_q, sum_d dLN * LN = dq . q) and writes dF, the per-token ds
+                  terms, the small per-token factors (mean, rstd, dq, p.V, a) and per-block partial sums
+                  of dk and dv;
   _oca_bwd_weights  D-chunked partial sums over token blocks of dW_q = LN(F)^T dq and
                   dW_o = (p.V)^T dH, with dH = s*g - a*F rebuilt from g and F (never stored);
   torch sums the partials in a fixed order (dk/dv per group through a one-hot matmul).
