@@ -174,7 +174,8 @@ def main(argv=None) -> int:
                       f"{100 * gbps / hbm:6.1f}% HBM", flush=True)
     table = markdown_table(rows)
     print(table)
-    result = dict(table=table, command=" ".join(["python bench/kernels.py", *(argv if argv is not None else sys.argv[1:])]),
+    command = " ".join(["python bench/kernels.py", *(argv if argv is not None else sys.argv[1:])])
+    result = dict(table=table, command=command,
                   device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)", dtype=args.dtype,
                   torch=torch.__version__, hbm_copy_GBps=round(hbm, 1), iters=iters, smoke=args.smoke, rows=rows)
     with atomic_output(args.out) as tmp:

@@ -32,38 +32,46 @@ from kernels.triton_common import compute_dtype, mm, pow2, rmax, rsum
 
 
 @triton.jit
-def _row_block(seq, tb, grp_ptr, N, BLOCK_T: tl.constexpr):
-    """Rows `tb` of sequence `seq`: their token indices, row mask and the sequence's synergy group."""
+def _row_block(seq, tb, grp_ptr, N, D, BLOCK_T: tl.constexpr):
+    """Row block `tb` of sequence `seq`: rows within the sequence (int32: in-block offsets stay 32-bit),
+    their global token indices, row mask, the sequence's synergy group and its element offset."""
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    return seq.to(tl.int64) * N + rows, rows < N, tl.load(grp_ptr + seq).to(tl.int64)
+    seq64 = seq.to(tl.int64)
+    return rows, seq64 * N + rows, rows < N, tl.load(grp_ptr + seq).to(tl.int64), seq64 * N * D
 
 
 @triton.jit
-def _tile(ptr, tok, rmask, d0, D, BLOCK_D: tl.constexpr):
-    """Columns [d0, d0 + BLOCK_D) of the token rows `tok`, as fp32, zero outside; and their offsets/mask."""
+def _tile(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr):
+    """Columns [d0, d0 + BLOCK_D) of `rows` of the sequence at `ptr`, as fp32, zero outside; offsets, mask."""
     cols = d0 + tl.arange(0, BLOCK_D)
     m2 = rmask[:, None] & (cols < D)[None, :]
-    offs = tok[:, None] * D + cols[None, :]
+    offs = rows[:, None] * D + cols[None, :]
     return tl.load(ptr + offs, mask=m2, other=0.0).to(tl.float32), offs, m2, cols
 
 
 @triton.jit
-def _w_tiles(wq_ptr, wo_ptr, cols, D, R_RANK, BLOCK_R: tl.constexpr):
-    """W_q[cols, :] and W_o[:, cols]^T, both [BLOCK_D, BLOCK_R]."""
+def _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R: tl.constexpr):
+    """W_q[cols, :], [BLOCK_D, BLOCK_R]."""
     rk = tl.arange(0, BLOCK_R)
-    wm = (cols < D)[:, None] & (rk < R_RANK)[None, :]
-    wq = tl.load(wq_ptr + cols[:, None] * R_RANK + rk[None, :], mask=wm, other=0.0)
-    wo_t = tl.load(wo_ptr + rk[None, :] * D + cols[:, None], mask=wm, other=0.0)
-    return wq, wo_t
+    return tl.load(wq_ptr + cols[:, None] * R_RANK + rk[None, :],
+                   mask=(cols < D)[:, None] & (rk < R_RANK)[None, :], other=0.0)
 
 
 @triton.jit
-def _ln_stats(x_ptr, tok, rmask, D, ln_eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R: tl.constexpr):
+    """W_o[:, cols]^T, [BLOCK_D, BLOCK_R]."""
+    rk = tl.arange(0, BLOCK_R)
+    return tl.load(wo_ptr + rk[None, :] * D + cols[:, None],
+                   mask=(cols < D)[:, None] & (rk < R_RANK)[None, :], other=0.0)
+
+
+@triton.jit
+def _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-row mean and 1/std over D in chunks (Chan's pairwise update: no E[x^2] - E[x]^2 cancellation)."""
     mean = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     m2 = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, tok, rmask, d0, D, BLOCK_D)
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         n_c = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
         n_a = d0 * 1.0
         mean_c = rsum(x, 1) / n_c
@@ -95,26 +103,26 @@ def _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M: tl.constexpr, BLOC
 def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, qk_scale, ln_eps, eps,
              ORTHO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_R: tl.constexpr, CDT: tl.constexpr):
-    tok, rmask, g = _row_block(tl.program_id(0), tl.program_id(1), grp_ptr, N, BLOCK_T)
-    mean, rstd = _ln_stats(x_ptr, tok, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
+    rows, tok, rmask, g, base = _row_block(tl.program_id(0), tl.program_id(1), grp_ptr, N, D, BLOCK_T)
+    x_ptr += base
+    out_ptr += base
+    mean, rstd = _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
     # q = LN(F) W_q; <H, F> = p.V . (F W_o^T) and <F, F>, accumulated over D chunks
     q = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
     x_wo = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
     xx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, tok, rmask, d0, D, BLOCK_D)
-        wq, wo_t = _w_tiles(wq_ptr, wo_ptr, cols, D, R_RANK, BLOCK_R)
-        q += mm(tl.where(xm, (x - mean[:, None]) * rstd[:, None], 0.0), wq, CDT)
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        q += mm(tl.where(xm, (x - mean[:, None]) * rstd[:, None], 0.0), _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R), CDT)
         if ORTHO:
-            x_wo += mm(x, wo_t, CDT)
+            x_wo += mm(x, _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R), CDT)
             xx += rsum(x * x, 1)
     p, pv, kk, vv = _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M, BLOCK_R, CDT)
     coef = rsum(pv * x_wo, 1) / (xx + eps)  # zero unless ORTHO
     s = tl.load(s_ptr).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, tok, rmask, d0, D, BLOCK_D)
-        wq, wo_t = _w_tiles(wq_ptr, wo_ptr, cols, D, R_RANK, BLOCK_R)
-        h = mm(pv, tl.trans(wo_t), CDT)
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        h = mm(pv, tl.trans(_wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
         tl.store(out_ptr + offs, (x + s * (h - coef[:, None] * x)).to(out_ptr.dtype.element_ty), mask=xm)
 
 
@@ -125,8 +133,11 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_R: tl.constexpr, CDT: tl.constexpr):
     seq, tb = tl.program_id(0), tl.program_id(1)
-    tok, rmask, g = _row_block(seq, tb, grp_ptr, N, BLOCK_T)
-    mean, rstd = _ln_stats(x_ptr, tok, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
+    rows, tok, rmask, g, base = _row_block(seq, tb, grp_ptr, N, D, BLOCK_T)
+    x_ptr += base
+    go_ptr += base
+    dx_ptr += base
+    mean, rstd = _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
     # every full-row reduction the backward needs, in one pass over D:
     # q = LN W_q, sum_d W_q (for sum_d dLN), F W_o^T, g W_o^T, <g, F>, <F, F>
     q = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
@@ -136,9 +147,10 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
     gx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     xx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, tok, rmask, d0, D, BLOCK_D)
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         go = tl.load(go_ptr + offs, mask=xm, other=0.0).to(tl.float32)
-        wq, wo_t = _w_tiles(wq_ptr, wo_ptr, cols, D, R_RANK, BLOCK_R)
+        wq = _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R)
+        wo_t = _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)
         q += mm(tl.where(xm, (x - mean[:, None]) * rstd[:, None], 0.0), wq, CDT)
         wq_sum += rsum(wq, 0)
         g_wo += mm(go, wo_t, CDT)
@@ -159,14 +171,13 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
     dln_sum = rsum(dq * wq_sum[None, :], 1)  # sum_d dLN_d
     dln_ln = rsum(dq * q, 1)  # sum_d dLN_d LN_d
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, tok, rmask, d0, D, BLOCK_D)
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         go = tl.load(go_ptr + offs, mask=xm, other=0.0).to(tl.float32)
-        wq, wo_t = _w_tiles(wq_ptr, wo_ptr, cols, D, R_RANK, BLOCK_R)
         ln = (x - mean[:, None]) * rstd[:, None]
-        dln = mm(dq, tl.trans(wq), CDT)
+        dln = mm(dq, tl.trans(_wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
         dx = go + rstd[:, None] * (dln - (dln_sum / D)[:, None] - ln * (dln_ln / D)[:, None])
         if ORTHO:
-            h = mm(pv, tl.trans(wo_t), CDT)
+            h = mm(pv, tl.trans(_wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
             dx += -(s * coef)[:, None] * go - a[:, None] * (h - 2.0 * coef[:, None] * x)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=xm)
     # per-token factors for the weight-gradient kernel (fp32) and per-block partial sums of dk, dv

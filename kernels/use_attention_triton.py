@@ -179,7 +179,8 @@ class USEAttentionFunction(torch.autograd.Function):
         dkeys, offset = [], 0
         for (keys, valid, stride), (per, n) in zip(sources, ctx.plan):
             dk = torch.empty(G, keys.shape[1], DS, **f32)  # per reading group; shared keys summed below
-            _use_bwd[(G, n)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ, keys.shape[1], DS, stride, per, offset, total, ctx.scale,
+            _use_bwd[(G, n)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ,
+                             keys.shape[1], DS, stride, per, offset, total, ctx.scale,
                              HAS_MASK=valid is not None, **ctx.meta)
             offset += n
             dkeys.append((dk if stride else dk.sum(0, keepdim=True)).to(keys.dtype))

@@ -1,4 +1,7 @@
-"""The tiny model with backend="triton" (interpreter on CPU) equals backend="torch": logits and every adapter gradient."""
+"""The tiny model with backend="triton" (interpreter on CPU) equals backend="torch": logits, every adapter gradient.
+
+Also: the NEARL_RT_BACKEND override and the kernel benchmark's --smoke run.
+"""
 import json
 
 import pytest
