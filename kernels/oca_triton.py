@@ -240,6 +240,12 @@ def _meta(x, k, w_q):
         (R, triton.cdiv(N, block_t))
 
 
+def _small_operands(x, *tensors):
+    """k, v, W_q, W_o in the activation dtype (what the kernels' matmuls round them to anyway): half the
+    cache traffic of fp32 weights re-read by every row block."""
+    return tuple(t.to(x.dtype).contiguous() for t in tensors)
+
+
 def _num_splits(tokens: int, d_chunks: int, block_t: int, device: torch.device) -> int:
     """Token splits of the weight-gradient kernel: enough programs to fill the device, fixed per shape."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
@@ -253,7 +259,7 @@ class OCAFunction(torch.autograd.Function):
         R, N, D = x.shape
         qk_scale = 1.0 / math.sqrt(w_q.shape[1])
         out = torch.empty_like(x)
-        _oca_fwd[grid](x, out, group, k, v, w_q, w_o, scale, N, D, k.shape[1], w_q.shape[1], qk_scale, LN_EPS, eps,
+        _oca_fwd[grid](x, out, group, *_small_operands(x, k, v, w_q, w_o), scale, N, D, k.shape[1], w_q.shape[1], qk_scale, LN_EPS, eps,
                        ORTHO=orthogonal and keep_parallel == "drop", **meta)
         ctx.save_for_backward(x, group, k, v, w_q, w_o, scale)
         ctx.opts = (eps, orthogonal, keep_parallel)
@@ -273,7 +279,7 @@ class OCAFunction(torch.autograd.Function):
         dq, pv = torch.empty(T, r, **f32), torch.empty(T, r, **f32)
         dk_part = torch.empty(R, grid[1], M, r, **f32)
         dv_part = torch.empty_like(dk_part)
-        _oca_bwd_rows[grid](x, grad_out, dx, group, k, v, w_q, w_o, scale, mean, rstd, dq, pv, a, ds_tok,
+        _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale, mean, rstd, dq, pv, a, ds_tok,
                             dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), LN_EPS, eps, ORTHO=orthogonal,
                             DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **meta)
         block_dc, block_t = min(64, pow2(D)), 32
