@@ -1,7 +1,7 @@
 """Input validation shared by the reference and fused ops: clear errors, never silent garbage."""
 from __future__ import annotations
 
-from typing import Optional
+import os
 
 import torch
 
@@ -72,3 +72,15 @@ def check_use_inputs(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_d
             _require(p is not None, f"{name} is required when image tokens x are given")
             _check_tensor(name, p, len(shape), dev, need_contiguous)
             _require(tuple(p.shape) == shape, f"{name} is {tuple(p.shape)}; expected {shape}")
+
+
+def check_fused_tensors(*tensors) -> None:
+    """The fused Triton ops take fp32/fp16/bf16 tensors on CUDA, or on CPU under TRITON_INTERPRET=1."""
+    for t in tensors:
+        if t is None or not torch.is_floating_point(t):
+            continue
+        _require(t.dtype != torch.float64, "the fused Triton ops take float32, float16 or bfloat16 tensors, got "
+                                           "float64; use backend='torch' for float64 (the test reference)")
+        _require(t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
+                 f"the fused Triton ops run on CUDA tensors, got tensors on {t.device}; use backend='torch' or "
+                 "'auto' there (or set TRITON_INTERPRET=1 before importing triton for the slow interpreter)")

@@ -1,13 +1,19 @@
 """Fused Triton OCA (math: kernels/oca.py), forward and backward, behind one autograd.Function.
 
 Forward: one program per block of BLOCK_T token rows of one sequence; the sequence carries its group
-index, so image rows, per-image text rows and cached-text rows (one shared Z) use the same kernel. Each
-row is read once and written once: LN -> q -> scores over the M keys -> softmax -> .V -> .W_o ->
-fp32 parallel/orthogonal split -> F + s * D_perp.
+index, so image rows, per-image text rows and cached-text rows (one shared Z) use the same kernel:
+LN -> q -> scores over the M keys -> softmax -> .V -> .W_o -> fp32 parallel/orthogonal split ->
+F + s * D_perp. The row block streams D in BLOCK_D-wide chunks (registers stay bounded at D = 768/1024):
+pass 1 the LayerNorm statistics, pass 2 q = LN(F) W_q and, for the split, F W_o^T (<H, F> is
+p.V . F W_o^T, so H is never held whole), pass 3 writes F + s * (H - c F) chunk by chunk. The block
+(BLOCK_T x D) is read from HBM once; passes 2 and 3 re-read it from cache. The output is written once.
 
 Backward (no atomics, deterministic):
-  _oca_bwd_rows   recomputes the forward per row block and writes dF, the per-token ds terms, the small
-                  per-token factors (mean, rstd, dq, p.V, a) and per-block partial sums of dk and dv;
+  _oca_bwd_rows   recomputes the forward per row block (same chunked passes; every full-row reduction
+                  of the backward folds into r-wide products: <g, H> = p.V . g W_o^T,
+                  sum_d dLN = dq . sum_d W_q, sum_d dLN * LN = dq . q) and writes dF, the per-token ds
+                  terms, the small per-token factors (mean, rstd, dq, p.V, a) and per-block partial sums
+                  of dk and dv;
   _oca_bwd_weights  D-chunked partial sums over token blocks of dW_q = LN(F)^T dq and
                   dW_o = (p.V)^T dH, with dH = s*g - a*F rebuilt from g and F (never stored);
   torch sums the partials in a fixed order (dk/dv per group through a one-hot matmul).
@@ -20,98 +26,163 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_oca_inputs
+from kernels.checks import check_fused_tensors, check_oca_inputs
 from kernels.oca import LN_EPS
-from kernels.triton_common import check_fused_launch, compute_dtype, mm, pow2, rmax, rsum
+from kernels.triton_common import compute_dtype, mm, pow2, rmax, rsum
 
 
 @triton.jit
-def _recompute(x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, ln_eps,
-               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-               CDT: tl.constexpr):
-    """Forward math for one block of rows of sequence `seq`, everything in fp32 registers."""
-    g = tl.load(grp_ptr + seq).to(tl.int64)
+def _row_block(seq, tb, grp_ptr, N, D, BLOCK_T: tl.constexpr):
+    """Row block `tb` of sequence `seq`: rows within the sequence (int32: in-block offsets stay 32-bit),
+    their global token indices, row mask, the sequence's synergy group and its element offset."""
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
+    seq64 = seq.to(tl.int64)
+    return rows, seq64 * N + rows, rows < N, tl.load(grp_ptr + seq).to(tl.int64), seq64 * N * D
+
+
+@triton.jit
+def _tile(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr):
+    """Columns [d0, d0 + BLOCK_D) of `rows` of the sequence at `ptr`, as fp32, zero outside; offsets, mask."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    m2 = rmask[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    return tl.load(ptr + offs, mask=m2, other=0.0).to(tl.float32), offs, m2, cols
+
+
+@triton.jit
+def _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R: tl.constexpr):
+    """W_q[cols, :], [BLOCK_D, BLOCK_R]."""
+    rk = tl.arange(0, BLOCK_R)
+    return tl.load(wq_ptr + cols[:, None] * R_RANK + rk[None, :],
+                   mask=(cols < D)[:, None] & (rk < R_RANK)[None, :], other=0.0)
+
+
+@triton.jit
+def _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R: tl.constexpr):
+    """W_o[:, cols]^T, [BLOCK_D, BLOCK_R]."""
+    rk = tl.arange(0, BLOCK_R)
+    return tl.load(wo_ptr + rk[None, :] * D + cols[:, None],
+                   mask=(cols < D)[:, None] & (rk < R_RANK)[None, :], other=0.0)
+
+
+@triton.jit
+def _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-row mean and 1/std over D in chunks (Chan's pairwise update: no E[x^2] - E[x]^2 cancellation)."""
+    mean = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
+    m2 = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        n_c = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
+        n_a = d0 * 1.0
+        mean_c = rsum(x, 1) / n_c
+        xc = tl.where(xm, x - mean_c[:, None], 0.0)
+        delta = mean_c - mean
+        mean += delta * (n_c / (n_a + n_c))
+        m2 += rsum(xc * xc, 1) + delta * delta * (n_a * n_c / (n_a + n_c))
+    return mean, 1.0 / tl.sqrt(m2 / D + ln_eps)
+
+
+@triton.jit
+def _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+            CDT: tl.constexpr):
+    """softmax(q k_g^T * scale) and p v_g for the M keys/values of group g."""
     mk = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_R)
-    rmask, cmask, mmask, kmask = rows < N, cols < D, mk < M, rk < R_RANK
-    m2 = rmask[:, None] & cmask[None, :]
-    offs = seq.to(tl.int64) * N * D + rows[:, None] * D + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-    mean = rsum(x, 1) / D
-    xc = tl.where(m2, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(rsum(xc * xc, 1) / D + ln_eps)
-    ln = xc * rstd[:, None]
-    wq = tl.load(wq_ptr + cols[:, None] * R_RANK + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-    q = mm(ln, wq, CDT)  # [T, r]
     kv_offs = g * M * R_RANK + mk[:, None] * R_RANK + rk[None, :]
-    kv_mask = mmask[:, None] & kmask[None, :]
+    kv_mask = (mk < M)[:, None] & (rk < R_RANK)[None, :]
     kk = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
     vv = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
     sc = mm(q, tl.trans(kk), CDT) * qk_scale
-    sc = tl.where(mmask[None, :], sc, float("-inf"))
+    sc = tl.where((mk < M)[None, :], sc, float("-inf"))
     e = tl.exp(sc - rmax(sc, 1)[:, None])
     p = e / rsum(e, 1)[:, None]
-    pv = mm(p, vv, CDT)  # [T, r]
-    wo = tl.load(wo_ptr + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-    h = mm(pv, wo, CDT)  # [T, D]
-    return x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h
+    return p, mm(p, vv, CDT), kk, vv
 
 
 @triton.jit
-def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, qk_scale, eps,
+def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, qk_scale, ln_eps, eps,
              ORTHO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_R: tl.constexpr, CDT: tl.constexpr):
-    seq, tb = tl.program_id(0), tl.program_id(1)
-    x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h = _recompute(
-        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, LN_EPS,
-        BLOCK_T, BLOCK_D, BLOCK_M, BLOCK_R, CDT)
+    rows, tok, rmask, g, base = _row_block(tl.program_id(0), tl.program_id(1), grp_ptr, N, D, BLOCK_T)
+    x_ptr += base
+    out_ptr += base
+    mean, rstd = _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
+    # q = LN(F) W_q; <H, F> = p.V . (F W_o^T) and <F, F>, accumulated over D chunks
+    q = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
+    x_wo = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
+    xx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        q += mm(tl.where(xm, (x - mean[:, None]) * rstd[:, None], 0.0), _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R), CDT)
+        if ORTHO:
+            x_wo += mm(x, _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R), CDT)
+            xx += rsum(x * x, 1)
+    p, pv, kk, vv = _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M, BLOCK_R, CDT)
+    coef = rsum(pv * x_wo, 1) / (xx + eps)  # zero unless ORTHO
     s = tl.load(s_ptr).to(tl.float32)
-    if ORTHO:
-        coef = rsum(h * x, 1) / (rsum(x * x, 1) + eps)
-        h = h - coef[:, None] * x
-    tl.store(out_ptr + offs, (x + s * h).to(out_ptr.dtype.element_ty), mask=m2)
+    for d0 in range(0, D, BLOCK_D):
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        h = mm(pv, tl.trans(_wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
+        tl.store(out_ptr + offs, (x + s * (h - coef[:, None] * x)).to(out_ptr.dtype.element_ty), mask=xm)
 
 
 @triton.jit
 def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr,
                   mean_ptr, rstd_ptr, dq_ptr, pv_ptr, a_ptr, dstok_ptr, dk_ptr, dv_ptr,
-                  N, D, M, R_RANK, qk_scale, eps, ORTHO: tl.constexpr, DS_FULL_H: tl.constexpr,
+                  N, D, M, R_RANK, qk_scale, ln_eps, eps, ORTHO: tl.constexpr, DS_FULL_H: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_R: tl.constexpr, CDT: tl.constexpr):
     seq, tb = tl.program_id(0), tl.program_id(1)
-    x, offs, m2, rows, rmask, mean, rstd, ln, q, kk, vv, p, pv, wq, wo, h = _recompute(
-        x_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, seq, grp_ptr, tb, N, D, M, R_RANK, qk_scale, LN_EPS,
-        BLOCK_T, BLOCK_D, BLOCK_M, BLOCK_R, CDT)
-    go = tl.load(go_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    rows, tok, rmask, g, base = _row_block(seq, tb, grp_ptr, N, D, BLOCK_T)
+    x_ptr += base
+    go_ptr += base
+    dx_ptr += base
+    mean, rstd = _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
+    # every full-row reduction the backward needs, in one pass over D:
+    # q = LN W_q, sum_d W_q (for sum_d dLN), F W_o^T, g W_o^T, <g, F>, <F, F>
+    q = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
+    x_wo = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
+    g_wo = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
+    wq_sum = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)
+    gx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
+    xx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        go = tl.load(go_ptr + offs, mask=xm, other=0.0).to(tl.float32)
+        wq = _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R)
+        wo_t = _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)
+        q += mm(tl.where(xm, (x - mean[:, None]) * rstd[:, None], 0.0), wq, CDT)
+        wq_sum += rsum(wq, 0)
+        g_wo += mm(go, wo_t, CDT)
+        if ORTHO:
+            x_wo += mm(x, wo_t, CDT)
+            gx += rsum(go * x, 1)
+            xx += rsum(x * x, 1)
+    p, pv, kk, vv = _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M, BLOCK_R, CDT)
     s = tl.load(s_ptr).to(tl.float32)
-    gu = s * go
-    dx = go
-    if ORTHO:
-        denom = rsum(x * x, 1) + eps
-        coef = rsum(h * x, 1) / denom
-        a = rsum(gu * x, 1) / denom
-        dh = gu - a[:, None] * x
-        dx += -coef[:, None] * gu - a[:, None] * (h - 2.0 * coef[:, None] * x)
-        if DS_FULL_H:
-            ds_tok = rsum(go * h, 1)
-        else:
-            ds_tok = rsum(go * (h - coef[:, None] * x), 1)
-    else:
-        a = mean * 0.0
-        dh = gu
-        ds_tok = rsum(go * h, 1)
-    dpv = mm(dh, tl.trans(wo), CDT)  # [T, r]
-    dp = mm(dpv, tl.trans(vv), CDT)  # [T, M]
+    g_h = rsum(pv * g_wo, 1)  # <g, H>
+    coef = rsum(pv * x_wo, 1) / (xx + eps)  # <H, F> / (<F, F> + eps); zero unless ORTHO
+    a = s * gx / (xx + eps)  # dH = s*g - a*F
+    ds_tok = g_h if DS_FULL_H else g_h - coef * gx
+    dpv = s * g_wo - a[:, None] * x_wo  # dH W_o^T
+    dp = mm(dpv, tl.trans(vv), CDT)
     dsc = p * (dp - rsum(p * dp, 1)[:, None])
     dq = mm(dsc, kk, CDT) * qk_scale
-    dln = mm(dq, tl.trans(wq), CDT)  # [T, D]; zero in padded columns
-    dx += rstd[:, None] * (dln - (rsum(dln, 1) / D)[:, None] - ln * (rsum(dln * ln, 1) / D)[:, None])
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m2)
-    # per-token factors for the weight-gradient kernel, fp32
-    tok = seq.to(tl.int64) * N + rows
+    dln_sum = rsum(dq * wq_sum[None, :], 1)  # sum_d dLN_d
+    dln_ln = rsum(dq * q, 1)  # sum_d dLN_d LN_d
+    for d0 in range(0, D, BLOCK_D):
+        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        go = tl.load(go_ptr + offs, mask=xm, other=0.0).to(tl.float32)
+        ln = (x - mean[:, None]) * rstd[:, None]
+        dln = mm(dq, tl.trans(_wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
+        dx = go + rstd[:, None] * (dln - (dln_sum / D)[:, None] - ln * (dln_ln / D)[:, None])
+        if ORTHO:
+            h = mm(pv, tl.trans(_wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
+            dx += -(s * coef)[:, None] * go - a[:, None] * (h - 2.0 * coef[:, None] * x)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=xm)
+    # per-token factors for the weight-gradient kernel (fp32) and per-block partial sums of dk, dv
     rk = tl.arange(0, BLOCK_R)
+    mk = tl.arange(0, BLOCK_M)
     r2 = rmask[:, None] & (rk < R_RANK)[None, :]
     tl.store(mean_ptr + tok, mean, mask=rmask)
     tl.store(rstd_ptr + tok, rstd, mask=rmask)
@@ -119,13 +190,10 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
     tl.store(dstok_ptr + tok, ds_tok, mask=rmask)
     tl.store(dq_ptr + tok[:, None] * R_RANK + rk[None, :], dq, mask=r2)
     tl.store(pv_ptr + tok[:, None] * R_RANK + rk[None, :], pv, mask=r2)
-    # per-block partial sums of dk, dv (rows past N carry zero gradient)
-    dsc = tl.where(rmask[:, None], dsc, 0.0)
-    pm = tl.where(rmask[:, None], p, 0.0)
-    blk = seq.to(tl.int64) * tl.num_programs(1) + tb
-    mk = tl.arange(0, BLOCK_M)
-    part = blk * M * R_RANK + mk[:, None] * R_RANK + rk[None, :]
+    part = (seq.to(tl.int64) * tl.num_programs(1) + tb) * M * R_RANK + mk[:, None] * R_RANK + rk[None, :]
     pmask = (mk < M)[:, None] & (rk < R_RANK)[None, :]
+    dsc = tl.where(rmask[:, None], dsc, 0.0)  # rows past N carry no gradient
+    pm = tl.where(rmask[:, None], p, 0.0)
     tl.store(dk_ptr + part, tl.dot(tl.trans(dsc), q, input_precision="ieee") * qk_scale, mask=pmask)
     tl.store(dv_ptr + part, tl.dot(tl.trans(pm), dpv, input_precision="ieee"), mask=pmask)
 
@@ -167,8 +235,15 @@ def _meta(x, k, w_q):
     R, N, D = x.shape
     M, r = k.shape[1], w_q.shape[1]
     block_t = pow2(min(N, 32))
-    return dict(BLOCK_T=block_t, BLOCK_D=pow2(D), BLOCK_M=pow2(M), BLOCK_R=pow2(r), CDT=compute_dtype(x.dtype)), \
+    return dict(BLOCK_T=block_t, BLOCK_D=min(128, pow2(D)), BLOCK_M=pow2(M), BLOCK_R=pow2(r),
+                CDT=compute_dtype(x.dtype)), \
         (R, triton.cdiv(N, block_t))
+
+
+def _small_operands(x, *tensors):
+    """k, v, W_q, W_o in the activation dtype (what the kernels' matmuls round them to anyway): half the
+    cache traffic of fp32 weights re-read by every row block."""
+    return tuple(t.to(x.dtype).contiguous() for t in tensors)
 
 
 def _num_splits(tokens: int, d_chunks: int, block_t: int, device: torch.device) -> int:
@@ -184,7 +259,7 @@ class OCAFunction(torch.autograd.Function):
         R, N, D = x.shape
         qk_scale = 1.0 / math.sqrt(w_q.shape[1])
         out = torch.empty_like(x)
-        _oca_fwd[grid](x, out, group, k, v, w_q, w_o, scale, N, D, k.shape[1], w_q.shape[1], qk_scale, eps,
+        _oca_fwd[grid](x, out, group, *_small_operands(x, k, v, w_q, w_o), scale, N, D, k.shape[1], w_q.shape[1], qk_scale, LN_EPS, eps,
                        ORTHO=orthogonal and keep_parallel == "drop", **meta)
         ctx.save_for_backward(x, group, k, v, w_q, w_o, scale)
         ctx.opts = (eps, orthogonal, keep_parallel)
@@ -204,8 +279,8 @@ class OCAFunction(torch.autograd.Function):
         dq, pv = torch.empty(T, r, **f32), torch.empty(T, r, **f32)
         dk_part = torch.empty(R, grid[1], M, r, **f32)
         dv_part = torch.empty_like(dk_part)
-        _oca_bwd_rows[grid](x, grad_out, dx, group, k, v, w_q, w_o, scale, mean, rstd, dq, pv, a, ds_tok,
-                            dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), eps, ORTHO=orthogonal,
+        _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale, mean, rstd, dq, pv, a, ds_tok,
+                            dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), LN_EPS, eps, ORTHO=orthogonal,
                             DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **meta)
         block_dc, block_t = min(64, pow2(D)), 32
         splits = _num_splits(T, triton.cdiv(D, block_dc), block_t, x.device)
@@ -225,5 +300,5 @@ def oca_triton(x, group, k, v, w_q, w_o, scale, *, eps: float = 1e-6, orthogonal
                keep_parallel: str = "drop") -> torch.Tensor:
     """Fused OCA with the signature and result of kernels.oca.oca_reference (fp32 accumulation)."""
     check_oca_inputs(x, group, k, v, w_q, w_o, scale, keep_parallel=keep_parallel, need_contiguous=True)
-    check_fused_launch(x, k, v, w_q, w_o, scale)
+    check_fused_tensors(x, k, v, w_q, w_o, scale)
     return OCAFunction.apply(x, group, k, v, w_q, w_o, scale, eps, orthogonal, keep_parallel)

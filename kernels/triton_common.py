@@ -1,34 +1,16 @@
-"""Helpers shared by the fused Triton ops: launch-time checks, dtype mapping, the matmul precision rule."""
+"""Helpers shared by the fused Triton ops: dtype mapping, block sizes, the matmul precision rule, reductions."""
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
-
-from kernels.checks import OpInputError
 
 _COMPUTE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def compute_dtype(dtype: torch.dtype):
     """The Triton dtype the fused ops feed to tl.dot for activations of `dtype` (fp32 accumulation)."""
-    if dtype not in _COMPUTE_DTYPES:
-        raise OpInputError(f"the fused Triton ops take float32, float16 or bfloat16 tensors, got {dtype}; "
-                           "use backend='torch' for float64 (the test reference)")
     return _COMPUTE_DTYPES[dtype]
-
-
-def check_fused_launch(*tensors) -> None:
-    """Refuse tensors the fused kernels cannot take: float64, or CPU tensors outside the interpreter."""
-    for t in tensors:
-        if t is None or not torch.is_floating_point(t):
-            continue
-        compute_dtype(t.dtype)
-        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise OpInputError("the fused Triton ops run on CUDA tensors (or on CPU only with TRITON_INTERPRET=1); "
-                               "use backend='torch' or backend='auto' on CPU")
 
 
 def pow2(n: int, lo: int = 16) -> int:
@@ -42,10 +24,11 @@ def mm(a, b, CDT: tl.constexpr):
     return tl.dot(a.to(CDT), b.to(CDT), input_precision="ieee")
 
 
-# tl.sum, tl.max (and tl.zeros, tl.cdiv) are @triton.jit functions of triton.language itself. When triton was imported before
-# TRITON_INTERPRET=1 was set (under pytest, resolving the filterwarnings class imports nearl_rt -> open_clip
-# -> torch._dynamo -> triton before conftest runs), they stay compile-only and the interpreter refuses to
-# call them. tl.reduce with triton's own combine functions is the same reduction and works in both modes.
+# tl.sum, tl.max, tl.zeros and tl.cdiv are @triton.jit functions of triton.language itself. When triton was
+# imported before TRITON_INTERPRET=1 was set (under pytest, resolving the filterwarnings class imports
+# nearl_rt -> open_clip -> torch._dynamo -> triton before conftest runs), they stay compile-only and the
+# interpreter refuses to call them. The kernels therefore use tl.full and these two reductions: tl.reduce
+# with triton's own combine functions is the same reduction and works in both modes.
 @triton.jit
 def rsum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)

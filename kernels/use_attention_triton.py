@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_use_inputs
-from kernels.triton_common import check_fused_launch, mm, pow2, rmax, rsum
+from kernels.checks import check_fused_tensors, check_use_inputs
+from kernels.triton_common import mm, pow2, rmax, rsum
 from kernels.use_attention import down_project
 
 BLOCK_K = 32
@@ -179,7 +179,8 @@ class USEAttentionFunction(torch.autograd.Function):
         dkeys, offset = [], 0
         for (keys, valid, stride), (per, n) in zip(sources, ctx.plan):
             dk = torch.empty(G, keys.shape[1], DS, **f32)  # per reading group; shared keys summed below
-            _use_bwd[(G, n)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ, keys.shape[1], DS, stride, per, offset, total, ctx.scale,
+            _use_bwd[(G, n)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ,
+                             keys.shape[1], DS, stride, per, offset, total, ctx.scale,
                              HAS_MASK=valid is not None, **ctx.meta)
             offset += n
             dkeys.append((dk if stride else dk.sum(0, keepdim=True)).to(keys.dtype))
@@ -192,7 +193,7 @@ def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b,
     """Fused USEformer attention with the signature and result of use_attention_reference."""
     check_use_inputs(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v,
                      heads, need_contiguous=True)
-    check_fused_launch(q, x, t, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v)
+    check_fused_tensors(q, x, t, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v)
     G, M, ds = q.shape
     dh = ds // heads
     kt = down_project(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
