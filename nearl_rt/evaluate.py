@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise NearlError(f"--limit must be >= 1, got {args.limit}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # fail before the (slow) evaluation
+        raise NearlError(f"cannot write {args.json}: directory {Path(args.json).parent} does not exist")
     checkpoints = expand_checkpoints(args.checkpoints, args.seeds)
     ds = read_dataset(args.data, args.image_root, parse_classes(args.classes))
     split = ds.split(args.split)

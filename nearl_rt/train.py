@@ -148,6 +148,16 @@ def make_output_dir(out: Path) -> None:
         raise NearlError(f"output directory {out} is not writable (choose a writable --out)")
 
 
+def load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means a damaged file
+        raise NearlError(f"{path} is damaged ({e.__class__.__name__}); resume from a copy or start a new --out") from None
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise NearlError(f"{path} is not a nearl-rt training state; start a new --out")
+    return state
+
+
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     """Linear warm-up, then cosine decay to 0."""
     if step < warmup:
@@ -357,7 +367,7 @@ def main(argv=None) -> int:
                   f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)
         resume_state = None
         if resuming:
-            resume_state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+            resume_state = load_state(out / STATE)
             if resume_state["epoch"] >= args.epochs or args.method != "nearl":
                 print(f"{out} is complete ({args.epochs} epochs); nothing to do")
                 return 0

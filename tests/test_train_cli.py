@@ -65,6 +65,9 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     assert all(trained[k].abs().max() > 0 for k in trained if k.endswith("scale"))
     rc, out, _ = cli(train, ["--data", pneumonia_npz, "--out", b, *TRAIN, "--resume"], capsys)
     assert rc == 0 and "complete" in out
+    (b / "train_state.pt").write_bytes((b / "train_state.pt").read_bytes()[:100])
+    rc, _, err = cli(train, ["--data", pneumonia_npz, "--out", b, *TRAIN, "--resume"], capsys)
+    assert rc == 2 and "train_state.pt is damaged" in err
 
     # evaluate: the CLI's numbers are the checkpoint's own predictions on the split
     rc, out, _ = cli(evaluate, [a, "--data", pneumonia_npz, "--split", "test", "--limit", "40", "--json",
