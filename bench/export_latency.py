@@ -81,7 +81,6 @@ def main(argv=None) -> int:
                     row[f"b{b}"] = {"ort_cpu_ms": onnx_ms, "torch_eager_ms": eager, "speedup": eager / onnx_ms}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del model
     result = {"preset": args.preset, "threads": args.threads, "iters": args.iters, "torch": torch.__version__,
               "onnxruntime": ort.__version__, "cpu": platform.processor() or platform.machine(),
               "rows": rows}
