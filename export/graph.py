@@ -47,16 +47,19 @@ class BidirectionalGraph(_Classifier):
     def __init__(self, model: NearlCLIP):
         super().__init__(model)
         self.prompts: PromptBatch = model._trim(model.class_tokens)
+        with torch.no_grad():
+            self.text_embed = model._text_embed(self.prompts)  # (prompt embeddings, causal mask)
 
     def forward(self, images: torch.Tensor):
         m = self.model
-        # The trimmed prompts are fixed: hand them over instead of re-trimming (which reads the EOT
-        # positions back as Python ints and cannot be traced).
-        m._prompts = lambda tokens: self.prompts
+        # The prompts are fixed: hand over the trimmed prompts and their embeddings instead of recomputing
+        # them (trimming reads EOT positions back as Python ints and cannot be traced; the embedding
+        # lookup would put the whole token embedding table into the file).
+        m._prompts, m._text_embed = (lambda tokens: self.prompts), (lambda prompts: self.text_embed)
         try:
             img, txt = m._bidirectional(images, self.prompts.tokens)
         finally:
-            del m._prompts
+            del m._prompts, m._text_embed
         return self._outputs(m._logits_paired(img.float(), txt.float()))
 
 

@@ -41,12 +41,14 @@ def default_providers() -> list[str]:
 class NearlSession:
     """An exported NEARL-CLIP classifier (from `python -m export.onnx`) in an onnxruntime session."""
 
-    def __init__(self, path, providers: Optional[Sequence] = None):
+    def __init__(self, path, providers: Optional[Sequence] = None,
+                 session_options: Optional[ort.SessionOptions] = None):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ONNX model not found: {path} (export one with `python -m export.onnx CKPT`)")
         try:
-            self.session = ort.InferenceSession(path, providers=list(providers or default_providers()))
+            self.session = ort.InferenceSession(path, session_options,
+                                                providers=list(providers or default_providers()))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
         props = self.session.get_modelmeta().custom_metadata_map
