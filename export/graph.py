@@ -51,15 +51,11 @@ class BidirectionalGraph(_Classifier):
             self.text_embed = model._text_embed(self.prompts)  # (prompt embeddings, causal mask)
 
     def forward(self, images: torch.Tensor):
+        # The prompts are fixed: the trimmed prompts and their embeddings are constants (trimming reads
+        # EOT positions back as Python ints and cannot be traced; the embedding lookup would put the
+        # whole token embedding table into the file).
         m = self.model
-        # The prompts are fixed: hand over the trimmed prompts and their embeddings instead of recomputing
-        # them (trimming reads EOT positions back as Python ints and cannot be traced; the embedding
-        # lookup would put the whole token embedding table into the file).
-        m._prompts, m._text_embed = (lambda tokens: self.prompts), (lambda prompts: self.text_embed)
-        try:
-            img, txt = m._bidirectional(images, self.prompts.tokens)
-        finally:
-            del m._prompts, m._text_embed
+        img, txt = m._lockstep(images, self.prompts, *self.text_embed)
         return self._outputs(m._logits_paired(img.float(), txt.float()))
 
 

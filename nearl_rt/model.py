@@ -228,9 +228,12 @@ class NearlCLIP(nn.Module):
 
     def _bidirectional(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers in lock-step; text row b*C + c is prompt c scored against image b."""
-        x = self._image_embed(images)
         p = self._prompts(tokens)
-        t, mask = self._text_embed(p)
+        return self._lockstep(images, p, *self._text_embed(p))
+
+    def _lockstep(self, images: torch.Tensor, p: PromptBatch, t: torch.Tensor, mask: torch.Tensor):
+        """_bidirectional on trimmed prompts `p` whose embeddings `t` and causal `mask` are given."""
+        x = self._image_embed(images)
         B, (C, n) = x.shape[0], p.tokens.shape
         z = self.use.initial(B)
         image_group = torch.arange(B, device=x.device)
