@@ -37,7 +37,7 @@ CASES = {  # G, M, ds, heads, Nx, Dx, Nt, Dt, options
     "shared_text": ((2, 4, 16, 2, 9, 24, 13, 20), {"shared_text": True}),
     "text_only": ((1, 3, 8, 1, 0, 0, 10, 12), {"shared_text": True, "with_image": False}),
     "M1_one_group_split_keys": ((1, 1, 32, 4, 75, 24, 40, 16), {}),
-    "one_text_token": ((2, 16, 32, 4, 5, 16, 1, 8), {}),
+    "one_text_token_two_query_blocks": ((2, 20, 32, 4, 5, 16, 1, 8), {}),  # heads x M = 80 query rows
 }
 
 
