@@ -213,9 +213,10 @@ def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b,
     dh = ds // heads
     kt = down_project(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
     kx = None if x is None else down_project(x, ln_x_w, ln_x_b, w_dx).to(q.dtype).contiguous()
-    qh = q.float().view(G, M, heads, dh)
-    qt = torch.einsum("gmhd,hde->ghme", qh, w_k.float().view(heads, dh, ds)).reshape(G, heads * M, ds)
-    beta = torch.einsum("gmhd,hd->ghm", qh, b_k.float().view(heads, dh)).reshape(G, heads * M)
-    acc = USEAttentionFunction.apply(qt.contiguous(), beta.contiguous(), kx, kt, t_valid, 1.0 / math.sqrt(dh))
-    o = torch.einsum("ghme,hde->gmhd", acc.view(G, heads, M, ds), w_v.float().view(heads, dh, ds))
-    return (o + b_v.float().view(heads, dh)).reshape(G, M, ds).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):  # the folded projections stay fp32 under autocast
+        qh = q.float().view(G, M, heads, dh)
+        qt = torch.einsum("gmhd,hde->ghme", qh, w_k.float().view(heads, dh, ds)).reshape(G, heads * M, ds)
+        beta = torch.einsum("gmhd,hd->ghm", qh, b_k.float().view(heads, dh)).reshape(G, heads * M)
+        acc = USEAttentionFunction.apply(qt.contiguous(), beta.contiguous(), kx, kt, t_valid, 1.0 / math.sqrt(dh))
+        o = torch.einsum("ghme,hde->gmhd", acc.view(G, heads, M, ds), w_v.float().view(heads, dh, ds))
+        return (o + b_v.float().view(heads, dh)).reshape(G, M, ds).to(q.dtype)

@@ -87,3 +87,13 @@ def test_fused_use_attention_rejects_bad_inputs():
         use_attention_triton(**{**args, "t_valid": args["t_valid"][:, :-1].contiguous()}, heads=2)
     with pytest.raises(OpInputError, match="not divisible"):
         use_attention_triton(**args, heads=3)
+
+
+def test_fused_use_attention_under_autocast():
+    """Autocast (mixed-precision training) must not push the fp32 folded projections into 16-bit."""
+    args = use_args(2, 4, 16, 2, 9, 24, 13, 20)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = use_attention_triton(**args, heads=2)
+        ref = use_attention_reference(**args, heads=2)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref.float(), rtol=0.05, atol=0.05)  # the reference's matmuls ran in bf16
