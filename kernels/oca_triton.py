@@ -235,8 +235,8 @@ def _meta(x, k, w_q):
     R, N, D = x.shape
     M, r = k.shape[1], w_q.shape[1]
     block_t = pow2(min(N, 32))
-    # untuned (no GPU was at hand): at D = 768, r = 32, fp16, 32 x 64 tiles and 4 warps compile for sm_90
-    # without register spills (ptxas -v); 128-wide chunks spill
+    # untuned (no GPU was at hand): at D = 768, r = 32, fp16, 32 x 64 tiles compile for sm_90 without
+    # register spills with 4 warps (forward) and with 48 bytes with 8 warps (backward rows); ptxas -v
     return dict(BLOCK_T=block_t, BLOCK_D=min(64, pow2(D)), BLOCK_M=pow2(M), BLOCK_R=pow2(r),
                 CDT=compute_dtype(x.dtype), num_warps=4), \
         (R, triton.cdiv(N, block_t))
@@ -283,7 +283,7 @@ class OCAFunction(torch.autograd.Function):
         dv_part = torch.empty_like(dk_part)
         _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale, mean, rstd, dq, pv, a, ds_tok,
                             dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), LN_EPS, eps, ORTHO=orthogonal,
-                            DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **meta)
+                            DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **{**meta, "num_warps": 8})
         block_dc, block_t = min(64, pow2(D)), 32
         splits = _num_splits(T, triton.cdiv(D, block_dc), block_t, x.device)
         dwq_part = torch.empty(splits, D, r, **f32)
