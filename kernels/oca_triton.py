@@ -261,7 +261,8 @@ class OCAFunction(torch.autograd.Function):
         R, N, D = x.shape
         qk_scale = 1.0 / math.sqrt(w_q.shape[1])
         out = torch.empty_like(x)
-        _oca_fwd[grid](x, out, group, *_small_operands(x, k, v, w_q, w_o), scale, N, D, k.shape[1], w_q.shape[1], qk_scale, LN_EPS, eps,
+        _oca_fwd[grid](x, out, group, *_small_operands(x, k, v, w_q, w_o), scale, N, D, k.shape[1], w_q.shape[1],
+                       qk_scale, LN_EPS, eps,
                        ORTHO=orthogonal and keep_parallel == "drop", **meta)
         ctx.save_for_backward(x, group, k, v, w_q, w_o, scale)
         ctx.opts = (eps, orthogonal, keep_parallel)
@@ -281,9 +282,10 @@ class OCAFunction(torch.autograd.Function):
         dq, pv = torch.empty(T, r, **f32), torch.empty(T, r, **f32)
         dk_part = torch.empty(R, grid[1], M, r, **f32)
         dv_part = torch.empty_like(dk_part)
-        _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale, mean, rstd, dq, pv, a, ds_tok,
-                            dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), LN_EPS, eps, ORTHO=orthogonal,
-                            DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **{**meta, "num_warps": 8})
+        _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale,
+                            mean, rstd, dq, pv, a, ds_tok, dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r),
+                            LN_EPS, eps, ORTHO=orthogonal, DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad",
+                            **{**meta, "num_warps": 8})
         block_dc, block_t = min(64, pow2(D)), 32
         splits = _num_splits(T, triton.cdiv(D, block_dc), block_t, x.device)
         dwq_part = torch.empty(splits, D, r, **f32)

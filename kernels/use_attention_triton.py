@@ -166,8 +166,9 @@ class USEAttentionFunction(torch.autograd.Function):
         meta = _meta(NQ, DS, kt.dtype)
         offset = 0
         for (keys, valid, stride), (per, n) in zip(sources, plan):
-            _use_fwd[(G, n, triton.cdiv(NQ, meta["BLOCK_Q"]))](qt, keys, valid if valid is not None else keys, m, l, acc, NQ, keys.shape[1],
-                             DS, stride, per, offset, total, scale, HAS_MASK=valid is not None, **meta)
+            _use_fwd[(G, n, triton.cdiv(NQ, meta["BLOCK_Q"]))](
+                qt, keys, valid if valid is not None else keys, m, l, acc, NQ, keys.shape[1], DS, stride, per,
+                offset, total, scale, HAS_MASK=valid is not None, **meta)
             offset += n
         # combine the splits (fixed order): a split that saw no valid key has m = -1e30 and weight 0
         m_max = m.amax(1, keepdim=True)
