@@ -13,7 +13,7 @@ PARAMS = ("q", "x", "t", "ln_x_w", "ln_x_b", "w_dx", "ln_t_w", "ln_t_b", "w_dt",
 
 
 def use_args(G, M, ds, heads, Nx, Dx, Nt, Dt, *, shared_text=False, with_image=True, seed=0, device=DEVICE):
-    """Inputs at the model's scales: padded text (the last text group keeps one key), large-norm tokens."""
+    """Inputs at the model's scales: padded text (the last text group keeps one key), large- and tiny-norm tokens."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     Gt = 1 if shared_text else G
@@ -22,6 +22,7 @@ def use_args(G, M, ds, heads, Nx, Dx, Nt, Dt, *, shared_text=False, with_image=T
     valid[-1, 1:] = False  # all but one text key masked
     t = rnd(Gt, Nt, Dt)
     t[0, 0] *= 100.0
+    t[0, -1] *= 1e-3  # tiny-norm token (LayerNorm eps dominates)
     args = dict(q=rnd(G, M, ds), t=t, t_valid=valid, ln_t_w=1 + 0.1 * rnd(Dt), ln_t_b=0.1 * rnd(Dt),
                 w_dt=rnd(ds, Dt) / Dt ** 0.5, w_k=rnd(ds, ds) / ds ** 0.5, b_k=0.1 * rnd(ds),
                 w_v=rnd(ds, ds) / ds ** 0.5, b_v=0.1 * rnd(ds), x=None, ln_x_w=None, ln_x_b=None, w_dx=None)
