@@ -18,8 +18,8 @@ Kernels (Flash-Decoding style, split over the key length, no atomics):
              both sources in a fixed order.
   _use_bwd   same grid: recomputes p from the saved log-sum-exp, writes dK per key (one slice per
              reading group and query block) and per-split partial sums of dq~; torch sums them.
-LN + down-projection of the tokens (K = LN(X) W_dx, LN(T) W_dt) run in PyTorch (one GEMM each, same
-code as the reference) and get their gradients from autograd; the fold above keeps their output d_s wide.
+The keys K = LN(X) W_dx^T, LN(T) W_dt^T come from kernels/ln_down_triton.py (fused forward: the tokens
+are read once, only d_s-wide keys are written; backward recomputed with PyTorch).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import triton.language as tl
 
 from kernels.checks import check_fused_tensors, check_use_inputs
 from kernels.triton_common import pow2, rmax, rsum
-from kernels.use_attention import down_project
+from kernels.ln_down_triton import ln_down_triton
 
 BLOCK_K = 32
 
@@ -212,8 +212,8 @@ def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b,
     check_fused_tensors(q, x, t, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v)
     G, M, ds = q.shape
     dh = ds // heads
-    kt = down_project(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
-    kx = None if x is None else down_project(x, ln_x_w, ln_x_b, w_dx).to(q.dtype).contiguous()
+    kt = ln_down_triton(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
+    kx = None if x is None else ln_down_triton(x, ln_x_w, ln_x_b, w_dx).to(q.dtype).contiguous()
     with torch.autocast(q.device.type, enabled=False):  # the folded projections stay fp32 under autocast
         qh = q.float().view(G, M, heads, dh)
         qt = torch.einsum("gmhd,hde->ghme", qh, w_k.float().view(heads, dh, ds)).reshape(G, heads * M, ds)
