@@ -131,9 +131,12 @@ def _sources(kx, kt, t_valid):
 
 def _meta(NQ: int, DS: int, key_dtype: torch.dtype) -> dict:
     """Block sizes and matmul precision: fp32 keys multiply in IEEE fp32; fp16/bf16 keys (exact in tf32)
-    on tensor cores with tf32x3, which keeps fp32-level accuracy for the fp32 queries and probabilities."""
-    return dict(BLOCK_Q=min(64, pow2(NQ)), BLOCK_K=BLOCK_K, BLOCK_S=pow2(DS), num_warps=8,
-                PREC="ieee" if key_dtype == torch.float32 else "tf32x3")
+    on tensor cores with tf32x3, which keeps fp32-level accuracy for the fp32 queries and probabilities.
+    Untuned (no GPU at hand); by ptxas -v for sm_90 at d_s = 128, 64 query rows spill ~0.5 KB with tf32x3,
+    and IEEE fp32 needs 32-row query blocks to stay near 1 KB."""
+    fp32 = key_dtype == torch.float32
+    return dict(BLOCK_Q=min(32 if fp32 else 64, pow2(NQ)), BLOCK_K=BLOCK_K, BLOCK_S=pow2(DS), num_warps=8,
+                PREC="ieee" if fp32 else "tf32x3")
 
 
 def _split_plan(G: int, sources, device: torch.device):
