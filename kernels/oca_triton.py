@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kernels.checks import check_fused_tensors, check_oca_inputs
 from kernels.oca import LN_EPS
-from kernels.triton_common import compute_dtype, mm, pow2, rmax, rsum
+from kernels.triton_common import compute_dtype, ln_stats, mm, pow2, rmax, row_tile, rsum
 
 
 @triton.jit
@@ -38,15 +38,6 @@ def _row_block(seq, tb, grp_ptr, N, D, BLOCK_T: tl.constexpr):
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     seq64 = seq.to(tl.int64)
     return rows, seq64 * N + rows, rows < N, tl.load(grp_ptr + seq).to(tl.int64), seq64 * N * D
-
-
-@triton.jit
-def _tile(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr):
-    """Columns [d0, d0 + BLOCK_D) of `rows` of the sequence at `ptr`, as fp32, zero outside; offsets, mask."""
-    cols = d0 + tl.arange(0, BLOCK_D)
-    m2 = rmask[:, None] & (cols < D)[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    return tl.load(ptr + offs, mask=m2, other=0.0).to(tl.float32), offs, m2, cols
 
 
 @triton.jit
@@ -63,23 +54,6 @@ def _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R: tl.constexpr):
     rk = tl.arange(0, BLOCK_R)
     return tl.load(wo_ptr + rk[None, :] * D + cols[:, None],
                    mask=(cols < D)[:, None] & (rk < R_RANK)[None, :], other=0.0)
-
-
-@triton.jit
-def _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per-row mean and 1/std over D in chunks (Chan's pairwise update: no E[x^2] - E[x]^2 cancellation)."""
-    mean = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
-    m2 = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
-        n_c = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
-        n_a = d0 * 1.0
-        mean_c = rsum(x, 1) / n_c
-        xc = tl.where(xm, x - mean_c[:, None], 0.0)
-        delta = mean_c - mean
-        mean += delta * (n_c / (n_a + n_c))
-        m2 += rsum(xc * xc, 1) + delta * delta * (n_a * n_c / (n_a + n_c))
-    return mean, 1.0 / tl.sqrt(m2 / D + ln_eps)
 
 
 @triton.jit
@@ -106,13 +80,13 @@ def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D,
     rows, tok, rmask, g, base = _row_block(tl.program_id(0), tl.program_id(1), grp_ptr, N, D, BLOCK_T)
     x_ptr += base
     out_ptr += base
-    mean, rstd = _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
+    mean, rstd = ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
     # q = LN(F) W_q; <H, F> = p.V . (F W_o^T) and <F, F>, accumulated over D chunks
     q = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
     x_wo = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
     xx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        x, offs, xm, cols = row_tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         q += mm(tl.where(xm, (x - mean[:, None]) * rstd[:, None], 0.0), _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R), CDT)
         if ORTHO:
             x_wo += mm(x, _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R), CDT)
@@ -121,7 +95,7 @@ def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D,
     coef = rsum(pv * x_wo, 1) / (xx + eps)  # zero unless ORTHO
     s = tl.load(s_ptr).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        x, offs, xm, cols = row_tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         h = mm(pv, tl.trans(_wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
         tl.store(out_ptr + offs, (x + s * (h - coef[:, None] * x)).to(out_ptr.dtype.element_ty), mask=xm)
 
@@ -137,7 +111,7 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
     x_ptr += base
     go_ptr += base
     dx_ptr += base
-    mean, rstd = _ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
+    mean, rstd = ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T, BLOCK_D)
     # every full-row reduction the backward needs, in one pass over D:
     # q = LN W_q, sum_d W_q (for sum_d dLN), F W_o^T, g W_o^T, <g, F>, <F, F>
     q = tl.full((BLOCK_T, BLOCK_R), 0.0, dtype=tl.float32)
@@ -147,7 +121,7 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
     gx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     xx = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        x, offs, xm, cols = row_tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         go = tl.load(go_ptr + offs, mask=xm, other=0.0).to(tl.float32)
         wq = _wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R)
         wo_t = _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)
@@ -171,7 +145,7 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
     dln_sum = rsum(dq * wq_sum[None, :], 1)  # sum_d dLN_d
     dln_ln = rsum(dq * q, 1)  # sum_d dLN_d LN_d
     for d0 in range(0, D, BLOCK_D):
-        x, offs, xm, cols = _tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        x, offs, xm, cols = row_tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         go = tl.load(go_ptr + offs, mask=xm, other=0.0).to(tl.float32)
         ln = (x - mean[:, None]) * rstd[:, None]
         dln = mm(dq, tl.trans(_wq_tile(wq_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
@@ -235,8 +209,10 @@ def _meta(x, k, w_q):
     R, N, D = x.shape
     M, r = k.shape[1], w_q.shape[1]
     block_t = pow2(min(N, 32))
-    return dict(BLOCK_T=block_t, BLOCK_D=min(128, pow2(D)), BLOCK_M=pow2(M), BLOCK_R=pow2(r),
-                CDT=compute_dtype(x.dtype)), \
+    # untuned (no GPU was at hand): at D = 768, r = 32, fp16, 32 x 64 tiles compile for sm_90 without
+    # register spills with 4 warps (forward) and with 48 bytes with 8 warps (backward rows); ptxas -v
+    return dict(BLOCK_T=block_t, BLOCK_D=min(64, pow2(D)), BLOCK_M=pow2(M), BLOCK_R=pow2(r),
+                CDT=compute_dtype(x.dtype), num_warps=4), \
         (R, triton.cdiv(N, block_t))
 
 
@@ -259,7 +235,8 @@ class OCAFunction(torch.autograd.Function):
         R, N, D = x.shape
         qk_scale = 1.0 / math.sqrt(w_q.shape[1])
         out = torch.empty_like(x)
-        _oca_fwd[grid](x, out, group, *_small_operands(x, k, v, w_q, w_o), scale, N, D, k.shape[1], w_q.shape[1], qk_scale, LN_EPS, eps,
+        _oca_fwd[grid](x, out, group, *_small_operands(x, k, v, w_q, w_o), scale, N, D, k.shape[1], w_q.shape[1],
+                       qk_scale, LN_EPS, eps,
                        ORTHO=orthogonal and keep_parallel == "drop", **meta)
         ctx.save_for_backward(x, group, k, v, w_q, w_o, scale)
         ctx.opts = (eps, orthogonal, keep_parallel)
@@ -279,9 +256,10 @@ class OCAFunction(torch.autograd.Function):
         dq, pv = torch.empty(T, r, **f32), torch.empty(T, r, **f32)
         dk_part = torch.empty(R, grid[1], M, r, **f32)
         dv_part = torch.empty_like(dk_part)
-        _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale, mean, rstd, dq, pv, a, ds_tok,
-                            dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r), LN_EPS, eps, ORTHO=orthogonal,
-                            DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **meta)
+        _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale,
+                            mean, rstd, dq, pv, a, ds_tok, dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r),
+                            LN_EPS, eps, ORTHO=orthogonal, DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad",
+                            **{**meta, "num_warps": 8})
         block_dc, block_t = min(64, pow2(D)), 32
         splits = _num_splits(T, triton.cdiv(D, block_dc), block_t, x.device)
         dwq_part = torch.empty(splits, D, r, **f32)

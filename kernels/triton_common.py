@@ -37,3 +37,29 @@ def rsum(x, axis: tl.constexpr):
 @triton.jit
 def rmax(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def row_tile(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr):
+    """Columns [d0, d0 + BLOCK_D) of `rows` of the sequence at `ptr`, as fp32, zero outside; offsets, mask."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    m2 = rmask[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    return tl.load(ptr + offs, mask=m2, other=0.0).to(tl.float32), offs, m2, cols
+
+
+@triton.jit
+def ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-row mean and 1/std over D in chunks (Chan's pairwise update: no E[x^2] - E[x]^2 cancellation)."""
+    mean = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
+    m2 = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x, offs, xm, cols = row_tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
+        n_c = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
+        n_a = d0 * 1.0
+        mean_c = rsum(x, 1) / n_c
+        xc = tl.where(xm, x - mean_c[:, None], 0.0)
+        delta = mean_c - mean
+        mean += delta * (n_c / (n_a + n_c))
+        m2 += rsum(xc * xc, 1) + delta * delta * (n_a * n_c / (n_a + n_c))
+    return mean, 1.0 / tl.sqrt(m2 / D + ln_eps)

@@ -8,17 +8,18 @@ down-projected tokens K itself: o~ = softmax(q~ K^T / sqrt(d_h)) K. The offset b
 every score of a row equally, so softmax ignores it and its gradient is exactly zero; it still enters the
 autograd Function so that b_k (and q through it) get that exact zero gradient, as in the reference.
 
-All products run in fp32 (keys are exact in fp32; the attention math is small next to reading the keys):
-the backward's dp = dO K^T must agree with delta = rowsum(dO * O) to fp32 rounding, else a softmax over
-one valid key, or the exactly-zero gradient of b_k, picks up noise.
+All products keep fp32 accuracy (IEEE for fp32 keys; tf32x3 on tensor cores for fp16/bf16 keys, which
+tf32 holds exactly): the backward's dp = dO K^T must agree with delta = rowsum(dO * O) to fp32 rounding,
+else a softmax over one valid key, or the exactly-zero gradient of b_k, picks up noise.
 
 Kernels (Flash-Decoding style, split over the key length, no atomics):
-  _use_fwd   grid (G, splits) per key source (image keys, text keys): online softmax over the split's
-             key blocks, writes partial (max, sum, acc); torch combines all partials of both sources.
-  _use_bwd   same grid: recomputes p from the saved log-sum-exp, writes dK per key and per-split partial
-             sums of dq~, summed by torch in a fixed order.
-LN + down-projection of the tokens (K = LN(X) W_dx, LN(T) W_dt) run in PyTorch (one GEMM each, same
-code as the reference) and get their gradients from autograd; the fold above keeps their output d_s wide.
+  _use_fwd   grid (G, splits, query blocks) per key source (image keys, text keys): online softmax over
+             the split's key blocks, writes partial (max, sum, acc); torch combines all partials of
+             both sources in a fixed order.
+  _use_bwd   same grid: recomputes p from the saved log-sum-exp, writes dK per key (one slice per
+             reading group and query block) and per-split partial sums of dq~; torch sums them.
+The keys K = LN(X) W_dx^T, LN(T) W_dt^T come from kernels/ln_down_triton.py (fused forward: the tokens
+are read once, only d_s-wide keys are written; backward recomputed with PyTorch).
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_fused_tensors, check_use_inputs
-from kernels.triton_common import mm, pow2, rmax, rsum
-from kernels.use_attention import down_project
+from kernels.triton_common import pow2, rmax, rsum
+from kernels.ln_down_triton import ln_down_triton
 
 BLOCK_K = 32
 
@@ -38,82 +39,87 @@ BLOCK_K = 32
 @triton.jit
 def _load_keys(k_ptr, valid_ptr, grp, kb, NK, DS, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_S: tl.constexpr):
+    """Key block kb of group grp (zero-padded) and which of its keys are real (in range and not padding)."""
     keys_i = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     cs = tl.arange(0, BLOCK_S)
     kmask = keys_i < NK
     if HAS_MASK:
         kmask = kmask & (tl.load(valid_ptr + grp * NK + keys_i, mask=keys_i < NK, other=0) != 0)
     offs = grp * NK * DS + keys_i[:, None] * DS + cs[None, :]
-    keys = tl.load(k_ptr + offs, mask=(keys_i < NK)[:, None] & (cs < DS)[None, :], other=0.0)
-    return keys, kmask, offs
+    return tl.load(k_ptr + offs, mask=(keys_i < NK)[:, None] & (cs < DS)[None, :], other=0.0), kmask
 
 
 @triton.jit
-def _load_queries(q_ptr, g, NQ, DS, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
-    qi = tl.arange(0, BLOCK_Q)
+def _load_queries(q_ptr, g, qb, NQ, DS, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Query rows of block qb of group g: indices, mask, in-group offsets, 2-D mask, values (fp32)."""
+    qi = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cs = tl.arange(0, BLOCK_S)
     qmask = qi < NQ
-    qoffs = g * NQ * DS + qi[:, None] * DS + cs[None, :]
+    qoffs = qi[:, None] * DS + cs[None, :]
     q2 = qmask[:, None] & (cs < DS)[None, :]
-    qs = tl.load(q_ptr + qoffs, mask=q2, other=0.0)
-    return qi, qmask, qoffs, q2, qs
+    return qi, qmask, qoffs, q2, tl.load(q_ptr + g * NQ * DS + qoffs, mask=q2, other=0.0)
 
 
 @triton.jit
 def _use_fwd(q_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, DS, K_GROUP_STRIDE,
              blocks_per_split, split_offset, total_splits, scale, HAS_MASK: tl.constexpr,
-             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    g, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr):
+    g, split, qb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     kg = g * K_GROUP_STRIDE  # 0 when every group reads the same (shared) text keys
-    qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, NQ, DS, BLOCK_Q, BLOCK_S)
+    qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, qb, NQ, DS, BLOCK_Q, BLOCK_S)
     m_i = tl.full((BLOCK_Q,), -1e30, dtype=tl.float32)
     l_i = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
     acc = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
     lo = split * blocks_per_split
     hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
     for kb in range(lo, hi):
-        keys, kmask, _ = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
-        sc = mm(qs, tl.trans(keys), tl.float32) * scale
+        keys, kmask = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
+        keys = keys.to(tl.float32)
+        sc = tl.dot(qs, tl.trans(keys), input_precision=PREC) * scale
         sc = tl.where(kmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, rmax(sc, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + rsum(p, 1)
-        acc = acc * alpha[:, None] + mm(p, keys, tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision=PREC)
         m_i = m_new
     part = (g * total_splits + split_offset + split) * NQ
     tl.store(m_ptr + part + qi, m_i, mask=qmask)
     tl.store(l_ptr + part + qi, l_i, mask=qmask)
-    tl.store(acc_ptr + part * DS + qoffs - g * NQ * DS, acc, mask=q2)
+    tl.store(acc_ptr + part * DS + qoffs, acc, mask=q2)
 
 
 @triton.jit
 def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr,
              NQ, NK, DS, K_GROUP_STRIDE, blocks_per_split, split_offset, total_splits, scale,
-             HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    g, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+             HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+             PREC: tl.constexpr):
+    g, split, qb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     kg = g * K_GROUP_STRIDE
-    qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, NQ, DS, BLOCK_Q, BLOCK_S)
-    do = tl.load(do_ptr + qoffs, mask=q2, other=0.0)
+    qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, qb, NQ, DS, BLOCK_Q, BLOCK_S)
+    do = tl.load(do_ptr + g * NQ * DS + qoffs, mask=q2, other=0.0)
     lse = tl.load(lse_ptr + g * NQ + qi, mask=qmask, other=0.0)
     delta = tl.load(delta_ptr + g * NQ + qi, mask=qmask, other=0.0)
     dq = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
+    dk_ptr += (g * tl.num_programs(2) + qb) * NK * DS  # one dK slice per (reading group, query block)
     lo = split * blocks_per_split
     hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
     for kb in range(lo, hi):
-        keys, kmask, koffs = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
-        sc = mm(qs, tl.trans(keys), tl.float32) * scale
+        keys, kmask = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
+        keys = keys.to(tl.float32)
+        sc = tl.dot(qs, tl.trans(keys), input_precision=PREC) * scale
         p = tl.where(kmask[None, :] & qmask[:, None], tl.exp(sc - lse[:, None]), 0.0)
-        dp = mm(do, tl.trans(keys), tl.float32)
+        dp = tl.dot(do, tl.trans(keys), input_precision=PREC)
         dsc = p * (dp - delta[:, None])
-        dkeys = mm(tl.trans(dsc), qs, tl.float32) * scale + mm(tl.trans(p), do, tl.float32)
+        dkeys = tl.dot(tl.trans(dsc), qs, input_precision=PREC) * scale + \
+            tl.dot(tl.trans(p), do, input_precision=PREC)
         keys_i = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         cs = tl.arange(0, BLOCK_S)
-        dk_offs = g * NK * DS + keys_i[:, None] * DS + cs[None, :]
-        tl.store(dk_ptr + dk_offs, dkeys, mask=(keys_i < NK)[:, None] & (cs < DS)[None, :])
-        dq += mm(dsc, keys, tl.float32) * scale
+        tl.store(dk_ptr + keys_i[:, None] * DS + cs[None, :], dkeys,
+                 mask=(keys_i < NK)[:, None] & (cs < DS)[None, :])
+        dq += tl.dot(dsc, keys, input_precision=PREC) * scale
     part = (g * total_splits + split_offset + split) * NQ
-    tl.store(dq_ptr + part * DS + qoffs - g * NQ * DS, dq, mask=q2)
+    tl.store(dq_ptr + part * DS + qoffs, dq, mask=q2)
 
 
 def _sources(kx, kt, t_valid):
@@ -121,6 +127,16 @@ def _sources(kx, kt, t_valid):
     out = [] if kx is None else [(kx, None, 1)]
     out.append((kt, t_valid, 1 if kt.shape[0] > 1 else 0))
     return out
+
+
+def _meta(NQ: int, DS: int, key_dtype: torch.dtype) -> dict:
+    """Block sizes and matmul precision: fp32 keys multiply in IEEE fp32; fp16/bf16 keys (exact in tf32)
+    on tensor cores with tf32x3, which keeps fp32-level accuracy for the fp32 queries and probabilities.
+    Untuned (no GPU at hand); by ptxas -v for sm_90 at d_s = 128, 64 query rows spill ~0.5 KB with tf32x3,
+    and IEEE fp32 needs 32-row query blocks to stay near 1 KB."""
+    fp32 = key_dtype == torch.float32
+    return dict(BLOCK_Q=min(32 if fp32 else 64, pow2(NQ)), BLOCK_K=BLOCK_K, BLOCK_S=pow2(DS), num_warps=8,
+                PREC="ieee" if fp32 else "tf32x3")
 
 
 def _split_plan(G: int, sources, device: torch.device):
@@ -150,11 +166,12 @@ class USEAttentionFunction(torch.autograd.Function):
         f32 = dict(device=qt.device, dtype=torch.float32)
         m, l = torch.empty(G, total, NQ, **f32), torch.empty(G, total, NQ, **f32)
         acc = torch.empty(G, total, NQ, DS, **f32)
-        meta = dict(BLOCK_Q=pow2(NQ), BLOCK_K=BLOCK_K, BLOCK_S=pow2(DS))
+        meta = _meta(NQ, DS, kt.dtype)
         offset = 0
         for (keys, valid, stride), (per, n) in zip(sources, plan):
-            _use_fwd[(G, n)](qt, keys, valid if valid is not None else keys, m, l, acc, NQ, keys.shape[1],
-                             DS, stride, per, offset, total, scale, HAS_MASK=valid is not None, **meta)
+            _use_fwd[(G, n, triton.cdiv(NQ, meta["BLOCK_Q"]))](
+                qt, keys, valid if valid is not None else keys, m, l, acc, NQ, keys.shape[1], DS, stride, per,
+                offset, total, scale, HAS_MASK=valid is not None, **meta)
             offset += n
         # combine the splits (fixed order): a split that saw no valid key has m = -1e30 and weight 0
         m_max = m.amax(1, keepdim=True)
@@ -178,11 +195,13 @@ class USEAttentionFunction(torch.autograd.Function):
         dq_part = torch.empty(G, total, NQ, DS, **f32)
         dkeys, offset = [], 0
         for (keys, valid, stride), (per, n) in zip(sources, ctx.plan):
-            dk = torch.empty(G, keys.shape[1], DS, **f32)  # per reading group; shared keys summed below
-            _use_bwd[(G, n)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ,
+            nqb = triton.cdiv(NQ, ctx.meta["BLOCK_Q"])
+            dk = torch.empty(G, nqb, keys.shape[1], DS, **f32)  # per reading group and query block
+            _use_bwd[(G, n, nqb)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ,
                              keys.shape[1], DS, stride, per, offset, total, ctx.scale,
                              HAS_MASK=valid is not None, **ctx.meta)
             offset += n
+            dk = dk.sum(1)
             dkeys.append((dk if stride else dk.sum(0, keepdim=True)).to(keys.dtype))
         dkx = dkeys[0] if kx is not None else None
         return dq_part.sum(1), torch.zeros_like(beta), dkx, dkeys[-1], None, None
@@ -196,11 +215,12 @@ def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b,
     check_fused_tensors(q, x, t, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v)
     G, M, ds = q.shape
     dh = ds // heads
-    kt = down_project(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
-    kx = None if x is None else down_project(x, ln_x_w, ln_x_b, w_dx).to(q.dtype).contiguous()
-    qh = q.float().view(G, M, heads, dh)
-    qt = torch.einsum("gmhd,hde->ghme", qh, w_k.float().view(heads, dh, ds)).reshape(G, heads * M, ds)
-    beta = torch.einsum("gmhd,hd->ghm", qh, b_k.float().view(heads, dh)).reshape(G, heads * M)
-    acc = USEAttentionFunction.apply(qt.contiguous(), beta.contiguous(), kx, kt, t_valid, 1.0 / math.sqrt(dh))
-    o = torch.einsum("ghme,hde->gmhd", acc.view(G, heads, M, ds), w_v.float().view(heads, dh, ds))
-    return (o + b_v.float().view(heads, dh)).reshape(G, M, ds).to(q.dtype)
+    kt = ln_down_triton(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
+    kx = None if x is None else ln_down_triton(x, ln_x_w, ln_x_b, w_dx).to(q.dtype).contiguous()
+    with torch.autocast(q.device.type, enabled=False):  # the folded projections stay fp32 under autocast
+        qh = q.float().view(G, M, heads, dh)
+        qt = torch.einsum("gmhd,hde->ghme", qh, w_k.float().view(heads, dh, ds)).reshape(G, heads * M, ds)
+        beta = torch.einsum("gmhd,hd->ghm", qh, b_k.float().view(heads, dh)).reshape(G, heads * M)
+        acc = USEAttentionFunction.apply(qt.contiguous(), beta.contiguous(), kx, kt, t_valid, 1.0 / math.sqrt(dh))
+        o = torch.einsum("ghme,hde->gmhd", acc.view(G, heads, M, ds), w_v.float().view(heads, dh, ds))
+        return (o + b_v.float().view(heads, dh)).reshape(G, M, ds).to(q.dtype)

@@ -61,7 +61,7 @@ def oca_args(R, N, D, G, M, r, *, seed=0, device=DEVICE):
 
 
 SHAPES = {  # R, N, D, G, M, r
-    "odd": (3, 37, 200, 2, 3, 8),  # D: one full and one partial 128-wide chunk
+    "odd": (3, 37, 200, 2, 3, 8),  # D: three full and one partial 64-wide chunk
     "M1_one_token": (4, 1, 24, 3, 1, 4),
     "vit_width": (2, 19, 768, 2, 16, 32),
 }

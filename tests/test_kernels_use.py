@@ -13,7 +13,7 @@ PARAMS = ("q", "x", "t", "ln_x_w", "ln_x_b", "w_dx", "ln_t_w", "ln_t_b", "w_dt",
 
 
 def use_args(G, M, ds, heads, Nx, Dx, Nt, Dt, *, shared_text=False, with_image=True, seed=0, device=DEVICE):
-    """Inputs at the model's scales: padded text (the last text group keeps one key), large-norm tokens."""
+    """Inputs at the model's scales: padded text (the last text group keeps one key), large- and tiny-norm tokens."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     Gt = 1 if shared_text else G
@@ -22,6 +22,7 @@ def use_args(G, M, ds, heads, Nx, Dx, Nt, Dt, *, shared_text=False, with_image=T
     valid[-1, 1:] = False  # all but one text key masked
     t = rnd(Gt, Nt, Dt)
     t[0, 0] *= 100.0
+    t[0, -1] *= 1e-3  # tiny-norm token (LayerNorm eps dominates)
     args = dict(q=rnd(G, M, ds), t=t, t_valid=valid, ln_t_w=1 + 0.1 * rnd(Dt), ln_t_b=0.1 * rnd(Dt),
                 w_dt=rnd(ds, Dt) / Dt ** 0.5, w_k=rnd(ds, ds) / ds ** 0.5, b_k=0.1 * rnd(ds),
                 w_v=rnd(ds, ds) / ds ** 0.5, b_v=0.1 * rnd(ds), x=None, ln_x_w=None, ln_x_b=None, w_dx=None)
@@ -37,7 +38,7 @@ CASES = {  # G, M, ds, heads, Nx, Dx, Nt, Dt, options
     "shared_text": ((2, 4, 16, 2, 9, 24, 13, 20), {"shared_text": True}),
     "text_only": ((1, 3, 8, 1, 0, 0, 10, 12), {"shared_text": True, "with_image": False}),
     "M1_one_group_split_keys": ((1, 1, 32, 4, 75, 24, 40, 16), {}),
-    "one_text_token": ((2, 16, 32, 4, 5, 16, 1, 8), {}),
+    "one_text_token_two_query_blocks": ((2, 20, 32, 4, 5, 16, 1, 8), {}),  # heads x M = 80 query rows
 }
 
 
@@ -87,3 +88,13 @@ def test_fused_use_attention_rejects_bad_inputs():
         use_attention_triton(**{**args, "t_valid": args["t_valid"][:, :-1].contiguous()}, heads=2)
     with pytest.raises(OpInputError, match="not divisible"):
         use_attention_triton(**args, heads=3)
+
+
+def test_fused_use_attention_under_autocast():
+    """Autocast (mixed-precision training) must not push the fp32 folded projections into 16-bit."""
+    args = use_args(2, 4, 16, 2, 9, 24, 13, 20)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = use_attention_triton(**args, heads=2)
+        ref = use_attention_reference(**args, heads=2)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref.float(), rtol=0.05, atol=0.05)  # the reference's matmuls ran in bf16
