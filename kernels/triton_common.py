@@ -25,10 +25,10 @@ def mm(a, b, CDT: tl.constexpr):
 
 
 # tl.sum, tl.max, tl.zeros and tl.cdiv are @triton.jit functions of triton.language itself. When triton was
-# imported before TRITON_INTERPRET=1 was set (under pytest, resolving the filterwarnings class imports
-# nearl_rt -> open_clip -> torch._dynamo -> triton before conftest runs), they stay compile-only and the
+# imported before TRITON_INTERPRET=1 was set (e.g. a script that imports open_clip -> torch._dynamo ->
+# triton first; pytest once did so through a filterwarnings class), they stay compile-only and the
 # interpreter refuses to call them. The kernels therefore use tl.full and these two reductions: tl.reduce
-# with triton's own combine functions is the same reduction and works in both modes.
+# with triton's own combine functions is the same reduction and works whatever the import order.
 @triton.jit
 def rsum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)
