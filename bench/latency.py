@@ -315,7 +315,10 @@ def write_plot(records: list[dict], path: Path) -> None:
                    if r["mode"] == mode and r["backend"] == name and r["status"] == "ok"]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
+        sizes = sorted({r["batch_size"] for r in records})
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median latency (ms)", title=mode)
+        ax.set_xticks(sizes, [str(b) for b in sizes], minor=False)
+        ax.set_xticks([], minor=True)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
