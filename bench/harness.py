@@ -6,6 +6,9 @@ each iteration feeds the next of several distinct input batches so caches cannot
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import platform
 import re
@@ -33,7 +36,9 @@ class PeakMemory:
     CUDA: torch.cuda.max_memory_allocated during the region (weights + activations held by torch's
     allocator; memory that onnxruntime allocates itself is invisible to it). CPU: growth of the peak
     resident set over the region (activations and workspaces; weights already resident are excluded),
-    read from /proc after resetting the peak with /proc/self/clear_refs (Linux only).
+    read from /proc after resetting the peak with /proc/self/clear_refs (Linux only). Free heap memory
+    that glibc keeps for reuse is handed back first (malloc_trim), else a region that reuses the
+    warm-up's freed blocks would show no growth at all.
     """
 
     def __init__(self, device: torch.device):
@@ -53,6 +58,8 @@ class PeakMemory:
         if self.kind == "cuda_max_memory_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind == "cpu_peak_rss_growth":
+            gc.collect()
+            _malloc_trim()
             _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
             self._base_rss = _status_kib("VmRSS")
 
@@ -62,6 +69,13 @@ class PeakMemory:
         if self.kind == "cpu_peak_rss_growth":
             return max(_status_kib("VmHWM") - self._base_rss, 0) / 1024
         return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: the growth is then a lower bound
+        pass
 
 
 def _status_kib(field: str) -> int:

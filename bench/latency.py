@@ -248,7 +248,7 @@ def _measure(backend, batch_size: int, inputs, expected, args, memory) -> dict:
         return {"status": "failed", "reason": _reason(e)}
     out = {"status": "ok", **summarize(timing.times_ms, batch_size), "first_call_s": first_call_s,
            "warmup": args.warmup, "iters": args.iters, "peak_mem_mib": None, "max_abs_diff_vs_fp32_eager": None}
-    if args.device.type == "cpu" or backend.torch_allocated:
+    if backend.torch_allocated:
         out["peak_mem_mib"] = timing.peak_mem_mib
     if backend.compares_to_eager:
         if tuple(got.shape) != tuple(expected.shape):
@@ -315,7 +315,10 @@ def write_plot(records: list[dict], path: Path) -> None:
                    if r["mode"] == mode and r["backend"] == name and r["status"] == "ok"]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
+        sizes = sorted({r["batch_size"] for r in records})
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median latency (ms)", title=mode)
+        ax.set_xticks(sizes, [str(b) for b in sizes], minor=False)
+        ax.set_xticks([], minor=True)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
