@@ -9,6 +9,12 @@ from pathlib import Path
 from nearl_rt.errors import NearlError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(path):
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure delete it."""
@@ -23,6 +29,7 @@ def atomic_output(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -132,6 +132,13 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
     assert path.read_bytes() == before and list(path.parent.iterdir()) == [path]
 
 
+def test_written_file_has_the_mode_open_gives(saved, tmp_path):
+    _, path = saved
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")  # honours the umask; atomic writes must too (not mkstemp's 0600)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_unwritable_output(saved, tmp_path):
     model, _ = saved
     with pytest.raises(nearl_rt.NearlError, match="does not exist"):
