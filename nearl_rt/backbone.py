@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -84,6 +85,20 @@ def _read_state_dict(path: str) -> tuple[dict, bool]:
 RANDOM_INIT_SEED = 0
 
 
+@contextmanager
+def _quiet_open_clip():
+    """Drop open_clip's "No pretrained weights loaded" log line: nearl-rt loads the weights itself
+    (the line would be wrong) or has already warned about random weights."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool = False,
                    init_seed: int = RANDOM_INIT_SEED):
     """Build the frozen open_clip model `name`.
@@ -110,7 +125,7 @@ def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool
         warnings.warn(f"backbone {name} has random weights (pretrained=None): logits and accuracy are "
                       f"meaningless; pass pretrained=PATH to a local CLIP weights file for real use",
                       RandomBackboneWarning, stacklevel=3)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(init_seed)
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu,
                                        pretrained_text=False, pretrained_image=False, device="cpu")
