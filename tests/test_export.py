@@ -159,6 +159,8 @@ def _cli(capsys, *argv):
 def test_cli_bad_inputs(tmp_path, capsys, checkpoint):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
+    probe = nearl_rt.save_checkpoint(nearl_rt.load_checkpoint(checkpoint), tmp_path / "probe.pt",
+                                     extra={"method": "linear_probe"})
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     text = tmp_path / "notes.pt"
@@ -169,7 +171,8 @@ def test_cli_bad_inputs(tmp_path, capsys, checkpoint):
              ((text,), "not a nearl-rt checkpoint|damaged"),
              ((checkpoint, "-o", tmp_path / "no" / "such" / "dir" / "m.onnx"), "does not exist"),
              ((checkpoint, "-o", tmp_path), "is a directory"),
-             ((checkpoint, "--batch-size", "-3"), "batch_size")]
+             ((checkpoint, "--batch-size", "-3"), "batch_size"),
+             ((probe,), "linear_probe baseline")]
     for argv, match in cases:
         code, err = _cli(capsys, *argv)
         assert code == 2, (argv, err)
@@ -177,7 +180,7 @@ def test_cli_bad_inputs(tmp_path, capsys, checkpoint):
         assert len(lines) == 1 and lines[0].startswith("python -m export.onnx: error: "), err
         assert __import__("re").search(match, lines[0]), (match, lines[0])
         assert "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt", "notes.pt", "truncated.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt", "notes.pt", "probe.pt", "truncated.pt"]
 
 
 def test_cli_no_traceback_in_subprocess(tmp_path):
