@@ -37,16 +37,25 @@ BLOCK_K = 32
 
 
 @triton.jit
-def _load_keys(k_ptr, valid_ptr, grp, kb, NK, DS, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_S: tl.constexpr):
-    """Key block kb of group grp (zero-padded) and which of its keys are real (in range and not padding)."""
+def _key_scores(k_ptr, valid_ptr, grp, kb, NK, DS, qs, scale, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_S: tl.constexpr, PREC: tl.constexpr):
+    """Key block kb of group grp (zero-padded, fp32), which of its keys are real (in range and not
+    padding), and the scaled scores of the query block `qs` against it."""
     keys_i = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     cs = tl.arange(0, BLOCK_S)
     kmask = keys_i < NK
     if HAS_MASK:
         kmask = kmask & (tl.load(valid_ptr + grp * NK + keys_i, mask=keys_i < NK, other=0) != 0)
     offs = grp * NK * DS + keys_i[:, None] * DS + cs[None, :]
-    return tl.load(k_ptr + offs, mask=(keys_i < NK)[:, None] & (cs < DS)[None, :], other=0.0), kmask
+    keys = tl.load(k_ptr + offs, mask=(keys_i < NK)[:, None] & (cs < DS)[None, :], other=0.0).to(tl.float32)
+    return keys, kmask, tl.dot(qs, tl.trans(keys), input_precision=PREC) * scale
+
+
+@triton.jit
+def _split_blocks(split, blocks_per_split, NK, BLOCK_K: tl.constexpr):
+    """The key blocks [lo, hi) of split `split` over the key length."""
+    lo = split * blocks_per_split
+    return lo, tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
 
 
 @triton.jit
@@ -70,12 +79,9 @@ def _use_fwd(q_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, DS, K_GROUP
     m_i = tl.full((BLOCK_Q,), -1e30, dtype=tl.float32)
     l_i = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
     acc = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
-    lo = split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
+    lo, hi = _split_blocks(split, blocks_per_split, NK, BLOCK_K)
     for kb in range(lo, hi):
-        keys, kmask = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
-        keys = keys.to(tl.float32)
-        sc = tl.dot(qs, tl.trans(keys), input_precision=PREC) * scale
+        keys, kmask, sc = _key_scores(k_ptr, valid_ptr, kg, kb, NK, DS, qs, scale, HAS_MASK, BLOCK_K, BLOCK_S, PREC)
         sc = tl.where(kmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, rmax(sc, 1))
         alpha = tl.exp(m_i - m_new)
@@ -102,12 +108,9 @@ def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr
     delta = tl.load(delta_ptr + g * NQ + qi, mask=qmask, other=0.0)
     dq = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
     dk_ptr += (g * tl.num_programs(2) + qb) * NK * DS  # one dK slice per (reading group, query block)
-    lo = split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, (NK + BLOCK_K - 1) // BLOCK_K)
+    lo, hi = _split_blocks(split, blocks_per_split, NK, BLOCK_K)
     for kb in range(lo, hi):
-        keys, kmask = _load_keys(k_ptr, valid_ptr, kg, kb, NK, DS, HAS_MASK, BLOCK_K, BLOCK_S)
-        keys = keys.to(tl.float32)
-        sc = tl.dot(qs, tl.trans(keys), input_precision=PREC) * scale
+        keys, kmask, sc = _key_scores(k_ptr, valid_ptr, kg, kb, NK, DS, qs, scale, HAS_MASK, BLOCK_K, BLOCK_S, PREC)
         p = tl.where(kmask[None, :] & qmask[:, None], tl.exp(sc - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(keys), input_precision=PREC)
         dsc = p * (dp - delta[:, None])
