@@ -30,6 +30,7 @@ from bench.harness import PeakMemory, machine_info, summarize, synchronize, time
 from nearl_rt.atomic import atomic_output  # noqa: E402
 from nearl_rt.backbone import sha256_file  # noqa: E402
 from nearl_rt.cli import run_cli  # noqa: E402
+from nearl_rt.classifier import resolve_device  # noqa: E402
 from nearl_rt.config import INTERACTIONS, PRESETS  # noqa: E402
 from nearl_rt.errors import RandomBackboneWarning  # noqa: E402
 
@@ -137,21 +138,8 @@ def _check_args(args) -> None:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: only cpu and cuda are benchmarked")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        device = torch.device("cuda", device.index or 0)
-    return device
+    device = resolve_device(name)
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 def class_names(n: int) -> list[str]:

@@ -17,13 +17,21 @@ METHODS = ("nearl", "zeroshot", "linear_probe")
 
 
 def resolve_device(arg: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as torch.device understands it."""
+    """`auto` -> cuda when available, else cpu; otherwise a cpu or an existing cuda device (clear errors)."""
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(arg)
+        device = torch.device(arg)
     except RuntimeError:
-        raise ValueError(f"--device {arg!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise ValueError(f"--device {arg!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {arg!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {arg}: CUDA is not available on this machine; use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {arg}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
 
 
 def frozen_image_features(model, images: torch.Tensor) -> torch.Tensor:
