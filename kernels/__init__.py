@@ -7,6 +7,7 @@ fp32/fp16/bf16, torch otherwise). The environment variable NEARL_RT_BACKEND over
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -37,7 +38,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     return backend
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
+    # cached: resolve_backend runs for every op of every layer, and find_spec walks sys.path
     return importlib.util.find_spec("triton") is not None
 
 
