@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -226,9 +227,11 @@ def main(argv=None) -> int:
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    add_int8_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
+    gates = check_int8_arguments(args)
     method = (read_checkpoint(args.checkpoint).get("extra") or {}).get("method", "nearl")
     if method == "linear_probe":
         raise ExportError(f"{args.checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
@@ -238,10 +241,94 @@ def main(argv=None) -> int:
         raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(sys.stderr))
+    if args.int8:
+        return export_int8(model, args, gates, sha256_file(args.checkpoint))
     path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
                         batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
           f"{len(model.class_names)} classes)")
+    return 0
+
+
+def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("int8 (CPU serving; see docs/int8.md)")
+    g.add_argument("--int8", action="store_true",
+                   help="also write CKPT.int8.onnx, quantised (dynamic int8 weights; static QDQ with --calibrate). "
+                        "With -o, only the int8 file is written there")
+    g.add_argument("--calibrate", metavar="DATA", help="static int8: calibrate activation ranges on images of this "
+                   "dataset (folder, split .json or .npz with the model's classes); a held-out part verifies")
+    g.add_argument("--verify-data", metavar="DATA", help="labelled images to verify the int8 model on (default: the "
+                   "held-out part of --calibrate, else random inputs)")
+    g.add_argument("--image-root", help="folder a split JSON's paths are relative to")
+    g.add_argument("--data-split", help="split of DATA to draw images from (default: train, else the only one)")
+    g.add_argument("--calibration-count", type=int, default=128, help="calibration images (default 128)")
+    g.add_argument("--verify-count", type=int, default=128, help="verification images drawn from data (default 128)")
+    g.add_argument("--min-agreement", type=float, default=99.0, help="gate: %% of images whose top-1 class the int8 "
+                   "model keeps (default 99)")
+    g.add_argument("--max-accuracy-change", type=float, default=0.5, help="gate: |delta accuracy| in points, with "
+                   "labelled images (default 0.5)")
+    g.add_argument("--max-prob-diff", type=float, help="gate: max |delta prob| (default: reported, not gated)")
+
+
+def check_int8_arguments(args):
+    """The int8 options' Gates, after refusing inconsistent combinations (before anything is loaded)."""
+    from export.quantize import MIN_CALIBRATION_IMAGES, MIN_VERIFICATION_IMAGES, Gates
+    if not args.int8:
+        used = [f for f in ("calibrate", "verify_data") if getattr(args, f)]
+        if used:
+            raise ExportError(f"--{used[0].replace('_', '-')} applies to int8 models: add --int8")
+        return None
+    if args.fp16:
+        raise ExportError("--int8 and --fp16 exclude each other: int8 quantises the fp32 model (drop --fp16)")
+    for name in ("calibration_count", "verify_count"):
+        if getattr(args, name) < 1:
+            raise ExportError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.calibrate and args.calibration_count < MIN_CALIBRATION_IMAGES:
+        raise ExportError(f"--calibration-count {args.calibration_count}: static int8 needs at least "
+                          f"{MIN_CALIBRATION_IMAGES} calibration images")
+    if (args.calibrate or args.verify_data) and args.verify_count < MIN_VERIFICATION_IMAGES:
+        raise ExportError(f"--verify-count {args.verify_count}: the int8 gates need at least "
+                          f"{MIN_VERIFICATION_IMAGES} verification images")
+    return Gates(min_agreement=args.min_agreement / 100.0, max_accuracy_change=args.max_accuracy_change,
+                 max_prob_diff=args.max_prob_diff)
+
+
+def export_int8(model, args, gates, checkpoint_sha256: str) -> int:
+    """--int8: the verified fp32 export (kept next to the checkpoint unless -o names the int8 file), then
+    its quantised version, verified against it."""
+    from export.quantize import images_from_dataset, quantize
+    draw = dict(split=args.data_split, image_root=args.image_root)
+    calibration = verification = None
+    if args.calibrate:
+        calibration, verification = images_from_dataset(args.calibrate, model.class_names, model.preprocess_cfg,
+                                                        counts=(args.calibration_count, args.verify_count), **draw)
+    if args.verify_data:
+        verification, = images_from_dataset(args.verify_data, model.class_names, model.preprocess_cfg,
+                                            counts=(args.verify_count,), seed=1, **draw)
+    ckpt = Path(args.checkpoint)
+    int8 = Path(args.output) if args.output else ckpt.with_suffix(".int8.onnx")
+    fp32 = None if args.output else ckpt.with_suffix(".onnx")
+    for path in (int8, fp32):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
+    # Both files are made in a scratch folder beside the output and kept only once the int8 one passed.
+    with tempfile.TemporaryDirectory(prefix=".nearl-int8-", dir=int8.resolve().parent) as scratch:
+        tmp_fp32, tmp_int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        export_model(model, tmp_fp32, opset=args.opset, optimize=args.optimize, batch_size=args.batch_size,
+                     checkpoint_sha256=checkpoint_sha256)
+        method = "static" if calibration is not None else "dynamic"
+        report = quantize(tmp_fp32, tmp_int8, method=method, calibration=calibration, verification=verification,
+                          gates=gates)
+        if fp32 is not None:
+            tmp_fp32.replace(fp32)
+            print(f"wrote {fp32} ({fp32.stat().st_size / 2**20:.1f} MiB, fp32)")
+        tmp_int8.replace(int8)
+    line = (f"top-1 agreement {100 * report['top1_agreement']:.1f}%, max |delta prob| "
+            f"{report['max_abs_prob_diff']:.4f} on {report['images']} {report['source']} images")
+    if "accuracy" in report:
+        line += f", accuracy {100 * report['accuracy']['fp32']:.2f}% -> {100 * report['accuracy']['int8']:.2f}%"
+    print(f"wrote {int8} ({int8.stat().st_size / 2**20:.1f} MiB, int8 {method}, {model.interaction}, "
+          f"{len(model.class_names)} classes; {line})")
     return 0
 
 
