@@ -57,6 +57,10 @@ class Classifier:
     def device(self) -> torch.device:
         return self.model.class_tokens.device
 
+    @property
+    def preprocess_cfg(self) -> dict:
+        return self.model.preprocess_cfg
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device)
         if self.head is None:
@@ -67,26 +71,57 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
                       skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
-        """Class probabilities [N, C] for a split's images, read and scored a batch at a time.
-        Returns (probs, kept indices, skipped image descriptions)."""
+        """Class probabilities [N, C] for a split's images (see score_split)."""
         self.model.eval()
-        probs, kept, skipped = [], [], []
-        for start in range(0, len(split), batch_size):
-            idx = list(range(start, min(start + batch_size, len(split))))
-            images, ok, bad = load_images(split.subset(idx), skip_bad)
-            skipped += bad
-            if images:
-                probs.append(self.logits(preprocess.eval(images)).float().softmax(-1).cpu().numpy())
-                kept.append(np.asarray(idx)[ok])
-        if not probs:
-            raise DataError(f"no readable images to score ({len(skipped)} skipped)")
-        return np.concatenate(probs), np.concatenate(kept), skipped
+        return score_split(lambda x: self.logits(x).float().softmax(-1).cpu().numpy(), split, preprocess,
+                           batch_size, skip_bad)
 
     def checkpoint_extra(self) -> dict:
         extra = {"method": self.method}
         if self.head is not None:
             extra["linear_head"] = {"weight": self.head[0].detach().cpu(), "bias": self.head[1].detach().cpu()}
         return extra
+
+
+class OnnxClassifier:
+    """An exported model file (fp32, fp16 or int8 .onnx) scored through export.runtime.NearlSession, the
+    way it is served, so its metrics compare with its checkpoint's on the same images."""
+
+    def __init__(self, path):
+        from export.runtime import NearlSession
+        self.session = NearlSession(path)
+        self.method = f"onnx ({self.session.metadata.get('precision', 'fp32')})"
+
+    @property
+    def class_names(self) -> list:
+        return self.session.class_names
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        meta = self.session.metadata
+        return {"size": self.session.input_size[0], "mean": meta["mean"], "std": meta["std"],
+                "interpolation": meta.get("interpolation", "bicubic")}
+
+    def probabilities(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
+                      skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+        return score_split(lambda x: self.session.run(x.numpy())[1], split, preprocess, batch_size, skip_bad)
+
+
+def score_split(probs_of, split: Split, preprocess: Preprocess, batch_size: int,
+                skip_bad: bool) -> tuple[np.ndarray, np.ndarray, list]:
+    """`probs_of(preprocessed float32 batch) -> [b, C]` over a split's images, read a batch at a time.
+    Returns (probs [N, C], kept indices, skipped image descriptions)."""
+    probs, kept, skipped = [], [], []
+    for start in range(0, len(split), batch_size):
+        idx = list(range(start, min(start + batch_size, len(split))))
+        images, ok, bad = load_images(split.subset(idx), skip_bad)
+        skipped += bad
+        if images:
+            probs.append(probs_of(preprocess.eval(images)))
+            kept.append(np.asarray(idx)[ok])
+    if not probs:
+        raise DataError(f"no readable images to score ({len(skipped)} skipped)")
+    return np.concatenate(probs), np.concatenate(kept), skipped
 
 
 def resolve_checkpoint(path) -> Path:
@@ -102,7 +137,11 @@ def resolve_checkpoint(path) -> Path:
 
 def load_classifier(path, *, pretrained=None, backend: str = "auto",
                     device: Optional[torch.device] = None) -> tuple[Classifier, dict]:
-    """Rebuild the classifier a checkpoint (or run directory) holds. Returns (classifier, checkpoint extra)."""
+    """Rebuild the classifier a checkpoint (or run directory) holds, or open an exported .onnx file (scored
+    with onnxruntime; pretrained/backend/device do not apply). Returns (classifier, checkpoint extra)."""
+    if Path(path).suffix == ".onnx" and not Path(path).is_dir():
+        onnx_classifier = OnnxClassifier(path)
+        return onnx_classifier, {"method": onnx_classifier.method}
     path = resolve_checkpoint(path)
     extra = read_checkpoint(path).get("extra") or {}
     method = extra.get("method", "nearl")

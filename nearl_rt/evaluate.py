@@ -1,6 +1,6 @@
 """`python -m nearl_rt.evaluate CKPT... --data PATH --split test`: accuracy, macro-F1, balanced accuracy,
 one-vs-rest AUC, per-class accuracy and the confusion matrix of a checkpoint (or run directory, which
-means its best.pt). Several checkpoints, or one path with `{seed}` and `--seeds 0 1 2`, are evaluated
+means its best.pt) or of an exported .onnx file (fp32, fp16 or int8, scored with onnxruntime). Several checkpoints, or one path with `{seed}` and `--seeds 0 1 2`, are evaluated
 one by one and summarised as mean ± std."""
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from nearl_rt.sampling import balanced_subset
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl_rt.evaluate", description=__doc__)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint file or run directory; may hold {seed}")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoint file, run directory or exported .onnx file; may hold {seed}")
     p.add_argument("--seeds", type=int, nargs="+", help="fill {seed} in CKPT with each of these")
     p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     for ckpt in checkpoints:
         classifier, extra = load_classifier(ckpt, pretrained=args.pretrained, backend=args.backend, device=device)
         check_classes(classifier, ds.class_names, args.data)
-        probs, kept, skipped = classifier.probabilities(split, Preprocess(classifier.model.preprocess_cfg),
+        probs, kept, skipped = classifier.probabilities(split, Preprocess(classifier.preprocess_cfg),
                                                         args.batch_size, args.skip_bad_images)
         m = classification_metrics(split.labels[kept], probs, classifier.class_names)
         m.update(method=extra.get("method", "nearl"), split=args.split, skipped_images=skipped)

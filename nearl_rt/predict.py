@@ -21,7 +21,7 @@ from nearl_rt.errors import NearlError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl_rt.predict", description=__doc__)
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory (its best.pt)")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file, run directory (its best.pt) or exported .onnx file")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images, or .npz / split .json")
     p.add_argument("--split", default="test", help="which split of a dataset file to read")
     p.add_argument("--image-root", help="folder a split JSON's paths are relative to")
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     if args.topk > len(classifier.class_names):
         raise NearlError(f"--topk {args.topk} exceeds the checkpoint's {len(classifier.class_names)} classes")
     split = Split(sources, np.zeros(len(sources), dtype=np.int64))
-    probs, kept, skipped = classifier.probabilities(split, Preprocess(classifier.model.preprocess_cfg),
+    probs, kept, skipped = classifier.probabilities(split, Preprocess(classifier.preprocess_cfg),
                                                     args.batch_size, args.skip_bad_images)
     results = rows([names[i] for i in kept], probs, classifier.class_names, args.topk)
     if skipped:

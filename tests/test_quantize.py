@@ -6,6 +6,7 @@ import re
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
 import export.onnx as export_onnx
@@ -104,6 +105,7 @@ def test_api_refuses_fp16_and_too_few_images(tmp_path):
 
 @pytest.fixture(scope="module")
 def pneumonia_ckpt(tmp_path_factory):
+    torch.manual_seed(4)  # the random backbone: module fixtures run before conftest's per-test seed
     model = perturb_adapters(tiny("text_cacheable", backend="torch"), seed=4).eval()
     model.set_classes(["normal", "pneumonia"], "a chest x-ray showing {}.")
     return nearl_rt.save_checkpoint(model, tmp_path_factory.mktemp("int8") / "tiny.pt")
@@ -170,3 +172,30 @@ def test_cli_bad_inputs(pneumonia_ckpt, tmp_path, capsys):
         lines = [ln for ln in res.err.strip().splitlines() if not ln.startswith("verified ")]
         assert code == 2 and len(lines) == 1 and re.search(match, lines[0]), (argv, res.err)
     assert list(out.iterdir()) == []
+
+
+def _evaluate(capsys, model_path, data, tmp_path, name):
+    from nearl_rt import evaluate
+    out = tmp_path / f"{name}.json"
+    code = run_cli(evaluate.main, [str(model_path), "--data", str(data), "--split", "test", "--limit", "24",
+                                   "--json", str(out), "--device", "cpu", "--backend", "torch"])
+    assert code == 0, capsys.readouterr().err
+    return json.loads(out.read_text())["results"][str(model_path)]
+
+
+def test_evaluate_scores_onnx_files_like_their_checkpoint(pneumonia_ckpt, pneumonia_npz, tmp_path, capsys):
+    """The same 24 real test X-rays through the checkpoint (PyTorch) and through its fp32 export
+    (onnxruntime, summation order only: <= 1e-5 on the metrics' inputs), then its int8 export, whose
+    accuracy must stay within the export's default gate of the fp32 file's on images it never saw."""
+    fp32 = tmp_path / "m.onnx"
+    assert run_cli(export_onnx.main, [str(pneumonia_ckpt), "-o", str(fp32)]) == 0
+    int8 = tmp_path / "m.int8.onnx"
+    assert run_cli(export_onnx.main, [str(pneumonia_ckpt), "--int8", "-o", str(int8), "--min-agreement", "90"]) == 0
+    ref = _evaluate(capsys, pneumonia_ckpt, pneumonia_npz, tmp_path, "ckpt")
+    got = _evaluate(capsys, fp32, pneumonia_npz, tmp_path, "fp32")
+    q = _evaluate(capsys, int8, pneumonia_npz, tmp_path, "int8")
+    assert got["method"] == "onnx (fp32)" and q["method"] == "onnx (int8)"
+    for key in ("accuracy", "macro_f1", "auc", "balanced_accuracy"):
+        assert abs(got[key] - ref[key]) <= 1e-5, key
+    assert got["confusion_matrix"] == ref["confusion_matrix"]
+    assert abs(q["accuracy"] - got["accuracy"]) <= 1 / 24 + 1e-9  # at most one of 24 images changes class
