@@ -241,6 +241,7 @@ def main(argv=None) -> int:
         raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(sys.stderr))
+    log.propagate = False  # a library calling logging.warning() gives the root logger a handler too
     if args.int8:
         return export_int8(model, args, gates, sha256_file(args.checkpoint))
     path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
