@@ -238,6 +238,7 @@ def main(argv=None) -> int:
         raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(sys.stderr))
+    log.propagate = False  # the exporter's libraries configure the root logger: print each line once
     path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
                         batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
