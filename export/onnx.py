@@ -226,6 +226,9 @@ def main(argv=None) -> int:
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    parser.add_argument("--preprocess", action="store_true",
+                        help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
+                             "(export/preprocess_graph.py; for C++ and other clients without Pillow)")
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
@@ -242,6 +245,9 @@ def main(argv=None) -> int:
                         batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
           f"{len(model.class_names)} classes)")
+    if args.preprocess:
+        from export.preprocess_graph import export_preprocess_graph
+        print(f"wrote {export_preprocess_graph(path)}")
     return 0
 
 
