@@ -246,8 +246,8 @@ def main(argv=None) -> int:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
           f"{len(model.class_names)} classes)")
     if args.preprocess:
-        from export.preprocess_graph import export_preprocess_graph
-        print(f"wrote {export_preprocess_graph(path)}")
+        from export import preprocess_graph
+        preprocess_graph.main([str(path)])
     return 0
 
 

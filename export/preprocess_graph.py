@@ -139,9 +139,10 @@ def _check_images(seed: int, size: int) -> list[np.ndarray]:
     return out
 
 
-def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0) -> dict:
+def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0, probs_atol: Optional[float] = None) -> dict:
     """The graph at `path` vs export.preprocess on random images of odd sizes (<= MAX_STEPS uint8 steps on
-    <= MAX_SHARE of the values) and, given the classifier, end to end (probabilities within PROBS_ATOL).
+    <= MAX_SHARE of the values) and, given the classifier, end to end (probabilities within probs_atol,
+    default PROBS_ATOL).
     Returns {"max_steps", "max_share", "probs"} (worst cases); raises PreprocessGraphError."""
     import onnxruntime as ort
 
@@ -154,6 +155,7 @@ def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0) -> dic
     size, mean, std = meta["input_size"][0], meta["mean"], meta["std"]
     pre = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     step = 1.0 / 255.0 / np.asarray(std, np.float32).reshape(3, 1, 1)  # one uint8 step, normalised
+    probs_atol = PROBS_ATOL if probs_atol is None else probs_atol
     result = {"max_steps": 0.0, "max_share": 0.0, "probs": 0.0}
     graph_batch, pillow_batch = [], []
     for img in _check_images(seed, size):
@@ -177,9 +179,9 @@ def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0) -> dic
         for a, b in zip(_chunks(np.stack(graph_batch), fixed), _chunks(np.stack(pillow_batch), fixed)):
             pa, pb = (cls.run(["probs"], {"images": x})[0] for x in (a, b))
             result["probs"] = max(result["probs"], float(np.abs(pa - pb).max()))
-        if not result["probs"] <= PROBS_ATOL:
+        if not result["probs"] <= probs_atol:
             raise PreprocessGraphError(f"probabilities through the preprocessing graph differ from export.preprocess's "
-                                       f"by {result['probs']:.3g} > {PROBS_ATOL}")
+                                       f"by {result['probs']:.3g} > {probs_atol}")
     return result
 
 
@@ -204,9 +206,11 @@ def read_preprocess_metadata(path) -> dict:
     return props
 
 
-def export_preprocess_graph(classifier_path, out_path=None, *, verify: bool = True) -> Path:
+def export_preprocess_graph(classifier_path, out_path=None, *, verify: bool = True,
+                            probs_atol: Optional[float] = None) -> Path:
     """Write the preprocessing graph of the exported classifier at `classifier_path` (default
-    preprocess_graph_path(classifier_path)), atomically; verified unless verify=False."""
+    preprocess_graph_path(classifier_path)), atomically; verified unless verify=False (probs_atol: see
+    verify_preprocess_graph)."""
     from export.onnx import read_metadata
     from nearl_rt.atomic import atomic_output
     classifier_path = Path(classifier_path)
@@ -228,7 +232,7 @@ def export_preprocess_graph(classifier_path, out_path=None, *, verify: bool = Tr
     with atomic_output(out_path) as tmp:
         onnx.save(proto, tmp)
         if verify:
-            r = verify_preprocess_graph(tmp, classifier_path)
+            r = verify_preprocess_graph(tmp, classifier_path, probs_atol=probs_atol)
             log.info("verified %s: max %.0f uint8 step on <= %.3f%% of values; probabilities within %.2g",
                      out_path.name, r["max_steps"], 100 * r["max_share"], r["probs"])
     return out_path
