@@ -11,7 +11,6 @@ graph the C++ library runs (decoding stays export.preprocess's).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from export.hashing import sha256_file
 from export.preprocess import ImageLike, load_image, preprocess_batch
 
 METADATA_PREFIX = "nearl."
@@ -30,14 +30,6 @@ PREPROCESS_KIND = "preprocess"  # nearl.kind of a preprocessing graph (export/pr
 def preprocess_graph_path(classifier_path) -> Path:
     """Where the preprocessing graph of a classifier lives: model.onnx -> model.preprocess.onnx."""
     return Path(classifier_path).with_suffix(".preprocess.onnx")
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def decode_metadata(props: dict) -> dict:

@@ -111,3 +111,18 @@ def test_cli_writes_graph(tmp_path, capsys, monkeypatch):
     assert run_cli(pg.main, [str(tmp_path / "nope.onnx")], prog="python -m export.preprocess_graph") == 2
     assert capsys.readouterr().err.strip() == (f"python -m export.preprocess_graph: error: ONNX model not found: "
                                                f"{tmp_path / 'nope.onnx'} (export one with `python -m export.onnx CKPT`)")
+
+
+def test_export_cli_preprocess_flag(tmp_path, capsys, monkeypatch):
+    """`python -m export.onnx CKPT --preprocess` writes both files; the graph belongs to the classifier."""
+    import export.onnx as export_onnx
+    import nearl_rt
+    from nearl_rt.cli import run_cli
+    from tests.export_cases import tiny_model
+    monkeypatch.setattr(pg, "PROBS_ATOL", TINY_PREPROCESS_PROBS_ATOL)  # the tiny model, see export_cases
+    ckpt = nearl_rt.save_checkpoint(tiny_model("bidirectional"), tmp_path / "tiny.pt")
+    assert run_cli(export_onnx.main, [str(ckpt), "--preprocess"], prog="python -m export.onnx") == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'tiny.onnx'}" in out and f"wrote {tmp_path / 'tiny.preprocess.onnx'}" in out
+    meta = pg.read_preprocess_metadata(tmp_path / "tiny.preprocess.onnx")
+    assert meta["classifier_sha256"] == sha256_file(tmp_path / "tiny.onnx")
