@@ -304,10 +304,10 @@ def _read_dicom(path: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=not preamble)
+            known = [elem.tag for elem in ds if elem.tag.group in (0x0008, 0x0010, 0x0020, 0x0028, 0x7FE0)]
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, IndexError) as e:
         raise ImageError(f"cannot read DICOM {path}: damaged or not a DICOM file ({e.__class__.__name__}: "
                          f"{_one_line(e)})", "not a DICOM file") from None
-    known = [elem for elem in ds if elem.tag.group in (0x0008, 0x0010, 0x0020, 0x0028, 0x7FE0)]
     if not preamble and not known:
         raise ImageError(f"{path} is not a DICOM file (no 'DICM' header and no DICOM image attributes)",
                          "not a DICOM file")
