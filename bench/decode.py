@@ -30,23 +30,38 @@ def xray(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 4095).astype(np.uint16)
 
 
-def write_dicom(path: Path, arr: np.ndarray, transfer_syntax=None) -> Path:
+def write_dicom(path, arr: np.ndarray, photometric: str = "MONOCHROME2", transfer_syntax=None, *,
+                bits_stored=None, compress=None, **attrs):
+    """An uncompressed (or `compress`ed, pydicom's own RLE encoder) DICOM of a uint8/uint16/int16 array
+    ([frames,] rows, columns[, 3]); `attrs` set further elements (RescaleSlope=..., WindowCenter=...)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "DX", *arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = arr.astype("<u2").tobytes()
-    if transfer_syntax is not None:
-        ds.compress(transfer_syntax)
-    ds.save_as(path, enforce_file_format=True)
+    colour = photometric not in ("MONOCHROME1", "MONOCHROME2")
+    frames = arr.shape[0] if arr.ndim == (4 if colour else 3) else 1
+    ds.Rows, ds.Columns = arr.shape[-3:-1] if colour else arr.shape[-2:]
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 * arr.dtype.itemsize
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(arr.dtype.kind == "i")
+    if colour:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    if compress is not None:
+        ds.compress(compress)
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
     return path
 
 
@@ -81,8 +96,8 @@ def make_files(folder: Path, size: int) -> dict:
     files["16-bit PNG"] = folder / "x16.png"
     Image.fromarray(img).save(folder / "x16.tif")
     files["16-bit TIFF (uncompressed)"] = folder / "x16.tif"
-    files["DICOM uncompressed"] = write_dicom(folder / "raw.dcm", img)
-    files["DICOM RLE Lossless"] = write_dicom(folder / "rle.dcm", img, RLELossless)
+    files["DICOM uncompressed"] = write_dicom(folder / "raw.dcm", img, bits_stored=12)
+    files["DICOM RLE Lossless"] = write_dicom(folder / "rle.dcm", img, bits_stored=12, compress=RLELossless)
     for name, syntax in (("DICOM JPEG Lossless (process 14 SV1)", "JPEGLosslessProcess14_1"),
                          ("DICOM JPEG 2000 lossless", "JPEG2000Lossless")):
         try:

@@ -39,6 +39,8 @@ from nearl_rt.sampling import sample_shots
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
             "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames")
+# What runs recorded before a key existed did (they resume under it).
+RUN_KEY_DEFAULTS = {"intensity": "minmax", "dicom_voi": "file", "frames": "refuse"}
 STATE = "train_state.pt"
 
 
@@ -132,7 +134,8 @@ def check_out_dir(out: Path, settings: dict, resume: bool) -> bool:
         stored = json.loads(run_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise NearlError(f"{run_file} is damaged; choose a new --out") from None
-    differ = [f"{k}: run has {stored.get(k)!r}, now {settings[k]!r}" for k in RUN_KEYS if stored.get(k) != settings[k]]
+    differ = [f"{k}: run has {stored.get(k, RUN_KEY_DEFAULTS.get(k))!r}, now {settings[k]!r}" for k in RUN_KEYS
+              if stored.get(k, RUN_KEY_DEFAULTS.get(k)) != settings[k]]
     if not resume:
         what = "a different run" if differ else "this run"
         raise NearlError(f"--out {out} already holds {what} (run.json); pass --resume to continue it, "

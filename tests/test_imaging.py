@@ -8,10 +8,9 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from bench.decode import write_dicom
 from export.imaging import (DEFAULT_POLICY, Frame, ImageError, IntensityMismatchWarning, IntensityPolicy,
                             count_frames, expand_frames, load_image, resolve_policy, scale_to_uint8)
 from export.preprocess import preprocess_batch
@@ -52,34 +51,6 @@ def grey(src, policy=None):
 def linear(v, lo, hi):
     """The documented mapping: [lo, hi] -> [0, 255], saturating beyond, rounded half to even."""
     return np.rint(np.clip((v - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)
-
-
-def write_dicom(path, arr, photometric="MONOCHROME2", transfer_syntax=ExplicitVRLittleEndian, **attrs):
-    """An uncompressed single- or multi-frame DICOM of a uint8/uint16/int16 array ([F,] H, W[, 3])."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    colour = photometric not in ("MONOCHROME1", "MONOCHROME2")
-    frames = arr.shape[0] if arr.ndim == (4 if colour else 3) else 1
-    ds.Rows, ds.Columns = arr.shape[-3:-1] if colour else arr.shape[-2:]
-    ds.SamplesPerPixel = 3 if colour else 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ds.BitsStored = 8 * arr.dtype.itemsize
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(arr.dtype.kind == "i")
-    if colour:
-        ds.PlanarConfiguration = 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    return path
 
 
 def xray16(seed=0, shape=(41, 53)):

@@ -11,6 +11,7 @@ from PIL import Image
 from export import onnx as export_onnx
 from export.imaging import IntensityMismatchWarning, IntensityPolicy, expand_frames
 from export.runtime import NearlSession
+import nearl_rt.__main__ as nearl_main
 from nearl_rt import predict, train
 from tests.test_imaging import write_dicom, xray16
 from tests.test_train_cli import cli
@@ -43,6 +44,8 @@ def test_train_export_session_equals_predict(tmp_path, capsys):
     assert rc == 0, err
     policy = IntensityPolicy.parse("percentile:1,99")
     assert torch.load(run / "best.pt", weights_only=True)["extra"]["intensity"] == policy.to_dict()
+    rc, out, _ = cli(nearl_main, ["info", run / "best.pt", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["intensity"] == "percentile:1,99"
 
     onnx_path = tmp_path / "m.onnx"
     assert cli(export_onnx, [run / "best.pt", "-o", onnx_path], capsys)[0] == 0
@@ -73,3 +76,14 @@ def test_train_export_session_equals_predict(tmp_path, capsys):
     with pytest.warns(IntensityMismatchWarning):
         rc, _, _ = cli(predict, [run, data / "clear" / "a.png", "--intensity", "minmax"], capsys)
     assert rc == 0
+
+
+def test_runs_recorded_before_the_image_options_still_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = {k: None for k in train.RUN_KEYS} | train.RUN_KEY_DEFAULTS
+    (run / "run.json").write_text(json.dumps({k: v for k, v in settings.items() if k not in train.RUN_KEY_DEFAULTS}))
+    (run / train.STATE).write_bytes(b"")
+    assert train.check_out_dir(run, settings, resume=True)
+    with pytest.raises(train.NearlError, match="intensity: run has 'minmax', now 'full'"):
+        train.check_out_dir(run, settings | {"intensity": "full"}, resume=True)
