@@ -146,7 +146,8 @@ def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0, probs_
     Returns {"max_steps", "max_share", "probs"} (worst cases); raises PreprocessGraphError."""
     import onnxruntime as ort
 
-    from export.preprocess import load_image, preprocess_image
+    from export.imaging import load_image
+    from export.preprocess import preprocess_image
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:

@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 
 import export.preprocess_graph as pg
-from export.preprocess import load_image, preprocess_image
+from export.imaging import load_image
+from export.preprocess import preprocess_image
 from export.runtime import NearlSession, preprocess_graph_path, sha256_file
 from tests.export_cases import TINY_PREPROCESS_PROBS_ATOL, exported, exported_with_preprocess
 

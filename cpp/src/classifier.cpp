@@ -15,8 +15,9 @@ namespace {
 constexpr const char* kPrefix = "nearl.";
 constexpr const char* kCpu = "CPUExecutionProvider";
 constexpr const char* kCuda = "CUDAExecutionProvider";
-// nearl.* values stored as JSON (export/runtime.py decode_metadata).
-const char* const kJsonKeys[] = {"class_names", "input_size", "mean", "std"};
+// nearl.* values stored as JSON (export/runtime.py decode_metadata), and those every model has.
+const char* const kJsonKeys[] = {"class_names", "input_size", "mean", "std", "intensity"};
+const char* const kRequiredKeys[] = {"class_names", "input_size", "mean", "std"};
 
 // One environment per process, alive as long as any session (onnxruntime requires it to outlive them).
 Ort::Env& environment() {
@@ -117,7 +118,7 @@ struct Classifier::Impl {
 
   void check_classifier() {
     std::string fix = " (export it with `python -m export.onnx CKPT`)";
-    for (const char* key : kJsonKeys)
+    for (const char* key : kRequiredKeys)
       if (!metadata.contains(key) || metadata[key].is_discarded())
         throw Error(path + " is not a nearl model: no valid nearl." + key + " metadata" + fix);
     const nlohmann::json &names = metadata["class_names"], &hw = metadata["input_size"];
