@@ -235,6 +235,9 @@ def main(argv=None) -> int:
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    parser.add_argument("--preprocess", action="store_true",
+                        help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
+                             "(export/preprocess_graph.py; for C++ and other clients without Pillow)")
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
@@ -254,6 +257,9 @@ def main(argv=None) -> int:
                         intensity=resolve_policy(extra.get("intensity"), None, args.checkpoint))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
           f"{len(model.class_names)} classes)")
+    if args.preprocess:
+        from export import preprocess_graph
+        preprocess_graph.main([str(path)])
     return 0
 
 
