@@ -24,6 +24,7 @@ from onnxscript import opset23 as op23
 from onnxscript.onnx_types import BOOL, FLOAT
 
 from export.graph import export_module, reference_ops
+from export.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
 from export.runtime import METADATA_PREFIX, decode_metadata
 from nearl_rt.atomic import atomic_output
 from nearl_rt.errors import NearlError
@@ -47,13 +48,14 @@ class ExportError(NearlError):
 
 def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
                  batch_size: Union[str, int] = "dynamic", verify: bool = True,
-                 checkpoint_sha256: Optional[str] = None) -> Path:
+                 checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None) -> Path:
     """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
 
     opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
     outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
     int; verify: onnx.checker + onnxruntime CPU vs PyTorch at two batch sizes (raises ExportError on a
-    mismatch); checkpoint_sha256: recorded in the metadata. Returns the written path.
+    mismatch); checkpoint_sha256: recorded in the metadata; intensity: the image intensity policy the model
+    was trained with (export.imaging; recorded so NearlSession applies it). Returns the written path.
     """
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or opset < MIN_OPSET:
@@ -68,7 +70,7 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
         raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
     with atomic_output(out_path) as tmp:
         proto = _to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
-        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256))
+        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256, intensity))
         onnx.save(proto, tmp)
         if optimize:
             _optimize_offline(tmp)
@@ -135,7 +137,8 @@ def _input_size(model) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str]) -> dict:
+def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str],
+              intensity: Optional[IntensityPolicy] = None) -> dict:
     from nearl_rt import __version__
     cfg = model.preprocess_cfg
     return {
@@ -147,6 +150,7 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
         "std": json.dumps([float(v) for v in cfg["std"]]),
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
+        "intensity": (intensity or DEFAULT_POLICY).to_json(),
         "backbone": model.backbone_identity.name,
         "backbone_sha256": model.backbone_identity.sha256 or "",
         "nearl_rt_version": __version__,
@@ -224,6 +228,7 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
 def main(argv=None) -> int:
     from nearl_rt.backbone import sha256_file
     from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
+    from nearl_rt.cli import log_to_stderr
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
     parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
@@ -232,27 +237,36 @@ def main(argv=None) -> int:
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    parser.add_argument("--preprocess", action="store_true",
+                        help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
+                             "(export/preprocess_graph.py; for C++ and other clients without Pillow)")
     add_int8_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
     gates = check_int8_arguments(args)
-    method = (read_checkpoint(args.checkpoint).get("extra") or {}).get("method", "nearl")
+    extra = read_checkpoint(args.checkpoint).get("extra") or {}
+    method = extra.get("method", "nearl")
     if method == "linear_probe":
         raise ExportError(f"{args.checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
                           f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
     model = load_checkpoint(args.checkpoint, pretrained=args.pretrained, backend="torch")
     if not model.class_names:
         raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
-    log.setLevel(logging.INFO)
-    log.addHandler(logging.StreamHandler(sys.stderr))
-    log.propagate = False  # the exporter's libraries configure the root logger: print each line once
+    log_to_stderr("export")  # export.onnx, export.quantize, export.preprocess_graph
+    intensity = resolve_policy(extra.get("intensity"), None, args.checkpoint)
     if args.int8:
-        return export_int8(model, args, gates, sha256_file(args.checkpoint))
-    path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
-                        batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint))
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
-          f"{len(model.class_names)} classes)")
+        paths = export_int8(model, args, gates, sha256_file(args.checkpoint), intensity)
+    else:
+        paths = [export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
+                              batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint),
+                              intensity=intensity)]
+        print(f"wrote {paths[0]} ({paths[0].stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
+              f"{len(model.class_names)} classes)")
+    if args.preprocess:
+        from export import preprocess_graph
+        for path in paths:
+            preprocess_graph.main([str(path)])
     return 0
 
 
@@ -299,11 +313,11 @@ def check_int8_arguments(args):
                  max_prob_diff=args.max_prob_diff)
 
 
-def export_int8(model, args, gates, checkpoint_sha256: str) -> int:
+def export_int8(model, args, gates, checkpoint_sha256: str, intensity: IntensityPolicy) -> list[Path]:
     """--int8: the verified fp32 export (kept next to the checkpoint unless -o names the int8 file), then
-    its quantised version, verified against it."""
+    its quantised version, verified against it. Returns the files written."""
     from export.quantize import images_from_dataset, quantize
-    draw = dict(split=args.data_split, image_root=args.image_root)
+    draw = dict(split=args.data_split, image_root=args.image_root, intensity=intensity)
     calibration = verification = None
     if args.calibrate:
         calibration, verification = images_from_dataset(args.calibrate, model.class_names, model.preprocess_cfg,
@@ -321,7 +335,7 @@ def export_int8(model, args, gates, checkpoint_sha256: str) -> int:
     with tempfile.TemporaryDirectory(prefix=".nearl-int8-", dir=int8.resolve().parent) as scratch:
         tmp_fp32, tmp_int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         export_model(model, tmp_fp32, opset=args.opset, optimize=args.optimize, batch_size=args.batch_size,
-                     checkpoint_sha256=checkpoint_sha256)
+                     checkpoint_sha256=checkpoint_sha256, intensity=intensity)
         method = "static" if calibration is not None else "dynamic"
         report = quantize(tmp_fp32, tmp_int8, method=method, calibration=calibration, verification=verification,
                           gates=gates)
@@ -335,7 +349,7 @@ def export_int8(model, args, gates, checkpoint_sha256: str) -> int:
         line += f", accuracy {100 * report['accuracy']['fp32']:.2f}% -> {100 * report['accuracy']['int8']:.2f}%"
     print(f"wrote {int8} ({int8.stat().st_size / 2**20:.1f} MiB, int8 {method}, {model.interaction}, "
           f"{len(model.class_names)} classes; {line})")
-    return 0
+    return [p for p in (fp32, int8) if p is not None]
 
 
 if __name__ == "__main__":

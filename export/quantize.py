@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 import onnx
 
+from export.imaging import DEFAULT_POLICY, IntensityPolicy
 from export.runtime import METADATA_PREFIX
 from nearl_rt.atomic import atomic_output
 from nearl_rt.errors import NearlError
@@ -227,9 +228,11 @@ def _set_quant_metadata(proto: onnx.ModelProto, source_meta: dict, info: dict) -
 
 
 def images_from_dataset(data, class_names: Sequence[str], preprocess_cfg: dict, *, split: Optional[str] = None,
-                        counts: Sequence[int] = (), seed: int = 0, image_root=None) -> list[ImageSet]:
+                        counts: Sequence[int] = (), seed: int = 0, image_root=None,
+                        intensity: IntensityPolicy = DEFAULT_POLICY) -> list[ImageSet]:
     """Disjoint, deterministic (seeded permutation) draws of `counts[i]` preprocessed images from one split of a
-    dataset the CLIs read (default split: train, else the only one). The dataset's classes must be the model's."""
+    dataset the CLIs read (default split: train, else the only one), decoded with the model's `intensity`
+    policy (export.imaging). The dataset's classes must be the model's."""
     from nearl_rt.data import Preprocess, load_images, read_dataset
     ds = read_dataset(data, image_root)
     if list(ds.class_names) != list(class_names):
@@ -242,10 +245,10 @@ def images_from_dataset(data, class_names: Sequence[str], preprocess_cfg: dict, 
     if len(order) < need:
         raise QuantizationError(f"the {name} split of {data} has {len(order)} images; {need} are needed "
                                 f"({' + '.join(map(str, counts))}): lower --calibration-count / --verify-count")
-    prep, out, start = Preprocess(preprocess_cfg), [], 0
+    prep, out, start = Preprocess(preprocess_cfg, intensity=intensity), [], 0
     for n in counts:
         sub = part.subset(order[start:start + n].tolist())
-        images, _, _ = load_images(sub)
+        images, _, _ = load_images(sub, False, prep.intensity)
         out.append(ImageSet(prep.eval(images).numpy(), sub.labels, f"{data} ({name} split)"))
         start += n
     return out

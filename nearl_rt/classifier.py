@@ -114,7 +114,7 @@ def score_split(probs_of, split: Split, preprocess: Preprocess, batch_size: int,
     probs, kept, skipped = [], [], []
     for start in range(0, len(split), batch_size):
         idx = list(range(start, min(start + batch_size, len(split))))
-        images, ok, bad = load_images(split.subset(idx), skip_bad)
+        images, ok, bad = load_images(split.subset(idx), skip_bad, preprocess.intensity)
         skipped += bad
         if images:
             probs.append(probs_of(preprocess.eval(images)))
@@ -141,7 +141,8 @@ def load_classifier(path, *, pretrained=None, backend: str = "auto",
     with onnxruntime; pretrained/backend/device do not apply). Returns (classifier, checkpoint extra)."""
     if Path(path).suffix == ".onnx" and not Path(path).is_dir():
         onnx_classifier = OnnxClassifier(path)
-        return onnx_classifier, {"method": onnx_classifier.method}
+        return onnx_classifier, {"method": onnx_classifier.method,
+                                 "intensity": onnx_classifier.session.metadata.get("intensity")}
     path = resolve_checkpoint(path)
     extra = read_checkpoint(path).get("extra") or {}
     method = extra.get("method", "nearl")

@@ -1,6 +1,7 @@
 """Shared CLI plumbing: user-facing errors become one clear line and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -20,3 +21,21 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
     except (NearlError, OSError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to sys.stderr as it is when each record comes (callers and pytest swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def log_to_stderr(name: str) -> None:
+    """Show logger `name`'s INFO lines (and its children's) on stderr, each once: one handler however often a
+    CLI's main runs in a process, and no propagation to a root handler some library configured."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        logger.addHandler(_CurrentStderr())
+    logger.propagate = False
