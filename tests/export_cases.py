@@ -36,8 +36,18 @@ def exported(interaction: str, fp16: bool = False, batch_size="dynamic", optimiz
 
 
 @functools.lru_cache(maxsize=None)
-def exported_with_preprocess(interaction: str, **kwargs) -> Path:
-    """exported(interaction, **kwargs) plus its preprocessing graph next to it (model.preprocess.onnx)."""
-    path = exported(interaction, **kwargs)
+def exported_int8(interaction: str) -> Path:
+    """exported(interaction) quantised to dynamic int8 (gates open: callers compare runtimes on this file)."""
+    from export.quantize import Gates, quantize
+    path = _DIR / f"{interaction}-int8.onnx"
+    quantize(exported(interaction), path, gates=Gates(min_agreement=0.0, max_accuracy_change=100.0))
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def exported_with_preprocess(interaction: str, precision: str = "fp32", **kwargs) -> Path:
+    """exported(interaction, **kwargs), or with precision="int8" exported_int8(interaction), plus its
+    preprocessing graph next to it (model.preprocess.onnx)."""
+    path = exported_int8(interaction) if precision == "int8" else exported(interaction, **kwargs)
     export_preprocess_graph(path, probs_atol=TINY_PREPROCESS_PROBS_ATOL)
     return path

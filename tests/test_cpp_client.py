@@ -34,11 +34,13 @@ def assert_same(cpp: dict, python: list):
         np.testing.assert_allclose([p for _, p in cpp[i]], [p for _, p in row], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])
-def test_cpp_client_equals_nearl_session(client, mode, tmp_path):
+@pytest.mark.parametrize("mode,precision", [("bidirectional", "fp32"), ("text_cacheable", "fp32"),
+                                            ("text_cacheable", "int8")])
+def test_cpp_client_equals_nearl_session(client, mode, precision, tmp_path):
     """A raw float32 batch and PNG / JPEG images of other sizes (through the preprocessing graph) give the
-    same top-k classes and probabilities as NearlSession (same onnxruntime library; 9 digits printed)."""
-    path = exported_with_preprocess(mode)
+    same top-k classes and probabilities as NearlSession (same onnxruntime library; 9 digits printed), for
+    fp32 and int8 (export.quantize) files alike."""
+    path = exported_with_preprocess(mode, precision)
     session = NearlSession(path, providers=["CPUExecutionProvider"], preprocess="onnx")
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
     raw = tmp_path / "batch.f32"

@@ -11,6 +11,7 @@ from PIL import Image
 
 import export.onnx as export_onnx
 import nearl_rt
+from export.imaging import IntensityPolicy
 from export.onnx import read_metadata
 from export.quantize import Gates, ImageSet, QuantizationError, fp32_matmuls, quantize
 from export.runtime import NearlSession
@@ -142,6 +143,26 @@ def test_cli_dynamic_int8_with_output_writes_only_int8(pneumonia_ckpt, tmp_path,
     meta = read_metadata(out_path)
     assert meta["precision"] == "int8" and meta["quantization"]["method"] == "dynamic"
     assert meta["quantization"]["verification"]["source"] == "random"
+
+
+def test_cli_int8_keeps_intensity_policy_and_writes_its_preprocess_graph(tmp_path, capsys):
+    """A model trained on 16-bit images with a non-default intensity policy: its int8 file records that policy
+    (NearlSession applies it) and --preprocess writes the int8 file's own preprocessing graph."""
+    torch.manual_seed(5)
+    model = perturb_adapters(tiny("text_cacheable", backend="torch"), seed=5).eval()
+    model.set_classes(["normal", "pneumonia"], "a chest x-ray showing {}.")
+    policy = IntensityPolicy.parse("percentile:1,99")
+    ckpt = nearl_rt.save_checkpoint(model, tmp_path / "m16.pt", extra={"intensity": policy.to_dict()})
+    out_path = tmp_path / "m16.int8.onnx"
+    code, out = _cli(capsys, ckpt, "--int8", "-o", out_path, "--min-agreement", 90, "--preprocess")
+    assert code == 0, out.err
+    assert IntensityPolicy.from_dict(read_metadata(out_path)["intensity"]) == policy
+    assert NearlSession(out_path, providers=["CPUExecutionProvider"]).intensity == policy
+    pillow, graph = (NearlSession(out_path, providers=["CPUExecutionProvider"], preprocess=p)
+                     for p in ("pillow", "onnx"))
+    image = np.random.default_rng(1).integers(0, 65536, (37, 45), dtype=np.uint16)
+    a, b = pillow.preprocess([image]), graph.preprocess([image])
+    assert np.abs(a - b).max() <= 1 / 255 / min(pillow.metadata["std"]) + 1e-6  # at most one uint8 step
 
 
 def _folder(root, classes, per_class):
