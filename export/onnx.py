@@ -139,7 +139,8 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
     cfg = model.preprocess_cfg
     return {
         "class_names": json.dumps(list(model.class_names)),
-        "template": model.template,
+        "template": model.template or "",
+        "templates": json.dumps(model.templates),  # the prompt ensemble baked into the graph
         "interaction": model.interaction,
         "input_size": json.dumps(list(_input_size(model))),
         "mean": json.dumps([float(v) for v in cfg["mean"]]),

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from export.preprocess import ImageLike, preprocess_batch
 
 METADATA_PREFIX = "nearl."
-_JSON_KEYS = ("class_names", "input_size", "mean", "std")
+_JSON_KEYS = ("class_names", "input_size", "mean", "std", "templates")
 
 
 def decode_metadata(props: dict) -> dict:

@@ -25,6 +25,7 @@ def main(argv=None) -> int:
         "config": payload["config"].to_dict(),
         "class_names": payload["class_names"],
         "template": payload.get("template"),
+        "templates": payload.get("templates"),
         "backbone": payload["backbone"],
         "adapter_parameters": sum(t.numel() for t in payload["adapter"].values()),
     }
