@@ -234,6 +234,9 @@ def main(argv=None) -> int:
     if method == "linear_probe":
         raise ExportError(f"{args.checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
                           f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
+    if method == "coop":
+        raise ExportError(f"{args.checkpoint} is a coop baseline: its learned prompt context is not exported. "
+                          f"Export a checkpoint trained with --method nearl")
     model = load_checkpoint(args.checkpoint, pretrained=args.pretrained, backend="torch")
     if not model.class_names:
         raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
