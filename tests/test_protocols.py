@@ -11,6 +11,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 import nearl_rt
+import nearl_rt.data
 import export.onnx as export_onnx
 from export.graph import export_module
 from export.onnx import export_model
@@ -311,3 +312,29 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys):
     assert rc == 2 and err.startswith(f"{module.__name__}: error: ") and len(err.strip().splitlines()) == 1, err
     assert re.search(match, err), err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_biomedcoop_split_json_and_class_name_file(tmp_path):
+    """BiomedCoOp's split_<Dataset>.json (CoOp's format): [relpath, label, classname] per image, class folders
+    named with underscores, labels in any order; a class-name file names the labels in order."""
+    from tests.test_data import write_png
+    root = tmp_path / "OCT"
+    names = {0: "choroidal neovascularization", 1: "diabetic macular edema", 2: "drusen", 3: "normal OCT scan"}
+    split = {}
+    for part, n in (("train", 2), ("val", 1), ("test", 1)):
+        split[part] = []
+        for label in (3, 0, 2, 1):  # not sorted, as in their files
+            for i in range(n):
+                rel = f"{names[label].replace(' ', '_')}/{part}{i}_{label}.png"
+                write_png(root / rel, label * 10 + i)
+                split[part].append([rel, label, names[label]])
+    (tmp_path / "split_OCT.json").write_text(json.dumps(split))
+    ds = nearl_rt.data.read_dataset(tmp_path / "split_OCT.json", root)
+    assert ds.class_names == [names[i] for i in range(4)]
+    assert sorted(ds.split("train").labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    from nearl_rt.classsets import split_base_novel
+    assert split_base_novel(ds.class_names) == ([names[0], names[1]], [names[2], names[3]])
+    (tmp_path / "classnames.txt").write_text("# label order\nCNV\nDME\n\nDRUSEN\nNORMAL\n")
+    renamed = nearl_rt.data.read_dataset(tmp_path / "split_OCT.json", root,
+                                         nearl_rt.data.parse_classes(str(tmp_path / "classnames.txt")))
+    assert renamed.class_names == ["CNV", "DME", "DRUSEN", "NORMAL"]
