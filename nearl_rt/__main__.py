@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from export.imaging import resolve_policy
 from nearl_rt.checkpoint import read_checkpoint
 from nearl_rt.cli import run_cli
 from nearl_rt.config import preset_name
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
         "template": payload.get("template"),
         "templates": payload.get("templates"),
         "backbone": payload["backbone"],
+        "intensity": str(resolve_policy((payload.get("extra") or {}).get("intensity"), None, args.checkpoint)),
         "adapter_parameters": sum(t.numel() for t in payload["adapter"].values()),
     }
     if args.json:

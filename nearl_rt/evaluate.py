@@ -13,14 +13,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-from nearl_rt.atomic import atomic_output
 from typing import Optional, Sequence
 
+from export.imaging import DEFAULT_POLICY, IntensityPolicy
+from nearl_rt.atomic import atomic_output
 from nearl_rt.classifier import Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import dataset_for_classes, split_base_novel
 from nearl_rt.cli import run_cli
-from nearl_rt.data import DataError, Dataset, Preprocess, parse_classes, read_dataset
+from nearl_rt.data import (DataError, Dataset, Preprocess, add_image_arguments, intensity_from_args, parse_classes,
+                           read_dataset, skip_summary)
 from nearl_rt.errors import NearlError
 from nearl_rt.metrics import SUMMARY_KEYS, aggregate, classification_metrics, harmonic_mean
 from nearl_rt.sampling import balanced_subset
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate a fixed class-balanced subset of N images (the first of each class)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    add_image_arguments(p, training=False)
     p.add_argument("--pretrained", help="the backbone weights file, if it moved since training")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default="auto")
@@ -78,16 +80,18 @@ def format_result(name: str, m: dict) -> str:
 
 
 def score_classes(classifier: Classifier, ds: Dataset, classes: Sequence[str], split: str, *, explicit: bool = True,
-                  limit: Optional[int] = None, batch_size: int = 64, skip_bad: bool = False) -> dict:
-    """Metrics of `classifier` scoring class set `classes` on the images of those classes in `split`."""
+                  limit: Optional[int] = None, batch_size: int = 64, skip_bad: bool = False,
+                  intensity: IntensityPolicy = DEFAULT_POLICY) -> dict:
+    """Metrics of `classifier` scoring class set `classes` on the images of those classes in `split`
+    (files read with the intensity policy `intensity`: the checkpoint's, see data.intensity_from_args)."""
     classifier.set_classes(classes)
     part = dataset_for_classes(ds, classes, explicit).split(split)
     if limit is not None:
         part = part.subset(balanced_subset(part.labels, limit))
     if len(part) == 0:
         raise DataError(f"the {split} split of {ds.path} has no images of classes {list(classes)}")
-    probs, kept, skipped = classifier.probabilities(part, Preprocess(classifier.model.preprocess_cfg), batch_size,
-                                                    skip_bad)
+    preprocess = Preprocess(classifier.model.preprocess_cfg, intensity=intensity)
+    probs, kept, skipped = classifier.probabilities(part, preprocess, batch_size, skip_bad)
     m = classification_metrics(part.labels[kept], probs, classifier.class_names)
     m["skipped_images"] = skipped
     return m
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():  # fail before the (slow) evaluation
         raise NearlError(f"cannot write {args.json}: directory {Path(args.json).parent} does not exist")
     checkpoints = expand_checkpoints(args.checkpoints, args.seeds)
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.data_classes))
+    ds = read_dataset(args.data, args.image_root, parse_classes(args.data_classes), frames=args.frames)
     device = resolve_device(args.device)
     b2n = args.base_to_novel or args.base_classes is not None
     results = {}
@@ -129,13 +133,14 @@ def main(argv=None) -> int:
         m = evaluate_classifier(classifier, extra, ds, args.split, classes=parse_classes(args.classes),
                                 base_to_novel=b2n, base=parse_classes(args.base_classes),
                                 novel=parse_classes(args.novel_classes), limit=args.limit,
-                                batch_size=args.batch_size, skip_bad=args.skip_bad_images)
+                                batch_size=args.batch_size, skip_bad=args.skip_bad_images,
+                                intensity=intensity_from_args(args, extra.get("intensity"), ckpt))
         m.update(method=extra.get("method", "nearl"), split=args.split)
         results[ckpt] = m
         print(format_result(ckpt, m), flush=True)
         skipped = m["base"]["skipped_images"] + m["novel"]["skipped_images"] if b2n else m["skipped_images"]
         if skipped:
-            print(f"  skipped {len(skipped)} unreadable image(s), first {skipped[0]}")
+            print(f"  {skip_summary(skipped)}")
     report = {"data": args.data, "split": args.split, "results": results}
     if len(results) > 1:
         keys = B2N_KEYS if b2n else SUMMARY_KEYS

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.imaging import resolve_policy
 from nearl_rt import train
 from nearl_rt.atomic import atomic_output
 from nearl_rt.checkpoint import read_checkpoint
@@ -87,8 +88,8 @@ def parse_grid(args) -> tuple[list, list, list]:
     return methods, sorted(shots), seeds
 
 
-def check_train_options(rest: list) -> None:
-    """The pass-through options must be train's, and not ones the sweep sets itself."""
+def check_train_options(rest: list) -> argparse.Namespace:
+    """The pass-through options must be train's, and not ones the sweep sets itself; returns them parsed."""
     own = [a for a in rest if a.split("=")[0] in OWN_TRAIN_OPTIONS]
     if own:
         raise NearlError(f"{own[0].split('=')[0]} is set by the sweep for every run; use --methods / --shots / "
@@ -96,12 +97,13 @@ def check_train_options(rest: list) -> None:
     parser = train.build_parser()
     parser.exit_on_error = False
     try:
-        _, unknown = parser.parse_known_args(["--data", "-", "--shots", "1", "--out", "-", *rest])
+        train_args, unknown = parser.parse_known_args(["--data", "-", "--shots", "1", "--out", "-", *rest])
     except argparse.ArgumentError as e:
         raise NearlError(f"train option {e}") from None
     if unknown:
         raise NearlError(f"unrecognised option(s) {' '.join(unknown)} (neither the sweep's nor python -m "
                          f"nearl_rt.train's)")
+    return train_args
 
 
 def check_sweep_dir(out: Path, settings: dict) -> None:
@@ -209,7 +211,7 @@ def evaluate_run(run_dir: Path, ds, args, b2n: bool, device) -> dict:
     classifier, extra = load_classifier(run_dir, device=device)
     return evaluate_classifier(classifier, extra, ds, args.split, base_to_novel=b2n,
                                base=parse_classes(args.base_classes), novel=parse_classes(args.novel_classes),
-                               limit=args.eval_limit)
+                               limit=args.eval_limit, intensity=resolve_policy(extra.get("intensity"), None, run_dir))
 
 
 def main(argv=None) -> int:
@@ -219,14 +221,14 @@ def main(argv=None) -> int:
         raise NearlError(f"--eval-limit must be >= 1, got {args.eval_limit}")
     if args.max_runs is not None and args.max_runs < 1:
         raise NearlError(f"--max-runs must be >= 1, got {args.max_runs}")
-    check_train_options(rest)
+    train_args = check_train_options(rest)
     b2n = args.base_to_novel or args.base_classes is not None
     out = Path(args.out)
     settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
                 "split": args.split, "eval_limit": args.eval_limit, "train_options": rest}
     check_sweep_dir(out, settings)
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes))
+    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames)
     ds.split(args.split)  # the evaluation split exists
     train_ds = ds
     if b2n:
