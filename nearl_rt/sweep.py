@@ -223,6 +223,9 @@ def main(argv=None) -> int:
         raise NearlError(f"--max-runs must be >= 1, got {args.max_runs}")
     train_args = check_train_options(rest)
     b2n = args.base_to_novel or args.base_classes is not None
+    if b2n and "linear_probe" in methods:
+        raise NearlError("--methods linear_probe cannot run --base-to-novel: its head scores only the classes it was "
+                         "fitted on (use nearl, zeroshot or coop)")
     out = Path(args.out)
     settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,

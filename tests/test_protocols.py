@@ -20,6 +20,7 @@ from nearl_rt.classifier import load_classifier
 from nearl_rt.coop import attach_context, coop_template, init_context
 from nearl_rt.data import Preprocess
 from nearl_rt.linear_probe import select_c, softmax_head
+from nearl_rt.metrics import harmonic_mean
 from nearl_rt.prompts import TemplateError, load_templates, shipped_template_sets
 from tests.helpers import CLASSES, perturb_adapters, tiny, tiny_inputs
 from tests.test_data import make_tree
@@ -273,8 +274,29 @@ def test_sweep_on_real_xrays_writes_outputs_and_resumes(pneumonia_npz, tmp_path,
         cells = [r.split("|")[col].strip() for r in rows]
         means = [float(c.strip("*").split(" ± ")[0]) for c in cells]
         assert [c.startswith("**") for c in cells] == [mean == max(means) for mean in means]
+    assert all(f"### {name}" in md for name in ("balanced accuracy", "macro-F1", "AUC"))
     png = (out / "accuracy_vs_shots.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with Image.open(out / "accuracy_vs_shots.png") as im:
+        assert im.width > 2 * im.height  # two panels side by side: accuracy and macro-F1
+
+
+def test_sweep_base_to_novel_reports_base_novel_hm(tmp_path, capsys):
+    data, out = _four_class_tree(tmp_path / "d"), tmp_path / "sweep"
+    rc, printed, _ = cli(sweep, ["--data", data, "--methods", "zeroshot,coop", "--shots", "1", "--seeds", "0",
+                                 "--out", out, "--base-to-novel", *QUICK], capsys)
+    assert rc == 0 and "2 of 2 runs done" in printed
+    results = json.loads((out / "results.json").read_text())
+    for r in results["runs"]:
+        shots = json.loads((tmp_path / r["run_dir"] / "shots.json").read_text())
+        assert shots["base_classes"] == ["calcified", "cyst"], r["run_dir"]  # trained on the base half only
+        m = r["metrics"]
+        assert m["base"]["class_names"] == ["calcified", "cyst"] and m["novel"]["class_names"] == ["mixed", "solid"]
+        assert m["hm_accuracy"] == pytest.approx(harmonic_mean(m["base_accuracy"], m["novel_accuracy"]))
+        assert results["summary"][r["method"]]["1"]["hm_accuracy"]["mean"] == m["hm_accuracy"]
+    md = (out / "results.md").read_text()
+    assert all(f"### {name}" in md for name in ("base accuracy", "novel accuracy",
+                                                  "harmonic mean (base, novel accuracy)", "hm_macro_f1"))
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -283,6 +305,8 @@ BAD = {
     "K above a class's count": (sweep, lambda t: ["--data", _npz(t / "x.npz", [0] * 20 + [1] * 6), "--out", t / "out",
                                                   "--shots", "1,8", "--methods", "zeroshot", "--split", "train"],
                                 "--shots 8 is larger than class 'class 1' has: 6 image"),
+    "linear probe in a base-to-novel sweep": (sweep, lambda t: [*_sweep_base(t), "--methods", "zeroshot,linear_probe",
+                                                                "--base-to-novel"], "linear_probe cannot run --base-to-novel"),
     "sweep sets --seed itself": (sweep, lambda t: [*_sweep_base(t), "--seed", "3"], "--seed is set by the sweep"),
     "empty template file": (train, lambda t: [*_train_base(t), "--templates", _write(t / "empty.txt", "\n")],
                             "empty.txt holds no templates"),
