@@ -63,14 +63,14 @@ def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
     tests = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
     tests += ["-k", "cuda"] if dry else []  # on a CPU the CUDA-only tests are collected and skip
     return [
-        Step("environment", [py, "bench/suite.py", "env", str(out / "env.json")], 60, 5, "env.json"),
-        Step("cuda_tests", tests, 170, 30),
+        Step("environment", [py, "bench/suite.py", "env", str(out / "env.json")], 30, 5, "env.json"),
+        Step("cuda_tests", tests, 120, 30),
         Step("resources", [py, "-m", "kernels.resources", "--arch", "sm_90", "--json", str(out / "resources.json")],
-             90, 10, "resources.json", absent="kernels/resources.py"),
-        Step("kernels", kernels + ["--time-budget", "{left}"], 150, 30, "kernels.json"),
-        Step("latency", latency, 200, 40, "latency.json"),
+             60, 10, "resources.json", absent="kernels/resources.py"),
+        Step("kernels", kernels + ["--time-budget", "{left}"], 120, 30, "kernels.json"),
+        Step("latency", latency, 150, 40, "latency.json"),
         Step("launches", [py, "bench/launches.py", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
-             60, 15, "launches.json"),
+             45, 15, "launches.json"),
     ]
 
 

@@ -74,7 +74,7 @@ class GraphedForward:
         self._captured_state = state()
         self._graphs = {}
         with torch.no_grad():
-            for b in reversed(self.batch_sizes):  # largest first: the biggest pool exists before the smaller ones
+            for b in self.batch_sizes:  # each graph has its own memory pool: replays never share buffers
                 self._graphs[b] = self._capture(fn, b)
 
     def _capture(self, fn, b: int):
