@@ -70,7 +70,7 @@ def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
         Step("kernels", kernels + ["--time-budget", "{left}"], 120, 30, "kernels.json"),
         Step("latency", latency, 150, 40, "latency.json"),
         Step("launches", [py, "bench/launches.py", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
-             45, 15, "launches.json"),
+             90, 15, "launches.json"),
     ]
 
 
@@ -133,6 +133,7 @@ def markdown_report(out: Path, summary: dict) -> str:
     if latency:
         lines += ["", f"Latency: `{' '.join(latency['command'])}`", "",
                   "| mode | backend | B | median ms | p90/median | xCLIP | vs |", "|---|---|---|---|---|---|---|"]
+        others = {}
         for r in latency["results"]:
             if r["status"] == "ok":
                 flag = " (noisy)" if r["noisy"] else ""
@@ -140,8 +141,8 @@ def markdown_report(out: Path, summary: dict) -> str:
                 lines.append(f"| {r['mode']} | {r['backend']} | {r['batch_size']} | {r['median_ms']:.3f} | "
                              f"{r['spread']:.2f}{flag} | {xclip} | {r['baseline']} |")
             else:
-                lines.append(f"| {r['mode']} | {r['backend']} | {r['batch_size']} | {r['status']} | | | "
-                             f"{r['reason'][:80]} |")
+                others.setdefault((r["backend"], r["status"], r["reason"]), []).append(f"{r['mode']} B={r['batch_size']}")
+        lines += [f"\n{status}: {name} ({', '.join(where)}): {reason}" for (name, status, reason), where in others.items()]
     launches = _load(out / "launches.json")
     if launches:
         lines += ["", f"Launches ({launches['counted']}, {launches['preset']})", "",
