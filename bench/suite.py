@@ -65,8 +65,9 @@ def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
     return [
         Step("environment", [py, "bench/suite.py", "env", str(out / "env.json")], 30, 5, "env.json"),
         Step("cuda_tests", tests, 120, 30),
-        Step("resources", [py, "-m", "kernels.resources", "--arch", "sm_90", "--json", str(out / "resources.json")],
-             60, 10, "resources.json", absent="kernels/resources.py"),
+        Step("resources", [py, "-m", "kernels.resources", "--arch", "sm_90", "--json", str(out / "resources.json"),
+                           *(["--geometry", "vit_b16", "--dtype", "fp16", "--batch", "64", "--pass", "fwd"] if dry else [])],
+             90, 10, "resources.json", absent="kernels/resources.py"),
         Step("kernels", kernels + ["--time-budget", "{left}"], 120, 30, "kernels.json"),
         Step("latency", latency, 150, 40, "latency.json"),
         Step("launches", [py, "bench/launches.py", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
