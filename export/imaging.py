@@ -121,36 +121,39 @@ class IntensityPolicy:
     def to_uint8(self, values: np.ndarray, nominal: tuple, name: str) -> np.ndarray:
         """Grey (or colour) values of any numeric dtype -> uint8 by this policy; `nominal` = (lo, hi) of the
         data type, used by mode "full"."""
-        v = values.astype(np.float64)
-        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
-        if bad:
-            raise ImageError(f"{name} has {bad} NaN/Inf pixel value(s) of {v.size}; fix or remove the image", "non-finite pixels")
+        if values.dtype.kind == "f":
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise ImageError(f"{name} has {bad} NaN/Inf pixel value(s) of {values.size}; fix or remove the image",
+                                 "non-finite pixels")
         if self.mode == "minmax":
-            lo, hi = float(v.min()), float(v.max())
+            lo, hi = float(values.min()), float(values.max())
         elif self.mode == "percentile":
-            lo, hi = (float(q) for q in np.percentile(v, self.params))
+            lo, hi = (float(q) for q in np.percentile(values, self.params))
         elif self.mode == "window":
             c, w = self.params
             lo, hi = c - w / 2, c + w / 2
         else:
             lo, hi = nominal
-            vmin, vmax = float(v.min()), float(v.max())
+            vmin, vmax = float(values.min()), float(values.max())
             if vmin < lo or vmax > hi:
                 raise ImageError(f"{name} has values {vmin:g}..{vmax:g} outside its type's range {lo:g}..{hi:g}; "
                                  f"use --intensity minmax (or a window)", "values outside range")
-        return scale_to_uint8(v, lo, hi)
+        return scale_to_uint8(values, lo, hi)
 
 
 DEFAULT_POLICY = IntensityPolicy()
 
 
 def scale_to_uint8(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """[lo, hi] -> [0, 255] linearly, rounded half to even; values beyond saturate; a flat image (hi <= lo)
-    becomes 0."""
+    """[lo, hi] -> [0, 255] linearly in float64, rounded half to even; values beyond saturate; a flat image
+    (hi <= lo) becomes 0."""
     if hi <= lo:
         return np.zeros(v.shape, np.uint8)
-    out = (np.asarray(v, np.float64) - lo) * (255.0 / (hi - lo))
-    return np.rint(np.clip(out, 0.0, 255.0)).astype(np.uint8)
+    out = np.asarray(v, np.float64) - lo  # a new array: the in-place steps below never touch `v`
+    out *= 255.0 / (hi - lo)
+    np.clip(out, 0.0, 255.0, out=out)
+    return np.rint(out, out=out).astype(np.uint8)
 
 
 def resolve_policy(stored: Optional[Union[dict, str]], override: Optional[IntensityPolicy],
