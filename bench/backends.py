@@ -6,6 +6,10 @@ Both are called under torch.no_grad() (inference tensors would break the class-t
 
 Each NEARL backend names its `baseline`: the frozen CLIP run the same way (eager, CUDA graphs,
 onnxruntime on the CPU or CUDA), so that `xCLIP` compares runtime with runtime.
+
+Adding a runtime is two classes and one line of BACKENDS: the NEARL backend (its `baseline` names the
+twin) and its frozen-CLIP twin; an onnxruntime one on a new kind of file also adds its ONNX_PRECISIONS
+entry, e.g. an int8 file quantised from the fp32 one (docs/gpu-suite.md#adding-a-backend-to-benchlatencypy).
 """
 from __future__ import annotations
 
@@ -55,9 +59,8 @@ class BenchContext:
         model.backend = backend
         return model
 
-    def _onnx_path(self, kind: str, fp16: bool) -> Path:
+    def _onnx_path(self, kind: str, precision: str) -> Path:
         """Where the `kind` ("nearl" or "frozen_clip") export lives; cached files are named by what they contain."""
-        precision = "fp16" if fp16 else "fp32"
         if self.cache_dir is None:
             return self.workdir / f"{kind}-{self.mode}-{precision}.onnx"
         if kind not in self._keys:
@@ -65,23 +68,37 @@ class BenchContext:
         return self.cache_dir / f"{kind}-{'' if kind == 'frozen_clip' else self.mode + '-'}{precision}-" \
                                 f"{self._keys[kind]}.onnx"
 
-    def onnx_cached(self, kind: str, fp16: bool) -> bool:
-        return self.cache_dir is not None and self._onnx_path(kind, fp16).is_file()
+    def onnx_cached(self, kind: str, precision: str) -> bool:
+        return self.cache_dir is not None and self._onnx_path(kind, precision).is_file()
 
-    def onnx_file(self, kind: str, fp16: bool) -> Path:
-        """The master (kind "nearl", `export.onnx.export_model`) or its frozen CLIP exported once per precision."""
-        if (kind, fp16) not in self._onnx:
-            path = self._onnx_path(kind, fp16)
+    def onnx_file(self, kind: str, precision: str) -> Path:
+        """The master (kind "nearl") or its frozen CLIP as ONNX in `precision` (a key of ONNX_PRECISIONS),
+        written once and cached."""
+        if (kind, precision) not in self._onnx:
+            path = self._onnx_path(kind, precision)
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                if kind == "frozen_clip":
-                    export_frozen_clip(self.master, path, fp16=fp16)
-                else:
-                    from export.onnx import export_model
-                    export_model(self.master, path, fp16=fp16, batch_size="dynamic", verify=False,
-                                 checkpoint_sha256=self.checkpoint_sha256)
-            self._onnx[(kind, fp16)] = path
-        return self._onnx[(kind, fp16)]
+                ONNX_PRECISIONS[precision](self, kind, path)
+            self._onnx[(kind, precision)] = path
+        return self._onnx[(kind, precision)]
+
+
+def _export(ctx: BenchContext, kind: str, path: Path, *, fp16: bool) -> None:
+    """The NEARL file as `export.onnx` writes it, or its frozen CLIP written the same way."""
+    if kind == "frozen_clip":
+        export_frozen_clip(ctx.master, path, fp16=fp16)
+    else:
+        from export.onnx import export_model
+        export_model(ctx.master, path, fp16=fp16, batch_size="dynamic", verify=False,
+                     checkpoint_sha256=ctx.checkpoint_sha256)
+
+
+# How each ONNX precision is written (ctx, kind, path): one entry per precision, shared by a NEARL backend
+# and its frozen-CLIP twin. A precision derived from another reads it with ctx.onnx_file(kind, "fp32").
+ONNX_PRECISIONS: dict[str, Callable[[BenchContext, str, Path], None]] = {
+    "fp32": lambda ctx, kind, path: _export(ctx, kind, path, fp16=False),
+    "fp16": lambda ctx, kind, path: _export(ctx, kind, path, fp16=True),
+}
 
 
 def _content_key(model: NearlCLIP, kind: str) -> str:
@@ -222,7 +239,7 @@ class _Ort(Backend):
     """onnxruntime on the ONNX file that export.onnx.export_model (or bench.frozen_clip) writes from the master."""
 
     provider = ""
-    fp16 = False
+    onnx_precision = "fp32"  # a key of ONNX_PRECISIONS
     io_binding = False
     onnx_kind = "nearl"
     # onnxruntime's arenas keep their memory across calls: invisible to torch.cuda.max_memory_allocated,
@@ -247,7 +264,7 @@ class _Ort(Backend):
             if isinstance(e, ModuleNotFoundError) and e.name in ("export.onnx", "export"):
                 return False, "export.onnx not available"
             return False, f"export.onnx cannot be imported: {e}"
-        if not (ctx.quick or self.name in ctx.explicit or ctx.onnx_cached(self.onnx_kind, self.fp16)):
+        if not (ctx.quick or self.name in ctx.explicit or ctx.onnx_cached(self.onnx_kind, self.onnx_precision)):
             return False, ("its ONNX export is not cached and takes minutes on a CPU: name it in --backends to "
                            "export it once" + (f" (kept in {ctx.cache_dir})" if ctx.cache_dir else ""))
         return True, ""
@@ -263,7 +280,7 @@ class _Ort(Backend):
                       if p != self.provider and p in ort.get_available_providers()]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        path = ctx.onnx_file(self.onnx_kind, self.fp16)
+        path = ctx.onnx_file(self.onnx_kind, self.onnx_precision)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         if self.session.get_providers()[0] != self.provider:
             raise RuntimeError(f"onnxruntime fell back to {self.session.get_providers()[0]} instead of {self.provider}")
@@ -313,7 +330,7 @@ class OrtCudaFp16(OrtCudaFp32):
     name = "ort_cuda_fp16"
     description = "onnxruntime CUDAExecutionProvider, fp16 ONNX (float32 inputs/outputs), IO binding"
     precision = "float16"
-    fp16 = True
+    onnx_precision = "fp16"
     baseline = "frozen_clip_ort_cuda"
 
 

@@ -221,8 +221,9 @@ def run_benchmark(args, progress, say) -> tuple[list[dict], int]:
                 ok, reason = backend.available(ctx)
                 if ok:
                     live[name] = backend
-                    if hasattr(backend, "onnx_kind") and not ctx.onnx_cached(backend.onnx_kind, backend.fp16):
-                        exports.add((backend.onnx_kind, backend.fp16))
+                    onnx = getattr(backend, "onnx_kind", None), getattr(backend, "onnx_precision", None)
+                    if onnx[0] and not ctx.onnx_cached(*onnx):
+                        exports.add(onnx)
                 else:
                     records += [_record(backend, mode, b, args, status="skipped", reason=reason)
                                 for b in args.batch_sizes]

@@ -7,14 +7,15 @@ import math
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from itertools import product
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import harness, latency
-from bench.backends import BACKENDS
+from bench import backends, harness, latency
+from bench.backends import BACKENDS, BenchContext
 from nearl_rt.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,39 @@ def test_subset_one_mode_more_classes_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.png", "r.json"], "no temp files left"
     assert "C=5" in capsys.readouterr().out
+
+
+def test_a_derived_onnx_precision_is_written_once_from_its_source_and_cached(tmp_path, monkeypatch):
+    """How a new ONNX runtime (say int8 from the fp32 file) plugs in: one ONNX_PRECISIONS entry."""
+    writes = []
+
+    def fp32(ctx, kind, path):
+        writes.append((kind, "fp32"))
+        path.write_bytes(f"{kind} {ctx.mode}".encode())
+
+    def reversed_(ctx, kind, path):  # derived from the fp32 file, as a quantiser would be
+        source = ctx.onnx_file(kind, "fp32")
+        writes.append((kind, "rev"))
+        path.write_bytes(source.read_bytes()[::-1])
+    monkeypatch.setitem(backends.ONNX_PRECISIONS, "fp32", fp32)
+    monkeypatch.setitem(backends.ONNX_PRECISIONS, "rev", reversed_)
+    master = latency.build_master(Namespace(seed=0, ckpt=None, preset="tiny", classes=None), "bidirectional")
+
+    def context():
+        return BenchContext(master=master, device=torch.device("cpu"), dtype=torch.float32, workdir=tmp_path,
+                            cache_dir=tmp_path / "cache")
+    ctx = context()
+    assert not ctx.onnx_cached("nearl", "rev")
+    path = ctx.onnx_file("nearl", "rev")
+    assert path.read_bytes() == b"lanoitceridib lraen" and "-rev-" in path.name
+    assert ctx.onnx_file("nearl", "rev") == path and ctx.onnx_cached("nearl", "rev") and ctx.onnx_cached("nearl", "fp32")
+    later = context()  # a later run with the same weights finds the files: nothing is written again
+    assert later.onnx_file("nearl", "rev") == path
+    frozen = later.onnx_file("frozen_clip", "rev")
+    assert frozen != path and frozen.read_bytes() == b"lanoitceridib pilc_nezorf"
+    assert writes == [("nearl", "fp32"), ("nearl", "rev"), ("frozen_clip", "fp32"), ("frozen_clip", "rev")]
+    master.set_classes(["a", "b", "c"])  # other classes: other files
+    assert not context().onnx_cached("nearl", "rev")
 
 
 def test_rounds_interleave_rotate_exclude_warmup_and_survive_a_failure():
