@@ -164,6 +164,11 @@ class NearlCLIP(nn.Module):
                                 pool_prompts(self._text_cache[1].features, self.prompt_pool))
         return self(images, self.class_tokens)
 
+    def cuda_graph(self, batch_sizes: Sequence[int] = (1, 8, 64)):
+        """`classify` captured in one CUDA graph per batch size: a callable images -> logits (nearl_rt.cuda_graph)."""
+        from nearl_rt.cuda_graph import capture_classify
+        return capture_classify(self, batch_sizes)
+
     def cached_text_stream(self) -> TextStream:
         """The class text stream, recomputed only when the classes, adapter weights, device or dtype change."""
         params = self.adapter_parameters() + (list(self.prompt_context.parameters()) if self.prompt_context is not None else [])
