@@ -25,14 +25,15 @@ import torch
 import kernels
 from bench.frozen_clip import FrozenClip as FrozenClipModule
 from bench.frozen_clip import export_frozen_clip
+from nearl_rt.atomic import atomic_output
 from nearl_rt.cuda_graph import GraphedForward
 from nearl_rt.model import NearlCLIP
 
 Runner = Callable[[torch.Tensor], object]
 ROOT = Path(__file__).resolve().parents[1]
 # the code an exported file depends on: a change to any of these makes the cached exports stale
-EXPORT_SOURCES = ("export/onnx.py", "export/graph.py", "bench/frozen_clip.py", "nearl_rt/model.py",
-                  "nearl_rt/adapters.py", "kernels/oca.py", "kernels/use_attention.py")
+EXPORT_SOURCES = ("export/onnx.py", "export/graph.py", "export/quantize.py", "bench/frozen_clip.py",
+                  "nearl_rt/model.py", "nearl_rt/adapters.py", "kernels/oca.py", "kernels/use_attention.py")
 
 
 @dataclass
@@ -95,9 +96,18 @@ def _export(ctx: BenchContext, kind: str, path: Path, *, fp16: bool) -> None:
 
 # How each ONNX precision is written (ctx, kind, path): one entry per precision, shared by a NEARL backend
 # and its frozen-CLIP twin. A precision derived from another reads it with ctx.onnx_file(kind, "fp32").
+def _quantize(ctx: BenchContext, kind: str, path: Path) -> None:
+    """The fp32 file in dynamic int8, as `export.onnx --int8` quantises it (export.quantize.quantize_graph:
+    the same nodes for NEARL and its frozen CLIP; the export's verification is export.quantize's test)."""
+    from export.quantize import quantize_graph
+    with atomic_output(path) as tmp:
+        quantize_graph(ctx.onnx_file(kind, "fp32"), tmp)
+
+
 ONNX_PRECISIONS: dict[str, Callable[[BenchContext, str, Path], None]] = {
     "fp32": lambda ctx, kind, path: _export(ctx, kind, path, fp16=False),
     "fp16": lambda ctx, kind, path: _export(ctx, kind, path, fp16=True),
+    "int8": _quantize,
 }
 
 
@@ -317,6 +327,14 @@ class OrtCpu(_Ort):
         return super().available(ctx)
 
 
+class OrtCpuInt8(OrtCpu):
+    name = "ort_cpu_int8"
+    description = "onnxruntime CPUExecutionProvider, dynamic int8 ONNX (export.onnx --int8)"
+    precision = "int8"
+    onnx_precision = "int8"
+    baseline = "frozen_clip_ort_cpu_int8"
+
+
 class OrtCudaFp32(_Ort):
     name = "ort_cuda_fp32"
     description = "onnxruntime CUDAExecutionProvider, fp32 ONNX, IO binding on device tensors"
@@ -360,6 +378,11 @@ class FrozenClipOrtCpu(_FrozenOrt, OrtCpu):
     description = "frozen CLIP exported the same way, onnxruntime CPU, fp32: the ort_cpu floor"
 
 
+class FrozenClipOrtCpuInt8(_FrozenOrt, OrtCpuInt8):
+    name = "frozen_clip_ort_cpu_int8"
+    description = "frozen CLIP exported the same way, quantised the same way (dynamic int8): the ort_cpu_int8 floor"
+
+
 class FrozenClipOrtCudaFp32(_FrozenOrt, OrtCudaFp32):
     name = "frozen_clip_ort_cuda_fp32"
     description = "frozen CLIP exported the same way, onnxruntime CUDA, fp32: the ort_cuda_fp32 floor"
@@ -377,4 +400,5 @@ def _image_size(model: NearlCLIP) -> tuple[int, int]:
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (
     FrozenClip, Eager, Triton, TorchCompile, FrozenClipGraphs, CudaGraphs, FrozenClipOrtCpu, OrtCpu,
-    FrozenClipOrtCudaFp32, OrtCudaFp32, FrozenClipOrtCuda, OrtCudaFp16, OrtTensorRT)}
+    FrozenClipOrtCpuInt8, OrtCpuInt8, FrozenClipOrtCudaFp32, OrtCudaFp32, FrozenClipOrtCuda, OrtCudaFp16,
+    OrtTensorRT)}

@@ -127,16 +127,15 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
     elif len(verification.images) < MIN_VERIFICATION_IMAGES:
         raise QuantizationError(f"only {len(verification.images)} verification images from {verification.source}; "
                                 f"need at least {MIN_VERIFICATION_IMAGES}")
-    excluded = fp32_matmuls(proto)
     info = {"method": method, "weights": "int8, per tensor, symmetric",
             "activations": "uint8, dynamic per call" if method == "dynamic" else "uint8, calibrated (MinMax)",
-            "quantized_ops": list(QUANTIZED_OPS), "fp32_nodes": excluded,
+            "quantized_ops": list(QUANTIZED_OPS),
             "source_sha256": hashlib.sha256(fp32_path.read_bytes()).hexdigest()}
     if calibration is not None and method == "static":
         info["calibration"] = {"source": calibration.source, "count": int(len(calibration.images)),
                                "method": "MinMax", "images_sha256": calibration.fingerprint()}
     with atomic_output(out_path) as tmp:
-        _run_quantizer(fp32_path, tmp, method, calibration, excluded)
+        info["fp32_nodes"] = quantize_graph(fp32_path, tmp, method=method, calibration=calibration)
         report = verify_int8(fp32_path, tmp, verification, gates)
         info["verification"] = report
         q = onnx.load(str(tmp))
@@ -145,14 +144,19 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
     return report
 
 
-def _run_quantizer(src: Path, dst: Path, method: str, calibration: Optional[ImageSet], excluded: list) -> None:
+def quantize_graph(src, dst, *, method: str = "dynamic", calibration: Optional[ImageSet] = None) -> list[str]:
+    """The quantisation alone, no checks, verification or metadata: the graph at `src` (any ONNX file with
+    an `images` input and a `logits` output) with its weight MatMul / Gemm / Conv in int8, fp32_matmuls kept
+    float32, written to `dst`. Returns the float32 nodes' names. quantize() builds on it; bench/latency.py
+    quantises frozen CLIP with it, so both int8 rows are made the same way."""
+    excluded = fp32_matmuls(onnx.load(str(src), load_external_data=False))
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing" noise
     if method == "dynamic":
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(QUANTIZED_OPS), weight_type=QuantType.QInt8,
                          nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True})
-        return
+        return excluded
 
     class Reader(CalibrationDataReader):
         def __init__(self, images: np.ndarray, batch: int = 8):
@@ -167,6 +171,7 @@ def _run_quantizer(src: Path, dst: Path, method: str, calibration: Optional[Imag
                     weight_type=QuantType.QInt8, nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
                     calibration_providers=["CPUExecutionProvider"],
                     extra_options={"MatMulConstBOnly": True})
+    return excluded
 
 
 def _probs(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:

@@ -95,9 +95,15 @@ def test_quick_run_as_a_script_writes_the_schema(tmp_path):
             assert ort["status"] == frozen_ort["status"] == "ok" and ort["max_abs_diff_vs_fp32_eager"] <= 1e-3, ort
             assert ort["baseline"] == "frozen_clip_ort_cpu"
             assert ort["xclip"] == pytest.approx(ort["median_ms"] / frozen_ort["median_ms"])
+            int8, frozen_int8 = by_key[("ort_cpu_int8", mode, b)], by_key[("frozen_clip_ort_cpu_int8", mode, b)]
+            assert int8["status"] == frozen_int8["status"] == "ok" and int8["baseline"] == "frozen_clip_ort_cpu_int8"
+            assert int8["xclip"] == pytest.approx(int8["median_ms"] / frozen_int8["median_ms"])
+            # int8 moves the tiny model's logits (scale 100 on cosines) far more than fp32 ORT's 1e-3, but
+            # not by a whole logit: test_quantize bounds its probabilities and class agreement
+            assert 1e-4 < int8["max_abs_diff_vs_fp32_eager"] < 1.0, int8
         else:
             assert ort["reason"] == "export.onnx not available"
-    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 3, "NEARL per mode + one frozen CLIP, cached"
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 6, "NEARL per mode + one frozen CLIP, fp32 and int8"
     assert "estimated time" in proc.stderr and "interleaved" in proc.stderr
     for name in BACKENDS:
         assert name in proc.stdout, f"{name} missing from the table"

@@ -31,6 +31,12 @@ def probs(path, images):
     return NearlSession(path, providers=["CPUExecutionProvider"]).run(images)[1]
 
 
+def probs_raw(path, images):
+    """probs of a file without nearl.* metadata (bench/frozen_clip's export)."""
+    import onnxruntime as ort
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probs"], {"images": images})[0]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("method", ["dynamic", "static"])
 def test_int8_close_to_fp32_with_fp32_logits_path(mode, method, tmp_path):
@@ -63,6 +69,20 @@ def test_int8_close_to_fp32_with_fp32_logits_path(mode, method, tmp_path):
     diff = np.abs(probs(out, images) - probs(src, images)).max()
     assert 1e-6 < diff < 0.1
     assert out.stat().st_size < src.stat().st_size
+
+
+def test_frozen_clip_is_quantised_the_same_way(tmp_path):
+    """bench/latency.py's int8 floor: frozen CLIP through quantize_graph keeps its own last MatMul before
+    logits in float32, as the NEARL file does, and has its weight matmuls in int8."""
+    from bench.frozen_clip import export_frozen_clip
+    from export.quantize import quantize_graph
+    src, dst = export_frozen_clip(tiny_model("text_cacheable"), tmp_path / "frozen.onnx"), tmp_path / "frozen.int8.onnx"
+    kept = quantize_graph(src, dst)
+    assert kept == fp32_matmuls(onnx.load(str(src))) and len(kept) == 1
+    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    assert "MatMulInteger" in ops and kept[0] in {n.name for n in onnx.load(str(dst)).graph.node}
+    x = random_images(8, 2)
+    assert np.abs(probs_raw(dst, x) - probs_raw(src, x)).max() < 0.05
 
 
 def test_static_calibration_is_deterministic(tmp_path):
