@@ -233,9 +233,14 @@ def export_preprocess_graph(classifier_path, out_path=None, *, verify: bool = Tr
     with atomic_output(out_path) as tmp:
         onnx.save(proto, tmp)
         if verify:
-            r = verify_preprocess_graph(tmp, classifier_path, probs_atol=probs_atol)
-            log.info("verified %s: max %.0f uint8 step on <= %.3f%% of values; probabilities within %.2g",
-                     out_path.name, r["max_steps"], 100 * r["max_share"], r["probs"])
+            # End to end through an int8 classifier would measure its quantisation, not the graph: dynamic
+            # activation ranges turn a one-step pixel difference into ~1e-3 of probability. Its pixels are checked;
+            # the int8 model itself was checked against its fp32 source by export.quantize's gates.
+            end_to_end = meta.get("precision") != "int8"
+            r = verify_preprocess_graph(tmp, classifier_path if end_to_end else None, probs_atol=probs_atol)
+            log.info("verified %s: max %.0f uint8 step on <= %.3f%% of values; %s", out_path.name, r["max_steps"],
+                     100 * r["max_share"], f"probabilities within {r['probs']:.2g}" if end_to_end
+                     else "pixels only (an int8 classifier)")
     return out_path
 
 
