@@ -36,18 +36,26 @@ def exported(interaction: str, fp16: bool = False, batch_size="dynamic", optimiz
 
 
 @functools.lru_cache(maxsize=None)
-def exported_int8(interaction: str) -> Path:
-    """exported(interaction) quantised to dynamic int8 (gates open: callers compare runtimes on this file)."""
-    from export.quantize import Gates, quantize
-    path = _DIR / f"{interaction}-int8.onnx"
-    quantize(exported(interaction), path, gates=Gates(min_agreement=0.0, max_accuracy_change=100.0))
+def exported_int8(interaction: str, method: str = "dynamic") -> Path:
+    """exported(interaction) quantised to int8 (static: calibrated on 32 seeded random inputs), gates open:
+    callers compare runtimes on this one file."""
+    import numpy as np
+
+    from export.quantize import Gates, ImageSet, quantize
+    path = _DIR / f"{interaction}-int8-{method}.onnx"
+    calibration = ImageSet(np.random.default_rng(1).standard_normal((32, 3, 32, 32), dtype=np.float32))
+    quantize(exported(interaction), path, method=method, calibration=calibration if method == "static" else None,
+             gates=Gates(min_agreement=0.0, max_accuracy_change=100.0))
     return path
 
 
 @functools.lru_cache(maxsize=None)
 def exported_with_preprocess(interaction: str, precision: str = "fp32", **kwargs) -> Path:
-    """exported(interaction, **kwargs), or with precision="int8" exported_int8(interaction), plus its
-    preprocessing graph next to it (model.preprocess.onnx)."""
-    path = exported_int8(interaction) if precision == "int8" else exported(interaction, **kwargs)
+    """exported(interaction, **kwargs), or with precision "int8" / "int8_static" exported_int8(interaction,
+    "dynamic" / "static"), plus its preprocessing graph next to it (model.preprocess.onnx)."""
+    if precision.startswith("int8"):
+        path = exported_int8(interaction, "static" if precision == "int8_static" else "dynamic")
+    else:
+        path = exported(interaction, **kwargs)
     export_preprocess_graph(path, probs_atol=TINY_PREPROCESS_PROBS_ATOL)
     return path
