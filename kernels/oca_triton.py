@@ -7,6 +7,16 @@ F + s * D_perp. The row block streams D in BLOCK_D-wide chunks (registers stay b
 pass 1 the LayerNorm statistics, pass 2 q = LN(F) W_q and, for the split, F W_o^T (<H, F> is
 p.V . F W_o^T, so H is never held whole), pass 3 writes F + s * (H - c F) chunk by chunk. The block
 (BLOCK_T x D) is read from HBM once; passes 2 and 3 re-read it from cache. The output is written once.
+Pass 1 (statistics) is software-pipelined (3 chunks in flight: triton_common.ln_stats), pass 3 too (2).
+
+Bytes and expected bandwidth (ViT-B/16 image rows at B = 64, 16-bit: 12,608 rows x 768): the minimum is
+the rows once in and once out, 2 x 19.4 MB. The plan (_plan) takes 64-row blocks with 8 warps there:
+256 programs at 124 registers and 56 KB of shared memory, 2 per SM on sm_90, 0.97 waves on 132 SMs
+(python -m kernels.resources). W_q and W_o in the activation dtype (98 KB) are re-read from L2 by every
+program, ~1x the token bytes, and passes 2-3 re-read the block from L2 (2x): ~2.5x the HBM bytes through
+L2, against ~6.7x for the 32-row fp32-weight blocks before. Expected (a design estimate, not measured on a
+GPU): 60-75 % of the device-to-device copy bandwidth at B = 64; small batches take 32/16-row blocks so
+that more SMs stream, and are latency-bound (a few microseconds).
 
 Backward (no atomics, deterministic):
   _oca_bwd_rows   recomputes the forward per row block (same chunked passes; every full-row reduction

@@ -18,20 +18,17 @@ C = 2 classes, prompts trimmed to 16 tokens.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import multiprocessing
 import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
 
-os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile the kernels, never interpret
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 SPILL_BOUND = 0  # bytes of spill stores allowed per kernel and configuration
 
@@ -285,5 +282,6 @@ def _require_compiled_kernels() -> None:
 
 
 if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported: compile them, never interpret
     from nearl_rt.cli import run_cli
     sys.exit(run_cli(main, prog="python -m kernels.resources"))

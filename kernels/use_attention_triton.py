@@ -12,14 +12,25 @@ All products keep fp32 accuracy (IEEE for fp32 keys; tf32x3 on tensor cores for 
 tf32 holds exactly): the backward's dp = dO K^T must agree with delta = rowsum(dO * O) to fp32 rounding,
 else a softmax over one valid key, or the exactly-zero gradient of b_k, picks up noise.
 
-Kernels (Flash-Decoding style, split over the key length, no atomics):
-  _use_fwd   grid (G, splits, query blocks) per key source (image keys, text keys): online softmax over
-             the split's key blocks, writes partial (max, sum, acc); torch combines all partials of
-             both sources in a fixed order.
-  _use_bwd   same grid: recomputes p from the saved log-sum-exp, writes dK per key (one slice per
-             reading group and query block) and per-split partial sums of dq~; torch sums them.
+Kernels (Flash-Decoding style, no atomics):
+  _use_fwd      grid (G, splits, query blocks): the W_k fold of the block's queries, an online softmax
+                over the concatenated key list [image keys ; text keys], and, when there is one split,
+                the W_v fold and the output (and, for training, o~ and the log-sum-exp). Splits over the
+                key length are used only when G x query blocks would leave more than half of the SMs
+                idle (B = 1, 8); each then writes partial (max, sum, acc) and
+  _use_combine  merges the splits in a fixed order and finishes as above (one launch, not ~10 aten ops).
+  _use_bwd      grid (G, splits, query blocks) per key source: recomputes p from the saved log-sum-exp,
+                writes dK per key (one slice per reading group and query block) and per-split partial
+                sums of dq~; torch sums them in a fixed order.
 The keys K = LN(X) W_dx^T, LN(T) W_dt^T come from kernels/ln_down_triton.py (fused forward: the tokens
-are read once, only d_s-wide keys are written; backward recomputed with PyTorch).
+are read once, only d_s-wide keys are written; backward recomputed with PyTorch). Constant text keys
+(the cached class prompts of text_cacheable) are projected once per weight version (kernels/derived.py).
+
+Bytes (ViT-B/16 at B = 64, 16-bit, own text of C = 2 prompts x 16 tokens): the keys, 64 x (197 + 32) x 128
+x 2 B = 3.8 MB, read once from HBM (the two 32-row query blocks of a group read them from L2), the
+queries and outputs (0.5 MB). 128 programs, 1 per SM (255 registers, 52 KB of shared memory): 0.97 waves.
+The op is latency-bound (expected a few microseconds; not measured on a GPU), so the design goal is one
+launch per layer and no split combine at B = 64, not a bandwidth fraction.
 """
 from __future__ import annotations
 
