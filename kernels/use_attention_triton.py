@@ -245,10 +245,11 @@ def _fwd_plan(G: int, NQ: int, DS: int, DH: int, NX: int, NT: int, fp32_keys: bo
 
 @functools.lru_cache(maxsize=1024)
 def _bwd_plan(G: int, NQ: int, DS: int, key_lengths: tuple, fp32_keys: bool, sms: int):
-    """Backward block sizes and, per key source, (blocks per split, splits). 16 query rows and 8 warps
-    (16 keys per block for fp32): the three tf32x3 / IEEE products of a key block stay within shared
-    memory (48-70 KB) and registers without spill; the 64-row blocks used before needed 304 KB."""
-    meta = dict(BLOCK_Q=min(16, pow2(NQ)), BLOCK_K=16 if fp32_keys else 32, BLOCK_S=pow2(DS), num_warps=8,
+    """Backward block sizes and, per key source, (blocks per split, splits). 16 query rows, 16 keys and 8
+    warps: the three tf32x3 / IEEE products of a key block stay within shared memory and registers without
+    spill (python -m kernels.resources; 32-key blocks spill 8 B for 16-bit keys, and the 64-row blocks used
+    before needed 304 KB of shared memory)."""
+    meta = dict(BLOCK_Q=min(16, pow2(NQ)), BLOCK_K=16, BLOCK_S=pow2(DS), num_warps=8,
                 PREC="ieee" if fp32_keys else "tf32x3")
     plan = []
     for nk in key_lengths:
