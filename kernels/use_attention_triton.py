@@ -9,8 +9,9 @@ every score of a row equally, so softmax ignores it and its gradient is exactly 
 autograd Function so that b_k (and q through it) get that exact zero gradient, as in the reference.
 
 All products keep fp32 accuracy (IEEE for fp32 keys; tf32x3 on tensor cores for fp16/bf16 keys, which
-tf32 holds exactly): the backward's dp = dO K^T must agree with delta = rowsum(dO * O) to fp32 rounding,
-else a softmax over one valid key, or the exactly-zero gradient of b_k, picks up noise.
+tf32 holds exactly). The backward computes delta = rowsum(dO * o~) with the same dot as dp = dO K^T, so
+that dp - delta is exactly zero where it must be (a softmax over one valid key, whose o~ is that key);
+computed apart (torch's sum against the kernel's dot) the two differ by fp32 rounding, which is noise there.
 
 Kernels (Flash-Decoding style, no atomics):
   _use_fwd      grid (G, splits, query blocks): the W_k fold of the block's queries, an online softmax
@@ -193,7 +194,7 @@ def _use_combine(wv_ptr, bv_ptr, out_ptr, accn_ptr, lse_ptr, m_ptr, l_ptr, part_
 
 
 @triton.jit
-def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr,
+def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, accn_ptr, dk_ptr, dq_ptr,
              NQ, NK, DS, K_GROUP_STRIDE, blocks_per_split, split_offset, total_splits, scale,
              HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
              PREC: tl.constexpr):
@@ -202,7 +203,11 @@ def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr
     qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, qb, NQ, DS, BLOCK_Q, BLOCK_S)
     do = tl.load(do_ptr + g * NQ * DS + qoffs, mask=q2, other=0.0)
     lse = tl.load(lse_ptr + g * NQ + qi, mask=qmask, other=0.0)
-    delta = tl.load(delta_ptr + g * NQ + qi, mask=qmask, other=0.0)
+    # delta = rowsum(dO * o~) by the same product as dp = dO K^T below (BLOCK_Q == BLOCK_K: one dot shape),
+    # so that dp - delta is exactly zero where it must be (a softmax over one valid key: o~ is that key)
+    accn = tl.load(accn_ptr + g * NQ * DS + qoffs, mask=q2, other=0.0)
+    rows = tl.arange(0, BLOCK_Q)
+    delta = rsum(tl.where(rows[:, None] == rows[None, :], tl.dot(do, tl.trans(accn), input_precision=PREC), 0.0), 1)
     dq = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
     dk_ptr += (g * tl.num_programs(2) + qb) * NK * DS  # one dK slice per (reading group, query block)
     lo, hi = _split_blocks(split, blocks_per_split, NK, BLOCK_K)
@@ -248,8 +253,8 @@ def _bwd_plan(G: int, NQ: int, DS: int, key_lengths: tuple, fp32_keys: bool, sms
     """Backward block sizes and, per key source, (blocks per split, splits). 16 query rows, 16 keys and 8
     warps: the three tf32x3 / IEEE products of a key block stay within shared memory and registers without
     spill (python -m kernels.resources; 32-key blocks spill 8 B for 16-bit keys, and the 64-row blocks used
-    before needed 304 KB of shared memory)."""
-    meta = dict(BLOCK_Q=min(16, pow2(NQ)), BLOCK_K=16, BLOCK_S=pow2(DS), num_warps=8,
+    before needed 304 KB of shared memory). BLOCK_Q == BLOCK_K: _use_bwd's delta and dp are one dot shape."""
+    meta = dict(BLOCK_Q=16, BLOCK_K=16, BLOCK_S=pow2(DS), num_warps=8,
                 PREC="ieee" if fp32_keys else "tf32x3")
     plan = []
     for nk in key_lengths:
@@ -315,7 +320,6 @@ class USEAttentionFunction(torch.autograd.Function):
         dacc = torch.einsum("gmhd,hde->gmhe", go, wv.view(heads, DH, DS)).reshape(G, NQ, DS).contiguous()
         d_wv = torch.einsum("gmhd,gmhe->hde", go, acc4).reshape(DS, DS)
         d_bv = go.sum((0, 1)).reshape(DS)
-        delta = (dacc * accn).sum(-1)
         qt = _fold_queries_torch(q.float(), wk, heads).contiguous()
         sources = _sources(kx, kt, t_valid)
         meta, nqb, plan = _bwd_plan(G, NQ, DS, tuple(k.shape[1] for k, _, _ in sources), kt.dtype == torch.float32,
@@ -326,7 +330,7 @@ class USEAttentionFunction(torch.autograd.Function):
         dkeys, offset = [], 0
         for (keys, valid, stride), (per, n) in zip(sources, plan):
             dk = torch.empty(G, nqb, keys.shape[1], DS, **f32)  # per reading group and query block
-            _use_bwd[(G, n, nqb)](qt, keys, valid if valid is not None else keys, lse, dacc, delta, dk, dq_part, NQ,
+            _use_bwd[(G, n, nqb)](qt, keys, valid if valid is not None else keys, lse, dacc, accn, dk, dq_part, NQ,
                                   keys.shape[1], DS, stride, per, offset, total, 1.0 / math.sqrt(DH),
                                   HAS_MASK=valid is not None, **meta)
             offset += n
