@@ -52,9 +52,11 @@ def _ln_down_fwd(x_ptr, w_ptr, c_ptr, k_ptr, T, D, DS, ln_eps, BLOCK_T: tl.const
 
 @functools.lru_cache(maxsize=1024)
 def _plan(T: int, D: int, DS: int, dtype: torch.dtype, sms: int):
-    """Token blocks: 64 when that still fills every SM once (amortises the weight re-reads), else 32 or 16."""
+    """Token blocks: 64 when that still fills every SM once (amortises the weight re-reads), else 32 or 16.
+    fp32 takes 32-wide D chunks: 64-wide ones spill on sm_80 (python -m kernels.resources --arch sm_80)."""
     block_t = next((bt for bt in (64, 32) if cdiv(T, bt) >= sms), 16)
-    return (cdiv(T, block_t),), dict(BLOCK_T=block_t, BLOCK_D=min(64, pow2(D)), BLOCK_S=pow2(DS),
+    block_d = min(32 if dtype == torch.float32 else 64, pow2(D))
+    return (cdiv(T, block_t),), dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_S=pow2(DS),
                                      CDT=compute_dtype(dtype), num_warps=8)
 
 

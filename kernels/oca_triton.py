@@ -233,7 +233,7 @@ def _plan(R: int, N: int, D: int, M: int, r: int, dtype: torch.dtype, sms: int):
     fwd = dict(common, BLOCK_T=block_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)),
                num_warps=8 if block_t >= (32 if fp32 else 64) else 4)
     bwd_t = min(block_t, 32)
-    bwd = dict(common, BLOCK_T=bwd_t, BLOCK_D=min(64, pow2(D)), num_warps=8)
+    bwd = dict(common, BLOCK_T=bwd_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)), num_warps=8)  # fp32: no sm_80 spill
     block_dc, weights_t = min(32 if fp32 else 64, pow2(D)), 32
     d_chunks = cdiv(D, block_dc)
     splits = max(1, min(cdiv(R * N, weights_t), cdiv(2 * sms, d_chunks)))  # token splits of the weight grads

@@ -170,7 +170,7 @@ def violations(rows, arch: Arch, spill_bound: int = SPILL_BOUND) -> list[str]:
     """Why configurations would not run (or would spill) on `arch`; empty when every row fits."""
     out = []
     for r in rows:
-        where = f"{r['kernel']} {r['geometry']} {r['site']} {r['dtype']} {r['pass']} B={r['B']}"
+        where = f"sm_{arch.capability} {r['kernel']} {r['geometry']} {r['site']} {r['dtype']} {r['pass']} B={r['B']}"
         if r["smem"] > arch.smem_per_block:
             out.append(f"{where}: {r['smem']} B of shared memory > {arch.smem_per_block} B per block")
         if r["spill_stores"] > spill_bound:
