@@ -1,49 +1,24 @@
-"""Launch and host budget of backend="triton" (counted on the CPU, kernels stubbed: kernels/launches.py).
-
-Counted as in the GPU review: aten ops that would each be a CUDA kernel plus the Triton launches, tiny
-preset in bf16, after a warm-up call, per layer over frozen CLIP computing the same logits (its class text
-cached in text_cacheable; its text tower run per call in bidirectional, C = 2 classes).
+"""Launch budget of backend="triton" (counted on the CPU, kernels stubbed: bench/launches.py, which also
+measures host time). Counted as in the GPU review: aten ops that would each be a CUDA kernel plus the Triton
+launches, tiny preset in bf16, after a warm-up call, per layer over frozen CLIP computing the same logits.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
-import kernels
+from bench.launches import CLASSES, launches_per_layer
 from kernels.derived import derived
-from kernels.launches import counted_kernels, recorded_launches
+from kernels.launches import recorded_launches
 from tests.helpers import perturb_adapters, tiny, tiny_inputs
 
 BUDGET = {"text_cacheable": 16, "bidirectional": 24}  # added kernels per layer (issue 9)
-CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe"]
-
-
-def launches_per_layer(interaction):
-    model = perturb_adapters(tiny(interaction, backend="triton")).to(torch.bfloat16)
-    model.set_classes(CLASSES)
-    images = tiny_inputs(batch=3)[0].to(torch.bfloat16)
-    bb = model.backbone
-
-    def frozen():
-        txt = F.normalize(bb.encode_text(model.class_tokens), dim=-1) if interaction == "bidirectional" else cached
-        return bb.logit_scale.exp() * F.normalize(bb.encode_image(images), dim=-1) @ txt.t()
-
-    with torch.no_grad(), recorded_launches(run=False) as launches:
-        cached = F.normalize(bb.encode_text(model.class_tokens), dim=-1)
-        model.classify(images)  # warm-up: class prompts, class text stream, folded weights
-        start = len(launches)
-        with counted_kernels() as nearl:
-            model.classify(images)
-        triton_launches = launches[start:]
-        with counted_kernels() as plain:
-            frozen()
-    added = sum(nearl.values()) + len(triton_launches) - sum(plain.values())
-    return added / len(model.vision_blocks), nearl - plain, [launch.name for launch in triton_launches]
 
 
 @pytest.mark.parametrize("interaction", BUDGET)
 def test_triton_backend_launch_budget(interaction, monkeypatch):
     monkeypatch.delenv("NEARL_RT_BACKEND", raising=False)
-    per_layer, extra_ops, names = launches_per_layer(interaction)
+    model = perturb_adapters(tiny(interaction, backend="triton")).to(torch.bfloat16)
+    model.set_classes(CLASSES)
+    per_layer, extra_ops, names, _ = launches_per_layer(model, tiny_inputs(batch=3)[0].to(torch.bfloat16))
     assert per_layer <= BUDGET[interaction], f"{per_layer} kernels per layer over frozen CLIP: {extra_ops}, {names}"
     assert not extra_ops["_to_copy"], "weights are re-cast every call"
     assert not {"mv", "mul", "amax", "exp", "log"} & set(extra_ops), f"per-call folds or combine: {extra_ops}"
