@@ -215,9 +215,21 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
     return result
 
 
+def load_exportable(checkpoint, pretrained: Optional[str] = None):
+    """A checkpoint's model, ready for export_model (a NEARL model with class names), or ExportError."""
+    from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
+    method = (read_checkpoint(checkpoint).get("extra") or {}).get("method", "nearl")
+    if method == "linear_probe":
+        raise ExportError(f"{checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
+                          f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
+    model = load_checkpoint(checkpoint, pretrained=pretrained, backend="torch")
+    if not model.class_names:
+        raise ExportError(f"{checkpoint} stores no class names: set classes before saving the checkpoint")
+    return model
+
+
 def main(argv=None) -> int:
     from nearl_rt.backbone import sha256_file
-    from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
     parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
@@ -229,13 +241,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
-    method = (read_checkpoint(args.checkpoint).get("extra") or {}).get("method", "nearl")
-    if method == "linear_probe":
-        raise ExportError(f"{args.checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
-                          f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
-    model = load_checkpoint(args.checkpoint, pretrained=args.pretrained, backend="torch")
-    if not model.class_names:
-        raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
+    model = load_exportable(args.checkpoint, args.pretrained)
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(sys.stderr))
     path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
