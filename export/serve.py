@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="largest batch the batcher forms (default 32)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
                    help="how long the batcher waits for more requests (default %(default)s)")
-    p.add_argument("--image-workers", type=int, default=4, help="parallel image decoders (default %(default)s)")
+    p.add_argument("--image-workers", type=int, default=1,
+                   help="instances of the image model, i.e. images decoded in parallel (default %(default)s; "
+                        "pytriton gives extra instances 1 s to start, which an overloaded machine can miss)")
     p.add_argument("--exit-timeout", type=int, default=5, help="seconds to finish in-flight requests on stop")
     p.add_argument("--env", help=f"the server environment (default ${ENV_VAR} or {default_env_dir()})")
     p.add_argument("--setup", action="store_true", help="create/refresh the server environment, then exit")
