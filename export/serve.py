@@ -176,6 +176,87 @@ def _check_args(args) -> None:
             raise ServeError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list:
+    """n ports nothing listens on now (the OS picks them)."""
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class ServerProcess:
+    """`python -m export.serve MODEL` as a child process, for scripts and tests:
+
+        with ServerProcess("model.onnx", "--max-queue-delay-us", "500") as server:
+            ...  # server.http_port, server.grpc_port; both models are ready
+
+    Free loopback ports unless given; `start` waits (bounded) until both models report ready;
+    leaving the block stops it with SIGTERM (then SIGKILL after `stop_timeout`)."""
+
+    def __init__(self, model, *args: str, host: str = "127.0.0.1", name: str = "nearl_clip", log=None,
+                 start_timeout: float = 240.0, stop_timeout: float = 30.0):
+        self.model, self.args, self.host, self.name = Path(model), args, host, name
+        self.http_port, self.grpc_port = free_ports(2, host)
+        self.log = Path(log) if log else None
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.proc = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self) -> None:
+        import time
+        root = Path(__file__).resolve().parent.parent
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "export.serve", str(self.model), "--host", self.host, "--name", self.name,
+             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *self.args],
+            cwd=root, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise ServeError(f"export.serve exited with status {self.proc.returncode} before it was ready"
+                                 + (f" (log: {self.log})" if self.log else ""))
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServeError(f"export.serve was not ready after {self.start_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def ready(self) -> bool:
+        """Both models ready (/v2/health/ready alone is true before pytriton has loaded any model)."""
+        import urllib.request
+        for path in ("health/ready", f"models/{self.name}/ready", f"models/{self.name}_image/ready"):
+            try:
+                with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/v2/{path}", timeout=5) as r:
+                    if r.status != 200:
+                        return False
+            except OSError:
+                return False
+        return True
+
+    def stop(self) -> int:
+        """SIGTERM, wait; SIGKILL if it outlives stop_timeout. Returns the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
 # ---------------------------------------------------------------- the server (runs in the server environment)
 
 def serve_main(argv) -> int:

@@ -12,8 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,29 +19,17 @@ import pytest
 from PIL import Image
 
 from export.runtime import NearlSession
-from export.serve import ensure_env
+from export.serve import ServeError, ServerProcess, ensure_env, free_ports
 from export.triton import Options, write_repository
 from tests.export_cases import exported
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT = Path(__file__).with_name("serve_client.py")
 HOST = "127.0.0.1"
-START_TIMEOUT_S = 240  # a bound on a loaded 2-core CI machine, not a speed check
 
 
 @pytest.fixture(scope="module")
 def server_python():
     return ensure_env()
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind((HOST, 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def port_free(port) -> bool:
@@ -58,60 +44,36 @@ def port_free(port) -> bool:
             return False
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, python, model, log):
-        self.python, self.model, self.log = python, model, log
-        self.http, self.grpc = free_ports(2)
         # A long queue delay so that 16 concurrent clients are certain to be batched together.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "export.serve", str(model), "--host", HOST, "--http-port", str(self.http),
-             "--grpc-port", str(self.grpc), "--max-batch-size", "8", "--max-queue-delay-us", "100000",
-             "--exit-timeout", "3"],
-            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self):
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"export.serve exited ({self.proc.returncode}):\n{self.tail()}"
-            if self.ready():
-                return
-            time.sleep(0.5)
-        pytest.fail(f"export.serve not ready after {START_TIMEOUT_S} s:\n{self.tail()}")
-
-    def ready(self) -> bool:
-        """Both models ready (/v2/health/ready alone is true before pytriton has loaded any model)."""
-        for path in ("health/ready", "models/nearl_clip/ready", "models/nearl_clip_image/ready"):
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{self.http}/v2/{path}", timeout=5) as r:
-                    if r.status != 200:
-                        return False
-            except OSError:
-                return False
-        return True
+        super().__init__(model, "--max-batch-size", "8", "--max-queue-delay-us", "100000", "--exit-timeout", "3",
+                         host=HOST, log=log)
+        self.python = python
 
     def client(self, mode, arrays, tmp_path):
-        src, dst = tmp_path / f"{mode}-in.npz", tmp_path / f"{mode}-out"
+        src = tmp_path / f"{mode}-in.npz"
+        dst = tmp_path / f"{mode}-out{'.npz' if mode == 'load' else '.json'}"
         np.savez(src, **arrays)
-        dst = dst.with_suffix(".npz" if mode == "load" else ".json")
-        done = subprocess.run([str(self.python), "-I", str(CLIENT), mode, HOST, str(self.http), str(self.grpc),
-                               "nearl_clip", str(src), str(dst)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([str(self.python), "-I", str(CLIENT), mode, HOST, str(self.http_port),
+                               str(self.grpc_port), self.name, str(src), str(dst)],
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:] + "\nserver log:\n" + self.tail()
         return dst
 
     def tail(self, n=40):
-        return "\n".join(Path(self.log).read_text(errors="replace").splitlines()[-n:])
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
 @pytest.fixture(scope="module")
 def server(server_python, tmp_path_factory):
     s = Server(server_python, exported("bidirectional"), tmp_path_factory.mktemp("serve") / "server.log")
     try:
-        s.wait_ready()
+        s.start()
+    except ServeError as e:
+        pytest.fail(f"{e}:\n{s.tail()}")
+    with s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(timeout=30)
 
 
 def _encoded(rng, h, w, gray, fmt):
@@ -170,14 +132,15 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, tmp_
 
 def test_sigterm_stops_the_server_and_frees_its_ports(server):
     server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(timeout=30) == 0, server.tail()
+    status = server.proc.wait(timeout=30)
+    assert status == 0, f"exit status {status}:\n{server.tail()}"
     assert "export.serve: stopped" in server.tail()
-    assert port_free(server.http) and port_free(server.grpc)
+    assert port_free(server.http_port) and port_free(server.grpc_port)
 
 
 def _tritonserver_log(python, repo):
     binary = next(Path(python).parent.parent.glob("lib/python*/site-packages/pytriton/tritonserver"))
-    http, grpc = free_ports(2)
+    http, grpc = free_ports(2, HOST)
     done = subprocess.run(
         [str(binary / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={binary}/backends",
          f"--http-address={HOST}", f"--grpc-address={HOST}", f"--http-port={http}", f"--grpc-port={grpc}",
