@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import nearl_rt
 from nearl_rt.atomic import atomic_output
+from nearl_rt.checkpoint import non_finite_tensor
 from nearl_rt.classifier import METHODS, Classifier, frozen_image_features, resolve_device
 from nearl_rt.cli import run_cli
 from nearl_rt.data import Dataset, Preprocess, load_images, parse_classes, read_dataset
@@ -229,6 +230,22 @@ def fit_linear_probe(model, images: torch.Tensor, labels: np.ndarray, l2: float)
     return weight.detach().float().to(device), bias.detach().float().to(device)
 
 
+def all_finite(loss: torch.Tensor, d: Dist) -> bool:
+    """Whether every process's loss is finite (all of them stop together)."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if d.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def diverged(out: Path, done_epochs: int, what: str) -> NearlError:
+    """The error that stops a run whose loss or weights turned NaN/Inf; nothing of that epoch is saved."""
+    kept = f"the last good checkpoint is {out / 'last.pt'} (epoch {done_epochs})" if done_epochs else \
+        "no checkpoint was written"
+    return NearlError(f"training stopped in epoch {done_epochs + 1}: {what} (the run diverged); {kept}. Start a new "
+                      f"--out with a lower --lr or --grad-clip")
+
+
 def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: list) -> None:
     preprocess = Preprocess(model.preprocess_cfg, hflip=args.hflip)
     train_images, train_labels = train
@@ -279,6 +296,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
                 logits = net(x, model.class_tokens).float()
             # sum over this process's images / global batch * world: DDP's averaging then gives the global mean
             loss = F.cross_entropy(logits, y, reduction="sum") * (d.world / len(batch))
+            if not all_finite(loss, d):
+                raise diverged(out, epoch, f"the training loss is not finite ({loss.item()}) at step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -295,6 +314,9 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             dist.all_reduce(stats)
             loss_sum, correct, seen = stats[0].item(), int(stats[1]), int(stats[2])
         train_time = time.perf_counter() - t0
+        bad = non_finite_tensor(model.adapter_state_dict())
+        if bad:
+            raise diverged(out, epoch, f"adapter tensor {bad} became NaN or Inf")
         val_metrics = evaluate_batches(classifier, val_x, val_y)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / n, "train_accuracy": correct / max(seen, 1),
                   "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
