@@ -263,15 +263,17 @@ def serve_main(argv) -> int:
     """Entry point inside the server environment (started by main through _BOOTSTRAP)."""
     import signal
     import tempfile
-    import threading
+    import time
 
     args = build_parser().parse_args(argv)
     # The Python-backend stub must load the libpython of the interpreter whose standard library it uses.
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
-    stop = threading.Event()
+    # A plain list, not a threading.Event: a handler that takes a lock the interrupted main thread
+    # holds (Event.wait does) deadlocks.
+    stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
     with tempfile.TemporaryDirectory(prefix="nearl-serve-") as workspace:
         try:
             triton, forwarders = _start(args, Path(workspace))
@@ -282,8 +284,9 @@ def serve_main(argv) -> int:
             host = args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"
             print(f"serving {args.name} and {args.name}_image on http://{host}:{args.http_port} and "
                   f"grpc {host}:{args.grpc_port} (ready; Ctrl-C or SIGTERM stops)", flush=True)
-            while not stop.wait(1.0):
-                if not triton.is_alive():
+            while not stop:
+                time.sleep(0.5)
+                if not stop and not triton.is_alive():
                     print("export.serve: tritonserver exited unexpectedly", file=sys.stderr, flush=True)
                     return 1
         finally:
