@@ -23,6 +23,7 @@ from onnxscript import opset23 as op23
 from onnxscript.onnx_types import BOOL, FLOAT
 
 from export.graph import export_module, reference_ops
+from export.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
 from export.runtime import METADATA_PREFIX, decode_metadata
 from nearl_rt.atomic import atomic_output
 from nearl_rt.errors import NearlError
@@ -46,13 +47,14 @@ class ExportError(NearlError):
 
 def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
                  batch_size: Union[str, int] = "dynamic", verify: bool = True,
-                 checkpoint_sha256: Optional[str] = None) -> Path:
+                 checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None) -> Path:
     """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
 
     opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
     outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
     int; verify: onnx.checker + onnxruntime CPU vs PyTorch at two batch sizes (raises ExportError on a
-    mismatch); checkpoint_sha256: recorded in the metadata. Returns the written path.
+    mismatch); checkpoint_sha256: recorded in the metadata; intensity: the image intensity policy the model
+    was trained with (export.imaging; recorded so NearlSession applies it). Returns the written path.
     """
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or opset < MIN_OPSET:
@@ -67,7 +69,7 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
         raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
     with atomic_output(out_path) as tmp:
         proto = _to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
-        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256))
+        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256, intensity))
         onnx.save(proto, tmp)
         if optimize:
             _optimize_offline(tmp)
@@ -134,7 +136,8 @@ def _input_size(model) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str]) -> dict:
+def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str],
+              intensity: Optional[IntensityPolicy] = None) -> dict:
     from nearl_rt import __version__
     cfg = model.preprocess_cfg
     return {
@@ -146,6 +149,7 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
         "std": json.dumps([float(v) for v in cfg["std"]]),
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
+        "intensity": (intensity or DEFAULT_POLICY).to_json(),
         "backbone": model.backbone_identity.name,
         "backbone_sha256": model.backbone_identity.sha256 or "",
         "nearl_rt_version": __version__,
@@ -220,21 +224,24 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
     return result
 
 
-def load_exportable(checkpoint, pretrained: Optional[str] = None):
-    """A checkpoint's model, ready for export_model (a NEARL model with class names), or ExportError."""
+def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None, **options):
+    """Export a checkpoint's model (a NEARL model with class names, else ExportError) with its recorded
+    intensity policy and sha256; options go to export_model. Returns (path, model)."""
+    from export.hashing import sha256_file
     from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
-    method = (read_checkpoint(checkpoint).get("extra") or {}).get("method", "nearl")
-    if method == "linear_probe":
+    extra = read_checkpoint(checkpoint).get("extra") or {}
+    if extra.get("method", "nearl") == "linear_probe":
         raise ExportError(f"{checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
                           f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
     model = load_checkpoint(checkpoint, pretrained=pretrained, backend="torch")
     if not model.class_names:
         raise ExportError(f"{checkpoint} stores no class names: set classes before saving the checkpoint")
-    return model
+    path = export_model(model, out_path, checkpoint_sha256=sha256_file(checkpoint),
+                        intensity=resolve_policy(extra.get("intensity"), None, checkpoint), **options)
+    return path, model
 
 
 def main(argv=None) -> int:
-    from nearl_rt.backbone import sha256_file
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
     parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
@@ -243,17 +250,22 @@ def main(argv=None) -> int:
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    parser.add_argument("--preprocess", action="store_true",
+                        help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
+                             "(export/preprocess_graph.py; for C++ and other clients without Pillow)")
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
-    model = load_exportable(args.checkpoint, args.pretrained)
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(sys.stderr))
     log.propagate = False  # the exporter's libraries configure the root logger: print each line once
-    path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
-                        batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint))
+    path, model = export_checkpoint(args.checkpoint, out, pretrained=args.pretrained, opset=args.opset,
+                                    fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
           f"{len(model.class_names)} classes)")
+    if args.preprocess:
+        from export import preprocess_graph
+        preprocess_graph.main([str(path)])
     return 0
 
 

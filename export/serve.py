@@ -82,20 +82,18 @@ def default_env_dir() -> Path:
 
 
 def env_requirements() -> list:
-    """pytriton with numpy<2, and the same onnxruntime and Pillow builds as here, so that the served
-    model computes what NearlSession computes in this environment."""
+    """pytriton with numpy<2, and the same onnxruntime, Pillow and DICOM readers (those installed) as
+    here, so that the served model decodes and computes what NearlSession does in this environment."""
     from importlib.metadata import PackageNotFoundError, version
-    reqs = [PYTRITON, "numpy>=1.21,<2"]
-    for dists in (("onnxruntime-gpu", "onnxruntime"), ("pillow",)):
-        for dist in dists:
-            try:
-                reqs.append(f"{dist}=={version(dist)}")
-                break
-            except PackageNotFoundError:
-                continue
-        else:
-            reqs.append(dists[-1])
-    return reqs
+
+    def installed(dist):
+        try:
+            return f"{dist}=={version(dist)}"
+        except PackageNotFoundError:
+            return None
+    runtime = installed("onnxruntime-gpu") or installed("onnxruntime") or "onnxruntime"
+    optional = [r for r in map(installed, ("pydicom", "python-gdcm")) if r]
+    return [PYTRITON, "numpy>=1.21,<2", runtime, installed("pillow") or "pillow", *optional]
 
 
 def base_python() -> str:
@@ -215,6 +213,8 @@ class ServerProcess:
 
     def start(self) -> None:
         import time
+        if self.proc is not None and self.proc.poll() is None:
+            raise ServeError(f"this server is running already (pid {self.proc.pid}); stop() it first")
         root = Path(__file__).resolve().parent.parent
         out = open(self.log, "w") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -356,20 +356,26 @@ class ImageForwarder:
         return [self._one(r["image_bytes"]) for r in requests]
 
     def _one(self, encoded):
-        import io
+        import tempfile
 
         import numpy as np
         import tritonclient.grpc as grpcclient
-        from PIL import Image, UnidentifiedImageError
+
+        from export.imaging import load_image
 
         images = []
-        for i, data in enumerate(encoded.reshape(-1)):
-            try:
-                with Image.open(io.BytesIO(bytes(data))) as im:
-                    images.append(im.convert("RGB"))
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise ValueError(f"image_bytes[{i}] is not a decodable image ({e}); send PNG/JPEG/... file "
-                                 f"contents") from None
+        with tempfile.TemporaryDirectory(prefix="nearl-image-") as tmp:
+            for i, data in enumerate(encoded.reshape(-1)):
+                # A file, so that DICOM, 16-bit and multi-frame images are read exactly as
+                # NearlSession.predict reads a path (export.imaging, the model's intensity policy).
+                path = os.path.join(tmp, f"image_bytes[{i}]")
+                with open(path, "wb") as f:
+                    f.write(bytes(data))
+                try:
+                    images.append(load_image(path, self.session.intensity))
+                except (OSError, ValueError) as e:  # export.imaging.ImageError is a ValueError
+                    raise ValueError(f"image_bytes[{i}] is not a decodable image ({str(e).replace(path, 'it')}); "
+                                     f"send PNG/JPEG/DICOM/... file contents") from None
         if not images:
             raise ValueError("image_bytes is empty: send at least one encoded image")
         batch = self.session.preprocess(images)

@@ -10,6 +10,12 @@ config.pbtxt is parsed with Triton's own protobuf schema (tritonclient's model_c
 fields, bad enums and brace errors fail with line:column) and checked against the ONNX graph (names,
 dtypes, dims without the batch axis, one output per class, batch settings). `--check DIR/<name>` runs
 the same checks on a repository edited by hand.
+
+`--with-preprocess` adds the server-side preprocessing as a Triton ensemble (all onnxruntime, GPU or CPU):
+
+    DIR/<name>_preprocess/    export.preprocess_graph's graph: image UINT8 [1, H, W, C] (any H, W; C = 3 or 1)
+                              -> images FP32 [1, 3, S, S], what NearlSession.preprocess computes
+    DIR/<name>_image/         ensemble: image -> <name>_preprocess -> <name> (its dynamic batcher) -> logits, probs
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from export.runtime import METADATA_PREFIX, decode_metadata
+from export.runtime import METADATA_PREFIX, PREPROCESS_KIND, decode_metadata, preprocess_graph_path
 from nearl_rt.errors import NearlError
 
 MODEL_FILE = "model.onnx"
@@ -70,6 +76,15 @@ class Options:
     gpu: bool = True
     tensorrt_fp16: bool = False
     max_queue_delay_us: int = 2000
+    with_preprocess: bool = False
+
+    @property
+    def preprocess_name(self) -> str:
+        return f"{self.name}_preprocess"
+
+    @property
+    def ensemble_name(self) -> str:
+        return f"{self.name}_image"
 
 
 def model_config_pb2():
@@ -94,7 +109,7 @@ def read_signature(onnx_path) -> Signature:
         raise RepositoryError(f"cannot read {onnx_path} as ONNX: {str(e).splitlines()[0] if str(e) else e}") from None
     meta = decode_metadata({p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props
                             if p.key.startswith(METADATA_PREFIX)})
-    if "class_names" not in meta or "input_size" not in meta:
+    if "input_size" not in meta or ("class_names" not in meta and meta.get("kind") != PREPROCESS_KIND):
         raise RepositoryError(f"{onnx_path} lacks the nearl.* metadata: it was not written by `python -m export.onnx`")
     initializers = {i.name for i in proto.graph.initializer}
 
@@ -107,7 +122,22 @@ def read_signature(onnx_path) -> Signature:
                           tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim))
 
     return Signature(tuple(spec(v) for v in proto.graph.input if v.name not in initializers),
-                     tuple(spec(v) for v in proto.graph.output), tuple(meta["class_names"]), meta)
+                     tuple(spec(v) for v in proto.graph.output), tuple(meta.get("class_names", ())), meta)
+
+
+def _onnx_config(pb, name: str, sig: Signature, opts: Options, max_batch_size: int):
+    """An onnxruntime-backend ModelConfig with the graph's tensors (dims without the batch axis when batching)."""
+    c = pb.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size)
+    skip = 1 if max_batch_size else 0
+    for t in sig.inputs:
+        c.input.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=t.shape[skip:])
+    for t in sig.outputs:
+        out = c.output.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=t.shape[skip:])
+        if t.name == "probs":
+            out.label_filename = LABELS_FILE  # enables Triton's classification extension (top-k labels)
+    c.instance_group.add(count=opts.instances,
+                         kind=pb.ModelInstanceGroup.KIND_GPU if opts.gpu else pb.ModelInstanceGroup.KIND_CPU)
+    return c
 
 
 def build_config(sig: Signature, opts: Options):
@@ -116,17 +146,9 @@ def build_config(sig: Signature, opts: Options):
     if not sig.dynamic_batch:
         raise RepositoryError("the model has a fixed batch size: Triton then needs max_batch_size 0 and loses dynamic "
                               "batching; re-export with `python -m export.onnx CKPT --batch-size dynamic`")
-    c = pb.ModelConfig(name=opts.name, backend="onnxruntime", max_batch_size=opts.max_batch_size)
-    for t in sig.inputs:
-        c.input.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=t.shape[1:])
-    for t in sig.outputs:
-        out = c.output.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=t.shape[1:])
-        if t.name == "probs":
-            out.label_filename = LABELS_FILE  # enables Triton's classification extension (top-k labels)
+    c = _onnx_config(pb, opts.name, sig, opts, opts.max_batch_size)
     # No preferred_batch_size: Triton's batcher guide advises leaving it unset unless some sizes are much faster.
     c.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
-    c.instance_group.add(count=opts.instances,
-                         kind=pb.ModelInstanceGroup.KIND_GPU if opts.gpu else pb.ModelInstanceGroup.KIND_CPU)
     if opts.tensorrt_fp16:
         _add_tensorrt_fp16(c, sig, opts.max_batch_size)
     # Triton marks the model ready only after the warm-up ran: batch 1 and the largest batch, so the first
@@ -136,6 +158,31 @@ def build_config(sig: Signature, opts: Options):
         for t in sig.inputs:
             warm.inputs[t.name].CopyFrom(pb.ModelWarmup.Input(data_type=pb.DataType.Value(t.data_type),
                                                              dims=t.shape[1:], random_data=True))
+    return c
+
+
+def build_preprocess_config(sig: Signature, opts: Options):
+    """The preprocessing graph's ModelConfig: one image of any size per request, so no batching of its own
+    (the classifier behind it batches)."""
+    return _onnx_config(model_config_pb2(), opts.preprocess_name, sig, opts, 0)
+
+
+def build_ensemble_config(pre: Signature, classifier: Signature, opts: Options):
+    """image -> <name>_preprocess -> <name> -> logits, probs, pinned to the same version of both."""
+    pb = model_config_pb2()
+    c = pb.ModelConfig(name=opts.ensemble_name, platform="ensemble", max_batch_size=0)
+    (image,) = pre.inputs
+    c.input.add(name=image.name, data_type=pb.DataType.Value(image.data_type), dims=image.shape)
+    for t in classifier.outputs:  # [1, C]: the one preprocessed image as a batch of 1
+        c.output.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=(1, *t.shape[1:]))
+    (pre_out,) = pre.outputs
+    step = c.ensemble_scheduling.step.add(model_name=opts.preprocess_name, model_version=opts.version)
+    step.input_map[image.name] = image.name
+    step.output_map[pre_out.name] = "preprocessed"
+    step = c.ensemble_scheduling.step.add(model_name=opts.name, model_version=opts.version)
+    step.input_map[INPUT] = "preprocessed"
+    for t in classifier.outputs:
+        step.output_map[t.name] = t.name
     return c
 
 
@@ -221,10 +268,72 @@ def config_problems(config, sig: Signature, labels: Optional[list], dir_name: st
     return problems
 
 
+def _compatible(a, b) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
+
+
+def ensemble_problems(config, repo: Path) -> list:
+    """What in an ensemble's steps does not fit the models it names in `repo` (names, versions, data types,
+    shapes: a batching model's tensors have a batch axis of any size in front of their dims)."""
+    pb = model_config_pb2()
+    tensors = {t.name: (t.data_type, tuple(t.dims)) for t in config.input}
+    problems = []
+    for step in config.ensemble_scheduling.step:
+        where = f"step {step.model_name!r}"
+        model_dir = repo / step.model_name
+        if not (model_dir / CONFIG_FILE).is_file():
+            problems.append(f"{where}: no model {model_dir}")
+            continue
+        if step.model_version > 0 and not (model_dir / str(step.model_version)).is_dir():
+            problems.append(f"{where}: version {step.model_version} does not exist in {model_dir}")
+        model = parse_config(model_dir / CONFIG_FILE)
+        batch = (-1,) if model.max_batch_size else ()
+        inputs = {t.name: (t.data_type, batch + tuple(t.dims)) for t in model.input}
+        outputs = {t.name: (t.data_type, batch + tuple(t.dims)) for t in model.output}
+        for model_input, tensor in step.input_map.items():
+            if tensor not in tensors:
+                problems.append(f"{where}: input {tensor!r} is neither an ensemble input nor an earlier step's output")
+            elif model_input not in inputs:
+                problems.append(f"{where}: the model has no input {model_input!r}")
+            elif tensors[tensor][0] != inputs[model_input][0] or not _compatible(tensors[tensor][1],
+                                                                                 inputs[model_input][1]):
+                problems.append(f"{where}: {tensor!r} {pb.DataType.Name(tensors[tensor][0])}{list(tensors[tensor][1])} "
+                                f"does not fit input {model_input!r} {pb.DataType.Name(inputs[model_input][0])}"
+                                f"{list(inputs[model_input][1])}")
+        missing = [n for n in inputs if n not in step.input_map]
+        if missing:
+            problems.append(f"{where}: inputs {missing} are not mapped")
+        for model_output, tensor in step.output_map.items():
+            if model_output not in outputs:
+                problems.append(f"{where}: the model has no output {model_output!r}")
+            else:
+                tensors[tensor] = outputs[model_output]
+    for t in config.output:
+        got = tensors.get(t.name)
+        if got is None:
+            problems.append(f"output {t.name!r} is produced by no step")
+        elif got[0] != t.data_type or not _compatible(got[1], tuple(t.dims)):
+            problems.append(f"output {t.name!r}: {pb.DataType.Name(t.data_type)}{list(t.dims)}, the step produces "
+                            f"{pb.DataType.Name(got[0])}{list(got[1])}")
+    return problems
+
+
 def check_model_dir(model_dir) -> Path:
-    """Parse and check DIR/<name>/config.pbtxt against its newest version's model.onnx; returns that file."""
+    """Parse and check DIR/<name>/config.pbtxt against its newest version's model.onnx (an ensemble: against
+    the models of its steps, each checked too); returns that file (an ensemble: its directory)."""
     model_dir = Path(model_dir)
     config = parse_config(model_dir / CONFIG_FILE)
+    if config.platform == "ensemble":
+        problems = ensemble_problems(config, model_dir.parent)
+        if not any(p.is_dir() and p.name.isdigit() for p in model_dir.iterdir()):
+            problems.append("no numeric version directory (an ensemble's is empty: mkdir 1)")
+        if config.name and config.name != model_dir.name:
+            problems.insert(0, f"name {config.name!r} differs from the directory name {model_dir.name!r}")
+        if problems:
+            raise RepositoryError(f"{model_dir / CONFIG_FILE}: " + "; ".join(problems))
+        for step in config.ensemble_scheduling.step:
+            check_model_dir(model_dir.parent / step.model_name)
+        return model_dir
     versions = sorted((int(p.name), p) for p in model_dir.iterdir()
                       if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
     if not versions:
@@ -255,26 +364,27 @@ def _check_options(opts: Options) -> None:
 
 def write_repository(model, repo, opts: Options = Options(), *, force: bool = False,
                      pretrained: Optional[str] = None) -> Path:
-    """Write (or add a version to) REPO/<name> from an exported .onnx or a checkpoint; returns the model dir.
+    """Write (or add a version to) REPO/<name> from an exported .onnx or a checkpoint, with
+    opts.with_preprocess also REPO/<name>_preprocess and the ensemble REPO/<name>_image; returns REPO/<name>.
 
-    The new version directory, config.pbtxt and labels.txt are written and checked in a temporary
-    directory inside REPO, then moved into place: config and labels first (each an atomic rename),
-    the version directory last, so a polling server never sees a new model beside an old config.
+    Everything is written and checked in a temporary directory inside REPO, then moved into place
+    model by model (the ensemble last): config and labels first (each an atomic rename), the version
+    directory last, so a polling server never sees a new model beside an old config.
     """
     _check_options(opts)
     model, repo = Path(model), Path(repo)
     if not model.is_file():
         raise RepositoryError(f"model not found: {model} (give an exported .onnx or a nearl-rt checkpoint)")
+    names = [opts.name] + ([opts.preprocess_name, opts.ensemble_name] if opts.with_preprocess else [])
+    for name in names:
+        version_dir = repo / name / str(opts.version)
+        if version_dir.exists() and not force:
+            raise RepositoryError(f"{version_dir} exists: choose another --version, or pass --force to replace it")
     repo.mkdir(parents=True, exist_ok=True)
-    model_dir = repo / opts.name
-    version_dir = model_dir / str(opts.version)
-    if version_dir.exists() and not force:
-        raise RepositoryError(f"{version_dir} exists: choose another --version, or pass --force to replace it")
     staging = Path(tempfile.mkdtemp(prefix=f".{opts.name}.", suffix=".tmp", dir=repo))
     try:
-        staged = staging / opts.name  # Triton's check wants the directory named like the model
-        onnx_path = staged / str(opts.version) / MODEL_FILE
-        onnx_path.parent.mkdir(parents=True)
+        # Triton's checks want each directory named like its model.
+        onnx_path = _staged_version(staging, opts.name, opts)
         if model.suffix == ".onnx":
             shutil.copyfile(model, onnx_path)
         else:
@@ -283,21 +393,63 @@ def write_repository(model, repo, opts: Options = Options(), *, force: bool = Fa
         bad = [c for c in sig.class_names if not c or "\n" in c or "\r" in c]
         if bad:
             raise RepositoryError(f"class names {bad!r} cannot be lines of {LABELS_FILE} (empty or with line breaks)")
-        (staged / CONFIG_FILE).write_text(config_text(build_config(sig, opts), model.name))
-        (staged / LABELS_FILE).write_text("".join(f"{c}\n" for c in sig.class_names), encoding="utf-8")
-        check_model_dir(staged)
-        _move_into_place(staged, model_dir, str(opts.version))
+        _write_config(staging / opts.name, build_config(sig, opts), model.name)
+        (staging / opts.name / LABELS_FILE).write_text("".join(f"{c}\n" for c in sig.class_names), encoding="utf-8")
+        if opts.with_preprocess:
+            given = preprocess_graph_path(model) if model.suffix == ".onnx" else None
+            _stage_preprocess(staging, onnx_path, given if given and given.is_file() else None, sig, opts, model.name)
+        for name in names:
+            check_model_dir(staging / name)
+        for name in names:
+            _move_into_place(staging / name, repo / name, str(opts.version))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return model_dir
+    return repo / opts.name
+
+
+def _staged_version(staging: Path, name: str, opts: Options) -> Path:
+    path = staging / name / str(opts.version) / MODEL_FILE
+    path.parent.mkdir(parents=True)
+    return path
+
+
+def _write_config(model_dir: Path, config, source: str) -> None:
+    (model_dir / CONFIG_FILE).write_text(config_text(config, source))
+
+
+def _stage_preprocess(staging: Path, classifier: Path, given: Optional[Path], sig: Signature, opts: Options,
+                      source: str) -> None:
+    """<name>_preprocess and the ensemble. The graph is MODEL.preprocess.onnx when the export wrote one
+    (`python -m export.onnx CKPT --preprocess`, verified then) and it belongs to this classifier; else
+    it is written and verified now."""
+    from export.hashing import sha256_file
+    from export.preprocess_graph import PreprocessGraphError, export_preprocess_graph, read_preprocess_metadata
+    pre_path = _staged_version(staging, opts.preprocess_name, opts)
+    try:
+        if given is None:
+            export_preprocess_graph(classifier, pre_path)
+        elif read_preprocess_metadata(given).get("classifier_sha256") != sha256_file(classifier):
+            raise RepositoryError(f"{given} was written for another classifier (nearl.classifier_sha256); rewrite it "
+                                  f"with `python -m export.preprocess_graph {given.with_suffix('').with_suffix('')}"
+                                  f".onnx` or delete it")
+        else:
+            shutil.copyfile(given, pre_path)
+    except PreprocessGraphError as e:
+        raise RepositoryError(f"--with-preprocess: {e}") from None
+    pre = read_signature(pre_path)
+    _write_config(staging / opts.preprocess_name, build_preprocess_config(pre, opts),
+                  f"the preprocessing graph of {source}")
+    _staged_version(staging, opts.ensemble_name, opts)  # an ensemble's version directory stays empty
+    _write_config(staging / opts.ensemble_name, build_ensemble_config(pre, sig, opts), source)
 
 
 def _move_into_place(staged: Path, model_dir: Path, version: str) -> None:
     if not model_dir.exists():
         staged.rename(model_dir)
         return
-    for item in (CONFIG_FILE, LABELS_FILE):
-        os.replace(staged / item, model_dir / item)
+    for item in staged.iterdir():
+        if item.is_file():
+            os.replace(item, model_dir / item.name)
     old = model_dir / version
     if old.exists():
         old.rename(staged / f"old-{version}")  # removed with the staging directory
@@ -305,9 +457,8 @@ def _move_into_place(staged: Path, model_dir: Path, version: str) -> None:
 
 
 def _export_checkpoint(ckpt: Path, out: Path, pretrained: Optional[str]) -> None:
-    from export.onnx import export_model, load_exportable
-    from nearl_rt.backbone import sha256_file
-    export_model(load_exportable(ckpt, pretrained), out, checkpoint_sha256=sha256_file(ckpt))
+    from export.onnx import export_checkpoint
+    export_checkpoint(ckpt, out, pretrained=pretrained)
 
 
 def main(argv=None) -> int:
@@ -327,6 +478,9 @@ def main(argv=None) -> int:
                         help="run through onnxruntime's TensorRT provider in FP16 (check accuracy on your data)")
     parser.add_argument("--max-queue-delay-us", type=int, default=Options.max_queue_delay_us,
                         help="how long the dynamic batcher waits for more requests (default %(default)s)")
+    parser.add_argument("--with-preprocess", action="store_true",
+                        help="add <name>_preprocess (the preprocessing graph) and the ensemble <name>_image: "
+                             "uint8 images of any size in, logits/probs out")
     parser.add_argument("--force", action="store_true", help="replace an existing version")
     parser.add_argument("--pretrained", help="the backbone weights file, when exporting a checkpoint whose file moved")
     args = parser.parse_args(argv)
@@ -337,9 +491,10 @@ def main(argv=None) -> int:
     if not args.model or not args.repo:
         parser.error("give MODEL and --repo DIR (or --check MODEL_DIR)")
     opts = Options(args.name, args.version, args.max_batch_size, args.instances, args.gpu, args.tensorrt_fp16,
-                   args.max_queue_delay_us)
+                   args.max_queue_delay_us, args.with_preprocess)
     model_dir = write_repository(args.model, args.repo, opts, force=args.force, pretrained=args.pretrained)
-    print(f"wrote {model_dir}/{opts.version}/{MODEL_FILE} with {CONFIG_FILE} and {LABELS_FILE} (checked); "
+    extra = f", {opts.preprocess_name} and the ensemble {opts.ensemble_name}" if opts.with_preprocess else ""
+    print(f"wrote {model_dir}/{opts.version}/{MODEL_FILE} with {CONFIG_FILE} and {LABELS_FILE}{extra} (checked); "
           f"serve it with: docker run --rm -p8000:8000 -p8001:8001 -v {Path(args.repo).resolve()}:/models "
           f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
     return 0

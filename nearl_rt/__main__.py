@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from export.imaging import resolve_policy
 from nearl_rt.checkpoint import read_checkpoint
 from nearl_rt.cli import run_cli
 from nearl_rt.config import preset_name
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
         "class_names": payload["class_names"],
         "template": payload.get("template"),
         "backbone": payload["backbone"],
+        "intensity": str(resolve_policy((payload.get("extra") or {}).get("intensity"), None, args.checkpoint)),
         "adapter_parameters": sum(t.numel() for t in payload["adapter"].values()),
     }
     if args.json:

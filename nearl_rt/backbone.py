@@ -1,7 +1,6 @@
 """Frozen open_clip backbones, built from a local weights file or random init; never downloaded."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -14,6 +13,7 @@ from typing import Optional
 import open_clip
 import torch
 
+from export.hashing import sha256_file  # noqa: F401 - nearl_rt.backbone.sha256_file is used across the project
 from nearl_rt.errors import BackboneError, RandomBackboneWarning
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -37,14 +37,6 @@ class BackboneIdentity:
     path: Optional[str] = None     # where the weights file was when the model was built (a hint)
     quick_gelu: bool = False
     init_seed: Optional[int] = None  # random init only: the seed that rebuilds the same weights
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_torchscript_archive(path: str) -> bool:

@@ -8,9 +8,13 @@ import tempfile
 from pathlib import Path
 
 from export.onnx import export_model
+from export.preprocess_graph import export_preprocess_graph
 from tests.helpers import CLASSES, perturb_adapters, tiny
 
 TEMPLATE = "a chest x-ray showing {}."
+# One uint8 step on one of the tiny model's 32x32 pixels weighs ~50x more than on one of vit_b16's 224x224
+# (where export.preprocess_graph's 1e-5 holds with room: ~4e-7); measured here up to 1.4e-5.
+TINY_PREPROCESS_PROBS_ATOL = 1e-4
 _DIR = Path(tempfile.mkdtemp(prefix="nearl-export-tests-"))
 atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
@@ -29,3 +33,11 @@ def exported(interaction: str, fp16: bool = False, batch_size="dynamic", optimiz
     name = f"{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}.onnx"
     return export_model(tiny_model(interaction), _DIR / name, fp16=fp16, batch_size=batch_size, optimize=optimize,
                         opset=opset, checkpoint_sha256="ab" * 32)
+
+
+@functools.lru_cache(maxsize=None)
+def exported_with_preprocess(interaction: str, **kwargs) -> Path:
+    """exported(interaction, **kwargs) plus its preprocessing graph next to it (model.preprocess.onnx)."""
+    path = exported(interaction, **kwargs)
+    export_preprocess_graph(path, probs_atol=TINY_PREPROCESS_PROBS_ATOL)
+    return path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Not rglob from ROOT: CI creates its venv inside the checkout.
-DOC_DIRS = ("docs", "nearl_rt", "kernels", "export", "bench", "examples", "tests")
+DOC_DIRS = ("docs", "nearl_rt", "kernels", "export", "bench", "cpp", "tests")
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]]+\]:\s*(\S+)", re.M)
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 CODE_SPAN = re.compile(r"`[^`\n]*`")

@@ -7,7 +7,8 @@ import pytest
 import nearl_rt
 from export.triton import (Options, RepositoryError, check_model_dir, main, model_config_pb2, parse_config,
                            write_repository)
-from tests.export_cases import exported, tiny_model
+from export.runtime import preprocess_graph_path
+from tests.export_cases import exported, exported_with_preprocess, tiny_model
 from tests.helpers import CLASSES
 
 
@@ -60,6 +61,67 @@ def test_existing_version_needs_force_and_force_replaces_it(tmp_path):
     assert (tmp_path / "nearl_clip" / "1" / "model.onnx").read_bytes() == exported("text_cacheable").read_bytes()
     assert _files(tmp_path) == ["nearl_clip", "nearl_clip/1", "nearl_clip/1/model.onnx", "nearl_clip/config.pbtxt",
                                 "nearl_clip/labels.txt"]
+
+
+def _with_preprocess(tmp_path, **options):
+    return write_repository(exported_with_preprocess("bidirectional"), tmp_path,
+                            Options(gpu=False, with_preprocess=True, **options))
+
+
+def test_with_preprocess_adds_the_graph_and_an_ensemble(tmp_path):
+    _with_preprocess(tmp_path, version=2)
+    model = exported_with_preprocess("bidirectional")
+    assert _files(tmp_path) == [
+        "nearl_clip", "nearl_clip/2", "nearl_clip/2/model.onnx", "nearl_clip/config.pbtxt", "nearl_clip/labels.txt",
+        "nearl_clip_image", "nearl_clip_image/2", "nearl_clip_image/config.pbtxt",
+        "nearl_clip_preprocess", "nearl_clip_preprocess/2", "nearl_clip_preprocess/2/model.onnx",
+        "nearl_clip_preprocess/config.pbtxt"]
+    assert (tmp_path / "nearl_clip_preprocess/2/model.onnx").read_bytes() == preprocess_graph_path(model).read_bytes()
+    pb = model_config_pb2()
+    pre = parse_config(tmp_path / "nearl_clip_preprocess" / "config.pbtxt")
+    assert (pre.backend, pre.max_batch_size) == ("onnxruntime", 0)
+    assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in pre.input] == \
+        [("image", "TYPE_UINT8", [1, -1, -1, -1])]
+    assert [(t.name, list(t.dims)) for t in pre.output] == [("images", [1, 3, 32, 32])]
+    ens = parse_config(tmp_path / "nearl_clip_image" / "config.pbtxt")
+    assert (ens.platform, ens.max_batch_size) == ("ensemble", 0)
+    assert [(s.model_name, s.model_version, dict(s.input_map), dict(s.output_map))
+            for s in ens.ensemble_scheduling.step] == [
+        ("nearl_clip_preprocess", 2, {"image": "image"}, {"images": "preprocessed"}),
+        ("nearl_clip", 2, {"images": "preprocessed"}, {"logits": "logits", "probs": "probs"})]
+    assert [(t.name, list(t.dims)) for t in ens.output] == [("logits", [1, 3]), ("probs", [1, 3])]
+    assert check_model_dir(tmp_path / "nearl_clip_image") == tmp_path / "nearl_clip_image"
+    with pytest.raises(RepositoryError, match="nearl_clip/2 exists"):
+        _with_preprocess(tmp_path, version=2, name="nearl_clip")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.replace('model_name: "nearl_clip"\n', 'model_name: "nearl_clp"\n'), r"no model .*nearl_clp"),
+    (lambda t: t.replace("model_version: 1", "model_version: 7", 1), r"version 7 does not exist"),
+    (lambda t: t.replace('value: "preprocessed"', 'value: "pre"', 1),
+     r"input 'preprocessed' is neither an ensemble input nor an earlier step's output"),
+    (lambda t: t.replace("dims: 1\n  dims: 3\n}", "dims: 1\n  dims: 4\n}", 1),
+     r"output 'logits': TYPE_FP32\[1, 4\], the step produces TYPE_FP32\[-1, 3\]"),
+    (lambda t: t.replace("data_type: TYPE_UINT8", "data_type: TYPE_FP32"),
+     r"'image' TYPE_FP32\[1, -1, -1, -1\] does not fit input 'image' TYPE_UINT8"),
+])
+def test_check_catches_ensemble_edits(tmp_path, edit, match):
+    _with_preprocess(tmp_path)
+    config = tmp_path / "nearl_clip_image" / "config.pbtxt"
+    edited = edit(config.read_text())
+    assert edited != config.read_text()
+    config.write_text(edited)
+    with pytest.raises(RepositoryError, match=match):
+        check_model_dir(tmp_path / "nearl_clip_image")
+
+
+def test_with_preprocess_refuses_a_graph_of_another_classifier(tmp_path):
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(exported("text_cacheable"), model)
+    shutil.copyfile(preprocess_graph_path(exported_with_preprocess("bidirectional")), preprocess_graph_path(model))
+    with pytest.raises(RepositoryError, match="written for another classifier"):
+        write_repository(model, tmp_path / "repo", Options(gpu=False, with_preprocess=True))
+    assert _files(tmp_path / "repo") == []
 
 
 def test_from_a_checkpoint(tmp_path):
