@@ -16,8 +16,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
@@ -25,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import numpy as np  # noqa: E402
 
+from bench.serving_client import closed_loop  # noqa: E402
 from export.runtime import NearlSession  # noqa: E402
 from export.serve import ServerProcess, ensure_env  # noqa: E402
 
@@ -53,31 +52,9 @@ def export_preset(preset: str, out_dir: Path) -> Path:
 
 def direct(session: NearlSession, images, concurrency: int, requests: int) -> dict:
     """`concurrency` threads sharing one NearlSession, each running one image per call."""
-    latencies, lock = [], threading.Lock()
-    per_thread = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
-    barrier = threading.Barrier(concurrency + 1)
-
-    def worker(n, offset):
-        mine = []
-        barrier.wait()
-        for i in range(n):
-            start = time.perf_counter()
-            session.run(images[(offset + i) % len(images)])
-            mine.append(time.perf_counter() - start)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(n, i)) for i, n in enumerate(per_thread)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    ms = np.array(latencies) * 1e3
-    return {"concurrency": concurrency, "requests": len(ms), "images_per_s": len(ms) / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    def make_client(k):
+        return lambda i: session.run(images[(k + i) % len(images)])
+    return closed_loop(make_client, concurrency, requests)
 
 
 def served(python, model: Path, size, delay_us: int, args) -> list:

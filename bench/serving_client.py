@@ -1,4 +1,5 @@
-"""Closed-loop gRPC load for bench/serving.py, run by the server environment's python (tritonclient lives there).
+"""Closed-loop load for bench/serving.py: closed_loop (also used in-process there) and, run by the server
+environment's python (tritonclient lives there), gRPC clients of export.serve.
 
     python serving_client.py HOST PORT MODEL H W CONCURRENCY[,..] REQUESTS SEED
 
@@ -11,28 +12,26 @@ import threading
 import time
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 
 
-def measure(url, model, images, concurrency, requests):
+def closed_loop(make_client, concurrency: int, requests: int) -> dict:
+    """`concurrency` threads, each `call = make_client(k)` (set-up, not timed) then `call(i)` for its share
+    of `requests`, waiting for each answer before the next. Images/s over the wall time, p50/p99 in ms."""
     latencies, lock = [], threading.Lock()
     per_client = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
     barrier = threading.Barrier(concurrency + 1)
 
-    def client(n, offset):
-        c = grpcclient.InferenceServerClient(url)
-        inp = grpcclient.InferInput("images", list(images[0].shape), "FP32")
-        mine = []
-        c.infer(model, [_set(inp, images[offset % len(images)])])  # connection set up, not timed
+    def client(k, n):
+        call, mine = make_client(k), []
         barrier.wait()
         for i in range(n):
             start = time.perf_counter()
-            c.infer(model, [_set(inp, images[(offset + i) % len(images)])])
+            call(i)
             mine.append(time.perf_counter() - start)
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client, args=(n, i)) for i, n in enumerate(per_client)]
+    threads = [threading.Thread(target=client, args=(k, n)) for k, n in enumerate(per_client)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -45,13 +44,25 @@ def measure(url, model, images, concurrency, requests):
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def _set(inp, x):
-    inp.set_data_from_numpy(x)
-    return inp
+def grpc_client(url, model, images):
+    """make_client for closed_loop: one gRPC connection per client, one image per request."""
+    import tritonclient.grpc as grpcclient
+
+    def make_client(k):
+        c = grpcclient.InferenceServerClient(url)
+        inp = grpcclient.InferInput("images", list(images[0].shape), "FP32")
+
+        def call(i):
+            inp.set_data_from_numpy(images[(k + i) % len(images)])
+            c.infer(model, [inp])
+        call(0)  # connection set up, not timed
+        return call
+    return make_client
 
 
 if __name__ == "__main__":
     host, port, model, h, w, conc, requests, seed = sys.argv[1:9]
     rng = np.random.default_rng(int(seed))
     images = [rng.standard_normal((1, 3, int(h), int(w))).astype(np.float32) for _ in range(8)]
-    print(json.dumps([measure(f"{host}:{port}", model, images, int(c), int(requests)) for c in conc.split(",")]))
+    make_client = grpc_client(f"{host}:{port}", model, images)
+    print(json.dumps([closed_loop(make_client, int(c), int(requests)) for c in conc.split(",")]))
