@@ -220,8 +220,11 @@ def _standin_server(python, repo, tmp_path):
                                   "print(sysconfig.get_config_var('LIBDIR'))"],
         capture_output=True, text=True, check=True).stdout.split()
     shutil.copy(binary / "python_backend_stubs" / version / "triton_python_backend_stub", backends / "python")
+    # The stub's libraries (CUDA runtime, ...) are found by a path relative to its wheel location; the copy
+    # needs them named, as pytriton does.
+    libs = binary.parent.parent / "nvidia_pytriton.libs"
     env = {**os.environ, "PATH": f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "LD_LIBRARY_PATH": libdir}
+           "LD_LIBRARY_PATH": f"{libdir}{os.pathsep}{libs}"}
     ports = free_ports(2, HOST)
     log = open(tmp_path / "tritonserver.log", "w")
     proc = subprocess.Popen(_tritonserver_args(binary, repo, backends, ports), stdout=log, stderr=subprocess.STDOUT,
