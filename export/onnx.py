@@ -142,7 +142,8 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
     cfg = model.preprocess_cfg
     return {
         "class_names": json.dumps(list(model.class_names)),
-        "template": model.template,
+        "template": model.template or "",
+        "templates": json.dumps(model.templates),  # the prompt ensemble baked into the graph
         "interaction": model.interaction,
         "input_size": json.dumps(list(_input_size(model))),
         "mean": json.dumps([float(v) for v in cfg["mean"]]),
@@ -230,9 +231,13 @@ def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None,
     from export.hashing import sha256_file
     from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
     extra = read_checkpoint(checkpoint).get("extra") or {}
-    if extra.get("method", "nearl") == "linear_probe":
+    method = extra.get("method", "nearl")
+    if method == "linear_probe":
         raise ExportError(f"{checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
                           f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
+    if method == "coop":
+        raise ExportError(f"{checkpoint} is a coop baseline: its learned prompt context is not exported. "
+                          f"Export a checkpoint trained with --method nearl")
     model = load_checkpoint(checkpoint, pretrained=pretrained, backend="torch")
     if not model.class_names:
         raise ExportError(f"{checkpoint} stores no class names: set classes before saving the checkpoint")
