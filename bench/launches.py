@@ -1,106 +1,90 @@
-"""Kernels and host time that backend="triton" adds per layer over frozen CLIP, counted on the CPU with
-the Triton launches recorded and not run (kernels/launches.py); no GPU needed.
+"""Kernels per forward: frozen CLIP vs NEARL (eager and triton backends), both modes, from the profiler.
 
-    python bench/launches.py                        # tiny preset, bf16, 3 images, C = 2 classes
-    python bench/launches.py --reps 60 --json launches.json
+    python bench/launches.py --out launches.json                 # CUDA: vit_b16, B = 1 and 64, fp16
+    python bench/launches.py --quick --out launches.json         # CPU: tiny preset, aten ops instead of kernels
 
-Counted as in the GPU review: aten ops that would each be a CUDA kernel plus the Triton launches, after a
-warm-up call, per layer, over frozen CLIP computing the same logits (its class text cached in
-text_cacheable, its text tower run per call in bidirectional). Host time: the median of --reps calls of
-`classify`, interleaved with frozen CLIP's, on one thread; on a CPU most of it is the aten ops' own work,
-so compare runs on one machine, in one run. tests/test_kernels_launches.py pins the counts.
+On CUDA it counts the GPU kernels (cuBLAS, cuDNN, PyTorch and Triton launches alike) that the profiler
+records over `--forwards` forwards after a warm-up, divided by the number of forwards, and the kernels
+NEARL adds per layer over frozen CLIP. On a CPU there are no kernels: it counts aten ops, which
+checks the script, not the figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
+import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/launches.py` from the repository root
+import torch
+
+if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe"]
-MODES = ("text_cacheable", "bidirectional")
 
-
-def _frozen_clip(model, images, cached_text):
-    """Frozen CLIP's logits for the model's classes: the cached class text, or the text tower per call."""
-    import torch.nn.functional as F
-    bb = model.backbone
-    txt = cached_text if cached_text is not None else F.normalize(bb.encode_text(model.class_tokens), dim=-1)
-    return bb.logit_scale.exp() * F.normalize(bb.encode_image(images), dim=-1) @ txt.t()
-
-
-def launches_per_layer(model, images, reps: int = 0):
-    """(added kernels per layer, Counter of the aten ops added, names of the Triton launches of one forward,
-    host ms per forward {"nearl", "frozen"} or None without reps) for a model whose classes are set."""
-    import torch
-    import torch.nn.functional as F
-
-    from kernels.launches import counted_kernels, recorded_launches
-    bb = model.backbone
-    with torch.no_grad(), recorded_launches(run=False) as launches:
-        cached = None
-        if model.interaction == "text_cacheable":
-            cached = F.normalize(bb.encode_text(model.class_tokens), dim=-1)
-        model.classify(images)  # warm-up: class prompts, class text stream, folded weights
-        start = len(launches)
-        with counted_kernels() as nearl:
-            model.classify(images)
-        names = [launch.name for launch in launches[start:]]
-        with counted_kernels() as plain:
-            _frozen_clip(model, images, cached)
-        host = None
-        if reps:
-            times = {"nearl": [], "frozen": []}
-            for _ in range(reps):  # interleaved: both see the same machine load
-                for name, run in (("nearl", lambda: model.classify(images)),
-                                  ("frozen", lambda: _frozen_clip(model, images, cached))):
-                    t0 = time.perf_counter()
-                    run()
-                    times[name].append(time.perf_counter() - t0)
-            host = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    added = sum(nearl.values()) + len(names) - sum(plain.values())
-    return added / len(model.vision_blocks), nearl - plain, names, host
+def count_per_forward(fn, x, forwards: int, cuda: bool) -> float:
+    from torch.profiler import ProfilerActivity, profile
+    fn(x)  # warm-up: JIT compiles and caches stay out of the count
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(forwards):
+            fn(x)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:
+        n = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    else:
+        n = sum(e.name.startswith("aten::") for e in events)
+    return n / forwards
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python bench/launches.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=60, help="host-time calls per side (0: counts only)")
-    ap.add_argument("--json", help="also write the figures to this JSON file")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the fused ops' checks; nothing is run
-    import torch
-
+    p = argparse.ArgumentParser(prog="bench/launches.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON results path")
+    p.add_argument("--quick", action="store_true", help="tiny preset on the CPU (aten ops): a check of the script")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 64 (1 with --quick)")
+    p.add_argument("--forwards", type=int, default=3)
+    args = p.parse_args(argv)
     import nearl_rt
-    torch.set_num_threads(1)  # host time without OpenMP barriers on a shared machine
-    out = {}
-    for mode in MODES:
-        model = nearl_rt.build_model(args.preset, interaction=mode, backend="triton").to(torch.bfloat16)
-        model.set_classes(CLASSES)
-        size = model.backbone.visual.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        images = torch.randn(args.batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        per_layer, extra, names, host = launches_per_layer(model, images, args.reps)
-        out[mode] = dict(added_per_layer=per_layer, extra_aten_ops=dict(extra.most_common()), triton_launches=names,
-                         host_ms=host, layers=len(model.vision_blocks))
-        line = f"{mode}: {per_layer:.1f} kernels per layer over frozen CLIP; extra aten ops {dict(extra)}"
-        if host:
-            line += (f"; host {host['nearl']:.2f} ms vs frozen {host['frozen']:.2f} ms per forward "
-                     f"(+{(host['nearl'] - host['frozen']) / len(model.vision_blocks):.2f} ms per layer)")
-        print(line)
-    if args.json:
-        from nearl_rt.atomic import atomic_output
-        with atomic_output(args.json) as tmp:
-            tmp.write_text(json.dumps(out, indent=1))
+    from bench.frozen_clip import FrozenClip
+    from nearl_rt.atomic import atomic_output
+    from nearl_rt.config import INTERACTIONS
+
+    cuda = torch.cuda.is_available() and not args.quick
+    device, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
+    preset = "tiny" if args.quick else "vit_b16"
+    batch_sizes = args.batch_sizes or ([1] if args.quick else [1, 64])
+    rows = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mode in INTERACTIONS:
+            torch.manual_seed(0)
+            model = nearl_rt.build_model(preset, interaction=mode, backend="torch").to(device, dtype).eval()
+            model.set_classes(["normal", "pneumonia"])
+            layers = len(model.vision_blocks)
+            size = model.preprocess_cfg["size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            for b in batch_sizes:
+                x = torch.randn(b, 3, *size, device=device)
+                counts = {"frozen_clip": count_per_forward(FrozenClip(model), x, args.forwards, cuda)}
+                for backend in ("torch", "triton") if cuda else ("torch",):
+                    model.backend = backend
+                    counts[f"nearl_{backend}"] = count_per_forward(model.classify, x, args.forwards, cuda)
+                for name, n in counts.items():
+                    rows.append(dict(mode=mode, B=b, forward=name, per_forward=n,
+                                     added_per_layer=(n - counts["frozen_clip"]) / layers))
+                    print(f"{mode:15s} B={b:<3d} {name:13s} {n:8.1f} per forward "
+                          f"({rows[-1]['added_per_layer']:+.1f} per layer over frozen CLIP)", flush=True)
+    doc = dict(counted="CUDA kernels" if cuda else "aten ops (CPU check, not kernels)", preset=preset,
+               dtype=str(dtype), forwards=args.forwards, rows=rows)
+    with atomic_output(args.out) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nearl_rt.cli import run_cli
+    sys.exit(run_cli(main, prog="bench/launches.py"))

@@ -1,11 +1,11 @@
-"""Launch budget of backend="triton" (counted on the CPU, kernels stubbed: bench/launches.py, which also
+"""Launch budget of backend="triton" (counted on the CPU, kernels stubbed: bench/launch_budget.py, which also
 measures host time). Counted as in the GPU review: aten ops that would each be a CUDA kernel plus the Triton
 launches, tiny preset in bf16, after a warm-up call, per layer over frozen CLIP computing the same logits.
 """
 import pytest
 import torch
 
-from bench.launches import CLASSES, launches_per_layer
+from bench.launch_budget import CLASSES, launches_per_layer
 from kernels.derived import derived
 from kernels.launches import recorded_launches
 from tests.helpers import perturb_adapters, tiny, tiny_inputs
