@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class names (default: from the data, or MedMNIST's names)")
     p.add_argument("--template", default="a medical image showing {}.", help="prompt template, one '{}'")
     p.add_argument("--preset", default="vit_b16", choices=sorted(nearl_rt.PRESETS))
-    p.add_argument("--pretrained", help="local open_clip / OpenAI CLIP weights file (default: random backbone)")
+    p.add_argument("--pretrained", help="local open_clip / OpenAI CLIP weights file, or a model download folder "
+                   "(BiomedCLIP: open_clip_config.json + weights + tokenizer files); default: random backbone")
     p.add_argument("--interaction", default="bidirectional", choices=["bidirectional", "text_cacheable"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--method", default="nearl", choices=METHODS)
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
                                      pretrained=args.pretrained).to(d.device)
         model.set_classes(ds.class_names, args.template)
         trainable = model.num_trainable_parameters() if args.method == "nearl" else (
-            0 if args.method == "zeroshot" else len(ds.class_names) * (model.backbone.visual.output_dim + 1))
+            0 if args.method == "zeroshot" else len(ds.class_names) * (model.embed_dim + 1))
         if d.main:
             print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "
                   f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)
