@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -111,6 +112,9 @@ def _offline(cfg, source: str) -> dict:
     if vision.get("timm_model_name"):
         vision["timm_model_pretrained"] = False
     if text.get("hf_model_name"):
+        if importlib.util.find_spec("transformers") is None:
+            raise BackboneError(f"{source} has a Hugging Face text tower, which needs the transformers package: "
+                                f"pip install 'nearl-rt[hf]'")
         text["hf_model_name"] = str(_hf_config_dir(text["hf_model_name"], source))
         text["hf_model_pretrained"] = False
     return cfg
