@@ -326,19 +326,22 @@ def _load_weights(model, state_dict: dict, path: str, name: str) -> None:
                              f"Check that the preset's backbone matches the weights file")
     try:
         state_dict = convert_state_dict(model, state_dict)
+        # e.g. CLIP's attn_mask (saved by TorchScript archives), BERT's position_ids (saved by transformers < 4.31)
+        buffers = {n for n, _ in model.named_buffers()}
+        state_dict = {k: v for k, v in state_dict.items() if k not in buffers}
+        own = set(model.state_dict())
+        missing = sorted(own - set(state_dict) - {"logit_bias"})
+        unexpected = sorted(set(state_dict) - own)
+        if missing or unexpected:  # before the resizing helpers, which assume the model's own layout
+            raise misfit(f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} "
+                         f"unexpected keys (e.g. {unexpected[:3]})")
         if "logit_scale" in state_dict and model.logit_scale.ndim != state_dict["logit_scale"].ndim:
             state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
         resize_pos_embed(state_dict, model)
         resize_text_pos_embed(state_dict, model)
-        # e.g. CLIP's attn_mask (saved by TorchScript archives), BERT's position_ids (saved by transformers < 4.31)
-        buffers = {n for n, _ in model.named_buffers()}
-        result = model.load_state_dict({k: v for k, v in state_dict.items() if k not in buffers}, strict=False)
+        model.load_state_dict(state_dict, strict=False)
     except (AssertionError, RuntimeError, KeyError, ValueError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [e.__class__.__name__]
         shapes = [line for line in lines if line.startswith("size mismatch")]
         raise misfit(f"{len(shapes)} tensors of another shape (e.g. {shapes[0]})" if shapes else lines[0]) from None
-    missing = [k for k in result.missing_keys if k != "logit_bias"]
-    if missing or result.unexpected_keys:
-        raise misfit(f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(result.unexpected_keys)} "
-                     f"unexpected keys (e.g. {result.unexpected_keys[:3]})")
     logging.getLogger(__name__).info("loaded backbone weights %s into %s", path, name)
