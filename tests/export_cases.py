@@ -16,16 +16,16 @@ atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(interaction: str):
+def tiny_model(interaction: str, preset: str = "tiny"):
     """A tiny model with non-trivial adapters (an untrained one is the frozen backbone) and classes."""
-    model = perturb_adapters(tiny(interaction, backend="torch"), seed=3).eval()
+    model = perturb_adapters(tiny(interaction, preset, backend="torch"), seed=3).eval()
     model.set_classes(CLASSES, TEMPLATE)
     return model
 
 
 @functools.lru_cache(maxsize=None)
 def exported(interaction: str, fp16: bool = False, batch_size="dynamic", optimize: bool = False,
-             opset=None) -> Path:
-    name = f"{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}.onnx"
-    return export_model(tiny_model(interaction), _DIR / name, fp16=fp16, batch_size=batch_size, optimize=optimize,
-                        opset=opset, checkpoint_sha256="ab" * 32)
+             opset=None, preset: str = "tiny") -> Path:
+    name = f"{preset}-{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}.onnx"
+    return export_model(tiny_model(interaction, preset), _DIR / name, fp16=fp16, batch_size=batch_size,
+                        optimize=optimize, opset=opset, checkpoint_sha256="ab" * 32)

@@ -9,15 +9,16 @@ CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe"
 TINY_PRESETS = ["tiny", "tiny_bert"]
 
 
-def perturb_adapters(model, seed: int = 0, scale: float = 0.5):
-    """Give every adapter parameter a non-trivial random value (an untrained model is the identity)."""
+def perturb_adapters(model, seed: int = 0, scale: float = 0.5, noise: float = 0.1):
+    """Give every adapter parameter a non-trivial random value (an untrained model is the identity):
+    OCA scales `scale`, everything else + noise * N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.adapter_state_dict().items():
             if name.endswith("scale"):
                 p.fill_(scale)
             else:
-                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+                p.add_(noise * torch.randn(p.shape, generator=g).to(p.dtype))
     return model
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from export.runtime import NearlSession
 from tests.export_cases import exported
-from tests.helpers import CLASSES
+from tests.helpers import CLASSES, TINY_PRESETS
 
 CPP = Path(__file__).resolve().parents[1] / "examples" / "cpp"
 
@@ -50,11 +50,12 @@ def assert_same(cpp: dict, python: list):
         np.testing.assert_allclose([p for _, p in cpp[i]], [p for _, p in row], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])
-def test_cpp_client_equals_nearl_session(client, mode, tmp_path):
+def test_cpp_client_equals_nearl_session(client, mode, preset, tmp_path):
     """Raw float32 batches and PPM images (normalised in C++ with the model's mean/std) give the same
     top-k classes and probabilities as NearlSession (same onnxruntime library; printed with 9 digits)."""
-    path = exported(mode)
+    path = exported(mode, preset=preset)
     session = NearlSession(path, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
     raw = tmp_path / "batch.f32"
