@@ -23,6 +23,7 @@ from onnxscript import opset23 as op23
 from onnxscript.onnx_types import BOOL, FLOAT
 
 from export.graph import export_module, reference_ops
+from export.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
 from export.runtime import METADATA_PREFIX, decode_metadata
 from nearl_rt.atomic import atomic_output
 from nearl_rt.errors import NearlError
@@ -46,13 +47,14 @@ class ExportError(NearlError):
 
 def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
                  batch_size: Union[str, int] = "dynamic", verify: bool = True,
-                 checkpoint_sha256: Optional[str] = None) -> Path:
+                 checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None) -> Path:
     """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
 
     opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
     outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
     int; verify: onnx.checker + onnxruntime CPU vs PyTorch at two batch sizes (raises ExportError on a
-    mismatch); checkpoint_sha256: recorded in the metadata. Returns the written path.
+    mismatch); checkpoint_sha256: recorded in the metadata; intensity: the image intensity policy the model
+    was trained with (export.imaging; recorded so NearlSession applies it). Returns the written path.
     """
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or opset < MIN_OPSET:
@@ -67,7 +69,7 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
         raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
     with atomic_output(out_path) as tmp:
         proto = _to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
-        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256))
+        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256, intensity))
         onnx.save(proto, tmp)
         if optimize:
             _optimize_offline(tmp)
@@ -134,7 +136,8 @@ def _input_size(model) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str]) -> dict:
+def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str],
+              intensity: Optional[IntensityPolicy] = None) -> dict:
     from nearl_rt import __version__
     cfg = model.preprocess_cfg
     return {
@@ -146,6 +149,7 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
         "std": json.dumps([float(v) for v in cfg["std"]]),
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
+        "intensity": (intensity or DEFAULT_POLICY).to_json(),
         "backbone": model.backbone_identity.name,
         "backbone_sha256": model.backbone_identity.sha256 or "",
         "nearl_rt_version": __version__,
@@ -205,12 +209,17 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
             images = torch.randn(batch, 3, *size, generator=g)
             ref = [t.cpu().numpy() for t in module(images.to(module.model.class_tokens.device))]
             got = session.run(["logits", "probs"], {"images": images.numpy()})
+            bad = [f"{side}'s {name}" for side, outs in (("onnxruntime", got), ("PyTorch", ref))
+                   for name, a in zip(("logits", "probs"), outs) if not np.isfinite(a).all()]
+            if bad:  # a NaN cannot be compared against a tolerance
+                raise ExportError(f"non-finite output at batch {batch}: {', '.join(bad)} hold NaN or Inf (the "
+                                  f"model's weights{', or float16 arithmetic,' if fp16 else ''} overflow); the file "
+                                  f"was not written")
             diff = {name: float(np.abs(a - b).max()) for name, a, b in zip(("logits", "probs"), got, ref)}
             tol = atol + rtol * float(np.abs(ref[0]).max())
-            if not all(np.isfinite(a).all() for a in got) or diff["logits"] > tol:
+            if diff["logits"] > tol:
                 raise ExportError(f"onnxruntime disagrees with PyTorch at batch {batch}: max |diff| of the logits "
-                                  f"{diff['logits']:.3g} > tolerance {tol:.3g} (or a non-finite output); the file "
-                                  f"was not written")
+                                  f"{diff['logits']:.3g} > tolerance {tol:.3g}; the file was not written")
             result[batch] = diff
     return result
 
@@ -226,10 +235,14 @@ def main(argv=None) -> int:
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--pretrained", help="the backbone weights file or download folder on this machine (if it moved)")
+    parser.add_argument("--preprocess", action="store_true",
+                        help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
+                             "(export/preprocess_graph.py; for C++ and other clients without Pillow)")
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
-    method = (read_checkpoint(args.checkpoint).get("extra") or {}).get("method", "nearl")
+    extra = read_checkpoint(args.checkpoint).get("extra") or {}
+    method = extra.get("method", "nearl")
     if method == "linear_probe":
         raise ExportError(f"{args.checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
                           f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
@@ -238,10 +251,15 @@ def main(argv=None) -> int:
         raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(sys.stderr))
+    log.propagate = False  # the exporter's libraries configure the root logger: print each line once
     path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
-                        batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint))
+                        batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint),
+                        intensity=resolve_policy(extra.get("intensity"), None, args.checkpoint))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
           f"{len(model.class_names)} classes)")
+    if args.preprocess:
+        from export import preprocess_graph
+        preprocess_graph.main([str(path)])
     return 0
 
 

@@ -3,42 +3,18 @@ onnxruntime runtime so that a served model sees exactly what the trained one saw
 
 It reproduces open_clip's evaluation transform (resize_mode "shortest"):
 RGB -> resize the shorter side to `size` (bicubic) -> centre crop size x size -> [0, 1] -> (x - mean) / std.
+Files and arrays become RGB through export.imaging (DICOM, 16-bit images and the intensity policy).
 """
 from __future__ import annotations
 
-import os
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+from export.imaging import ImageLike, IntensityPolicy, load_image
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-
-
-def load_image(src: ImageLike) -> Image.Image:
-    """A path, PIL image or uint8 array ([H, W], [H, W, 1|3|4]) as an RGB PIL image."""
-    if isinstance(src, (str, os.PathLike)):
-        try:
-            with Image.open(src) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image not found: {src}") from None
-        except OSError as e:
-            raise ValueError(f"cannot read image {src}: {e}") from None
-    if isinstance(src, Image.Image):
-        return src.convert("RGB")
-    if isinstance(src, np.ndarray):
-        if src.dtype != np.uint8:
-            raise ValueError(f"image arrays must be uint8 [H, W] or [H, W, C], got dtype {src.dtype}; "
-                             f"scale to 0..255 and use .astype(np.uint8)")
-        if src.ndim == 3 and src.shape[2] == 1:
-            src = src[:, :, 0]
-        if src.ndim == 2 or (src.ndim == 3 and src.shape[2] in (3, 4)):
-            return Image.fromarray(src).convert("RGB")
-        raise ValueError(f"image arrays must be [H, W] or [H, W, 1|3|4] (channels last), got shape {src.shape}")
-    raise TypeError(f"cannot use {type(src).__name__} as an image: pass a file path, PIL image or uint8 array")
 
 
 def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
@@ -58,9 +34,9 @@ def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Se
 
 
 def preprocess_batch(images: Iterable[ImageLike], size: int, mean: Sequence[float], std: Sequence[float],
-                     interpolation: str = "bicubic") -> np.ndarray:
-    """Paths / PIL images / uint8 arrays -> float32 [B, 3, size, size]."""
-    out = [preprocess_image(load_image(im), size, mean, std, interpolation) for im in images]
+                     interpolation: str = "bicubic", intensity: Optional[IntensityPolicy] = None) -> np.ndarray:
+    """Paths / Frames / PIL images / arrays -> float32 [B, 3, size, size] (export.imaging.load_image)."""
+    out = [preprocess_image(load_image(im, intensity), size, mean, std, interpolation) for im in images]
     if not out:
         raise ValueError("no images given")
     return np.stack(out)

@@ -1,25 +1,37 @@
 """Serve an exported NEARL-CLIP with onnxruntime alone (NumPy + Pillow + onnxruntime; no PyTorch).
 
     session = NearlSession("model.onnx")             # CUDA when available, else CPU
-    session.predict(["a.png", pil_image, uint8_array], top_k=2)
+    session.predict(["a.png", "b.dcm", pil_image, uint16_array], top_k=2)
     # -> [[("pneumonia", 0.91), ("normal", 0.09)], ...]
 
-Images are preprocessed exactly as training did (export.preprocess, with the input size, mean, std
-and interpolation stored in the model's metadata).
+Images are decoded and preprocessed exactly as training did (export.imaging + export.preprocess, with
+the intensity policy, input size, mean, std and interpolation stored in the model's metadata);
+`preprocess="onnx"` runs the resize / crop / normalise of the model's preprocessing graph
+(`python -m export.onnx CKPT --preprocess`) instead, the graph the C++ library runs (decoding stays
+export.imaging's).
 """
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
+from export.hashing import sha256_file
+from export.imaging import Frame, IntensityPolicy, load_image, resolve_policy
 from export.preprocess import ImageLike, preprocess_batch
 
 METADATA_PREFIX = "nearl."
-_JSON_KEYS = ("class_names", "input_size", "mean", "std")
+_JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity")
+PREPROCESS_KIND = "preprocess"  # nearl.kind of a preprocessing graph (export/preprocess_graph.py)
+
+
+def preprocess_graph_path(classifier_path) -> Path:
+    """Where the preprocessing graph of a classifier lives: model.onnx -> model.preprocess.onnx."""
+    return Path(classifier_path).with_suffix(".preprocess.onnx")
 
 
 def decode_metadata(props: dict) -> dict:
@@ -39,10 +51,18 @@ def default_providers() -> list[str]:
 
 
 class NearlSession:
-    """An exported NEARL-CLIP classifier (from `python -m export.onnx`) in an onnxruntime session."""
+    """An exported NEARL-CLIP classifier (from `python -m export.onnx`) in an onnxruntime session.
+
+    intensity: how >8-bit images map to 0..255; default (and the right choice) the policy stored in the
+    model (models exported before policies were recorded: the default policy); another one warns."""
 
     def __init__(self, path, providers: Optional[Sequence] = None,
-                 session_options: Optional[ort.SessionOptions] = None):
+                 session_options: Optional[ort.SessionOptions] = None, intensity: Optional[IntensityPolicy] = None,
+                 preprocess: str = "pillow"):
+        """preprocess: "pillow" (export.preprocess) or "onnx" (the preprocessing graph next to the model,
+        run on the CPU provider: its CUDA antialias kernel is unverified, see docs/cpp.md)."""
+        if preprocess not in ("pillow", "onnx"):
+            raise ValueError(f"preprocess={preprocess!r}: use 'pillow' or 'onnx'")
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ONNX model not found: {path} (export one with `python -m export.onnx CKPT`)")
@@ -59,20 +79,28 @@ class NearlSession:
         self.metadata = decode_metadata(meta)
         self.class_names: list[str] = self.metadata["class_names"]
         self.input_size: tuple[int, int] = tuple(self.metadata["input_size"])
+        self.intensity: IntensityPolicy = resolve_policy(self.metadata.get("intensity"), intensity, path)
         shape = self.session.get_inputs()[0].shape
         self.fixed_batch: Optional[int] = shape[0] if isinstance(shape[0], int) else None
         self.providers = self.session.get_providers()
         self._cuda = self.providers[0] == "CUDAExecutionProvider"
+        self._graph = _open_preprocess_graph(path, self.metadata, session_options) if preprocess == "onnx" else None
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """File paths, PIL images or uint8 arrays -> float32 [B, 3, H, W], as training preprocessed them."""
-        if isinstance(images, (str, os.PathLike, np.ndarray)) or not hasattr(images, "__iter__"):
+        """File paths (images, DICOM), Frames, PIL images or arrays -> float32 [B, 3, H, W], as training
+        preprocessed them."""
+        if isinstance(images, (str, os.PathLike, np.ndarray, Frame)) or not hasattr(images, "__iter__"):
             images = [images]
         h, w = self.input_size
         if h != w:
             raise ValueError(f"non-square input size {self.input_size} is not supported by export.preprocess")
+        if self._graph is not None:
+            pixels = [np.asarray(load_image(im, self.intensity)) for im in images]
+            if not pixels:
+                raise ValueError("no images given")
+            return np.concatenate([self._graph.run(["images"], {"image": p[None]})[0] for p in pixels])
         return preprocess_batch(images, h, self.metadata["mean"], self.metadata["std"],
-                                self.metadata.get("interpolation", "bicubic"))
+                                self.metadata.get("interpolation", "bicubic"), self.intensity)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed float32 [B, 3, H, W] -> (logits, probs), float32 [B, C]."""
@@ -130,3 +158,26 @@ class NearlSession:
         self.session.run_with_iobinding(binding)
         logits, probs = binding.copy_outputs_to_cpu()
         return logits, probs
+
+
+def _open_preprocess_graph(classifier_path: str, metadata: dict, session_options) -> ort.InferenceSession:
+    """The preprocessing graph of `classifier_path`, checked to belong to it (sha256, size, mean, std)."""
+    path = preprocess_graph_path(classifier_path)
+    fix = f"write it with `python -m export.preprocess_graph {classifier_path}`"
+    if not path.is_file():
+        raise FileNotFoundError(f"preprocessing graph not found: {path} ({fix})")
+    try:
+        session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+    props = session.get_modelmeta().custom_metadata_map
+    meta = decode_metadata({k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)})
+    if meta.get("kind") != PREPROCESS_KIND:
+        raise ValueError(f"{path} is not a nearl preprocessing graph (no nearl.kind = {PREPROCESS_KIND!r}); {fix}")
+    if meta.get("classifier_sha256") != sha256_file(classifier_path):
+        raise ValueError(f"{path} was written for another classifier (its nearl.classifier_sha256 does not match "
+                         f"{classifier_path}); {fix}")
+    for key in ("input_size", "mean", "std"):
+        if meta.get(key) != metadata[key]:
+            raise ValueError(f"{path} has {key} {meta.get(key)} but the classifier {metadata[key]}; {fix}")
+    return session

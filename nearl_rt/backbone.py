@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Optional
 import open_clip
 import torch
 
+from export.hashing import sha256_file  # noqa: F401 - nearl_rt.backbone.sha256_file is used across the project
 from nearl_rt.errors import BackboneError, RandomBackboneWarning
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -69,14 +69,6 @@ class BackboneIdentity:
     path: Optional[str] = None     # the weights file or download folder it was built from (a hint)
     quick_gelu: bool = False
     init_seed: Optional[int] = None  # random init only: the seed that rebuilds the same weights
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- configs

@@ -24,9 +24,23 @@ FORMAT = "nearl-rt-checkpoint"
 FORMAT_VERSION = 1
 
 
+def non_finite_tensor(tensors: dict) -> Optional[str]:
+    """'name (n of N values)' of the first floating tensor holding NaN or Inf, or None when all are finite."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"{name} ({bad} of {t.numel()} values)"
+    return None
+
+
 def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
-    """Write `model`'s adapter weights and everything needed to rebuild it to `path` (atomically)."""
+    """Write `model`'s adapter weights and everything needed to rebuild it to `path` (atomically).
+    Non-finite (NaN/Inf) adapter weights are refused: a checkpoint is always loadable."""
     from nearl_rt import __version__
+    bad = non_finite_tensor(model.adapter_state_dict())
+    if bad:
+        raise CheckpointError(f"not writing {path}: adapter tensor {bad} is NaN or Inf (the model diverged)")
     ident = model.backbone_identity
     payload = {
         "format": FORMAT,
@@ -78,6 +92,12 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"{path} has an invalid config: {e}") from None
     if problem:
         raise CheckpointError(f"{path}: {problem}. The checkpoint's weights are for a different preset or config")
+    head = (payload.get("extra") or {}).get("linear_head")
+    bad = non_finite_tensor({**payload["adapter"], **({f"linear_head.{k}": v for k, v in head.items()}
+                                                         if isinstance(head, dict) else {})})
+    if bad:
+        raise CheckpointError(f"{path}: tensor {bad} is NaN or Inf, so every prediction would be; the training "
+                              f"that wrote it diverged. Use an earlier checkpoint or retrain with a lower --lr")
     return payload
 
 

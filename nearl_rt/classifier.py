@@ -68,12 +68,12 @@ class Classifier:
     def probabilities(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
                       skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
         """Class probabilities [N, C] for a split's images, read and scored a batch at a time.
-        Returns (probs, kept indices, skipped image descriptions)."""
+        Returns (probs, kept indices, skipped images: see data.load_images)."""
         self.model.eval()
         probs, kept, skipped = [], [], []
         for start in range(0, len(split), batch_size):
             idx = list(range(start, min(start + batch_size, len(split))))
-            images, ok, bad = load_images(split.subset(idx), skip_bad)
+            images, ok, bad = load_images(split.subset(idx), skip_bad, preprocess.intensity)
             skipped += bad
             if images:
                 probs.append(self.logits(preprocess.eval(images)).float().softmax(-1).cpu().numpy())

@@ -7,16 +7,19 @@ Three sources, all read into the same `Dataset` (per split: image sources + inte
   paths relative to --image-root (default: the JSON's folder);
 - a MedMNIST .npz: `<split>_images` (uint8 [N, H, W] or [N, H, W, 3]) and `<split>_labels` ([N] or [N, 1]).
 
-Images are decoded lazily (`load_images`) to RGB; preprocessing is the backbone's own
-(export.preprocess), with random-resized-crop augmentation for training (flips off by default: they
-change anatomy).
+Any of them may hold DICOM files and 16-bit / float images (export.imaging decodes them, mapping more
+than 8 bits to 0..255 by the run's intensity policy); a multi-frame file is refused unless
+`frames="each"` makes each frame an image (`Frame`). Images are decoded lazily (`load_images`) to RGB;
+preprocessing is the backbone's own (export.preprocess), with random-resized-crop augmentation for
+training (flips off by default: they change anatomy).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -24,11 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from export.preprocess import load_image, preprocess_image
+from export.imaging import (DEFAULT_POLICY, FRAME_OPTIONS, VOI_OPTIONS, Frame, ImageError, IntensityPolicy,
+                            expand_frames, has_dicom_preamble, load_image, resolve_policy)
+from export.preprocess import preprocess_image
 from nearl_rt.errors import NearlError
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom")
 # MedMNIST class names (medmnist INFO), keyed by the file name's prefix.
 MEDMNIST_CLASSES = {
     "pneumoniamnist": ["normal", "pneumonia"],
@@ -42,7 +47,7 @@ MEDMNIST_CLASSES = {
                    "monocyte", "neutrophil", "platelet"],
 }
 
-Source = Union[str, np.ndarray]  # a file path or a uint8 image array
+Source = Union[str, Frame, np.ndarray]  # a file path, one frame of a multi-frame file, or an image array
 
 
 class DataError(NearlError):
@@ -51,7 +56,7 @@ class DataError(NearlError):
 
 @dataclass
 class Split:
-    sources: list            # per image: a path (str) or a uint8 array
+    sources: list            # per image: a path (str), a Frame or an image array
     labels: np.ndarray       # int64 [N]
 
     def __len__(self) -> int:
@@ -59,7 +64,7 @@ class Split:
 
     def describe(self, i: int) -> str:
         src = self.sources[i]
-        return src if isinstance(src, str) else f"image #{i}"
+        return src if isinstance(src, str) else str(src) if isinstance(src, Frame) else f"image #{i}"
 
     def subset(self, idx: Sequence[int]) -> "Split":
         return Split([self.sources[i] for i in idx], self.labels[np.asarray(idx, dtype=np.int64)])
@@ -77,8 +82,11 @@ class Dataset:
         return self.splits[name]
 
 
-def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None) -> Dataset:
-    """Read a folder tree, split JSON or .npz (chosen by what `path` is) and check its labels."""
+def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None, frames: str = "refuse") -> Dataset:
+    """Read a folder tree, split JSON or .npz (chosen by what `path` is) and check its labels.
+    frames="each": every frame of a multi-frame file (DICOM, TIFF) becomes an image with the file's label."""
+    if frames not in FRAME_OPTIONS:
+        raise DataError(f"frames={frames!r}: use one of {FRAME_OPTIONS}")
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
@@ -92,8 +100,15 @@ def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None)
         raise DataError(f"{path}: unknown dataset kind; pass an image folder, a split .json or a MedMNIST .npz")
     if classes is not None:
         ds.class_names = list(classes)
+    if frames == "each":
+        ds.splits = {name: _expand_frames(s) for name, s in ds.splits.items()}
     _check_labels(ds)
     return ds
+
+
+def _expand_frames(split: Split) -> Split:
+    sources, origin = expand_frames(split.sources)
+    return Split(sources, split.labels[np.asarray(origin, dtype=np.int64)])
 
 
 def _check_labels(ds: Dataset) -> None:
@@ -183,9 +198,9 @@ def _read_npz(path: Path) -> Dataset:
         if labels.ndim != 1 or len(labels) != len(images):
             raise DataError(f"{path}: {split}_labels has shape {labels.shape}; expected [{len(images)}] or "
                             f"[{len(images)}, 1] (single-label classification)")
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise DataError(f"{path}: {split}_images must be uint8 [N, H, W] or [N, H, W, 3], "
-                            f"got {images.dtype} {images.shape}")
+        if images.dtype.kind not in "uif" or images.ndim not in (3, 4):
+            raise DataError(f"{path}: {split}_images must be [N, H, W] or [N, H, W, 3] of uint8 (or uint16 / float: "
+                            f"mapped by the intensity policy), got {images.dtype} {images.shape}")
         splits[split] = Split(list(images), labels.astype(np.int64))
     if not splits:
         raise DataError(f"{path} has no train_images / val_images / test_images arrays (not a MedMNIST file)")
@@ -195,25 +210,41 @@ def _read_npz(path: Path) -> Dataset:
     return Dataset(str(path), list(class_names), splits)
 
 
-def load_images(split: Split, skip_bad: bool = False) -> tuple[list, np.ndarray, list]:
-    """Decode a split's images to RGB PIL images. A file that is not a readable image raises DataError
-    naming it, or with skip_bad is left out. Returns (images, kept indices, skipped descriptions)."""
+def load_images(split: Split, skip_bad: bool = False,
+                intensity: Optional[IntensityPolicy] = None) -> tuple[list, np.ndarray, list]:
+    """Decode a split's images to RGB PIL images (export.imaging, by the intensity policy). A file that is
+    not a readable image raises DataError naming it, or with skip_bad is left out. Returns (images, kept
+    indices, skipped), skipped = [{"image": name, "reason": short category, "error": message}, ...]."""
     images, kept, skipped = [], [], []
     for i, src in enumerate(split.sources):
         try:
-            images.append(load_image(src))
+            images.append(load_image(src, intensity))
             kept.append(i)
         except (ValueError, FileNotFoundError, Image.DecompressionBombError) as e:
             if not skip_bad:
                 raise DataError(f"{e}; fix or remove the file, or pass --skip-bad-images to skip it") from None
-            skipped.append(split.describe(i))
+            reason = e.reason if isinstance(e, ImageError) else (
+                "not found" if isinstance(e, FileNotFoundError) else "too large" if isinstance(
+                    e, Image.DecompressionBombError) else "unreadable")
+            skipped.append({"image": split.describe(i), "reason": reason, "error": str(e)})
     return images, np.asarray(kept, dtype=np.int64), skipped
+
+
+def skip_summary(skipped: list) -> str:
+    """'skipped 3 unreadable image(s) (2 no pixel data, 1 multi-frame), first <its error>'."""
+    counts: dict = {}
+    for s in skipped:
+        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"skipped {len(skipped)} unreadable image(s) ({reasons}), first {skipped[0]['error']}"
 
 
 class Preprocess:
     """The backbone's evaluation preprocessing, plus random-resized-crop augmentation for training."""
 
-    def __init__(self, cfg: dict, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = False):
+    def __init__(self, cfg: dict, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = False,
+                 intensity: IntensityPolicy = DEFAULT_POLICY):
+        self.intensity = intensity  # how files become the RGB images below (load_images)
         size = cfg["size"]
         self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean, self.std = cfg["mean"], cfg["std"]
@@ -263,4 +294,33 @@ def parse_classes(text: Optional[str]) -> Optional[list]:
 
 
 def is_image_file(path: os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    """By extension, or a DICOM file without one (as PACS exports often are)."""
+    suffix = Path(path).suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or (suffix not in (".json", ".npz", ".txt", ".csv") and has_dicom_preamble(path))
+
+
+def add_image_arguments(p: argparse.ArgumentParser, training: bool) -> None:
+    """--intensity / --dicom-voi / --frames, shared by train, evaluate and predict."""
+    trained = "" if training else " (default: the checkpoint's; another one warns)"
+    p.add_argument("--intensity", default="minmax" if training else None, metavar="POLICY",
+                   help="how >8-bit images (16-bit PNG/TIFF, DICOM, float) map to 0..255: minmax (each image's "
+                        "range, default), percentile:LO,HI, full (the type's range) or window:CENTER,WIDTH" + trained)
+    p.add_argument("--dicom-voi", default="file" if training else None, choices=VOI_OPTIONS,
+                   help="file: a DICOM's own VOI LUT / window when it has one (default); policy: always --intensity"
+                        + trained)
+    p.add_argument("--frames", default="refuse", choices=FRAME_OPTIONS,
+                   help="multi-frame DICOM / TIFF: refuse (default) or read each frame as an image")
+
+
+def intensity_from_args(args, stored: Optional[dict] = None, where: Optional[str] = None) -> IntensityPolicy:
+    """Training (where=None): the policy --intensity / --dicom-voi ask for. Evaluate / predict: the
+    checkpoint `where`'s `stored` policy, each option given replacing its part (warns when that differs)."""
+    try:
+        if where is None:
+            return IntensityPolicy.parse(args.intensity, args.dicom_voi)
+        trained = resolve_policy(stored, None, where)
+        voi = args.dicom_voi or trained.dicom_voi
+        wanted = IntensityPolicy.parse(args.intensity, voi) if args.intensity else replace(trained, dicom_voi=voi)
+    except ValueError as e:
+        raise DataError(f"--intensity {args.intensity} / --dicom-voi {args.dicom_voi}: {e}") from None
+    return resolve_policy(stored, wanted, where)

@@ -12,7 +12,8 @@ from pathlib import Path
 from nearl_rt.atomic import atomic_output
 from nearl_rt.classifier import check_classes, load_classifier, resolve_device
 from nearl_rt.cli import run_cli
-from nearl_rt.data import DataError, Preprocess, parse_classes, read_dataset
+from nearl_rt.data import (DataError, Preprocess, add_image_arguments, intensity_from_args, parse_classes, read_dataset,
+                           skip_summary)
 from nearl_rt.errors import NearlError
 from nearl_rt.metrics import SUMMARY_KEYS, aggregate, classification_metrics
 from nearl_rt.sampling import balanced_subset
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate a fixed class-balanced subset of N images (the first of each class)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    add_image_arguments(p, training=False)
     p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default="auto")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():  # fail before the (slow) evaluation
         raise NearlError(f"cannot write {args.json}: directory {Path(args.json).parent} does not exist")
     checkpoints = expand_checkpoints(args.checkpoints, args.seeds)
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes))
+    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=args.frames)
     split = ds.split(args.split)
     if args.limit is not None:
         split = split.subset(balanced_subset(split.labels, args.limit))
@@ -73,14 +75,15 @@ def main(argv=None) -> int:
     for ckpt in checkpoints:
         classifier, extra = load_classifier(ckpt, pretrained=args.pretrained, backend=args.backend, device=device)
         check_classes(classifier, ds.class_names, args.data)
-        probs, kept, skipped = classifier.probabilities(split, Preprocess(classifier.model.preprocess_cfg),
-                                                        args.batch_size, args.skip_bad_images)
+        preprocess = Preprocess(classifier.model.preprocess_cfg,
+                                intensity=intensity_from_args(args, extra.get("intensity"), ckpt))
+        probs, kept, skipped = classifier.probabilities(split, preprocess, args.batch_size, args.skip_bad_images)
         m = classification_metrics(split.labels[kept], probs, classifier.class_names)
         m.update(method=extra.get("method", "nearl"), split=args.split, skipped_images=skipped)
         results[ckpt] = m
         print(format_result(ckpt, m), flush=True)
         if skipped:
-            print(f"  skipped {len(skipped)} unreadable image(s), first {skipped[0]}")
+            print(f"  {skip_summary(skipped)}")
     report = {"data": args.data, "split": args.split, "results": results}
     if len(results) > 1:
         report["summary"] = aggregate(list(results.values()))

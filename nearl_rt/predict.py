@@ -1,5 +1,6 @@
 """`python -m nearl_rt.predict CKPT INPUTS...`: top-k classes with probabilities for image files, folders
-of images, or the images of a dataset file (.npz / split .json, `--split`). Prints CSV
+of images (PNG/JPEG/16-bit TIFF/DICOM, ...), or the images of a dataset file (.npz / split .json,
+`--split`); `--frames each` predicts every frame of a multi-frame file (named FILE:frame=N). Prints CSV
 (`input,rank,class,probability`), or writes CSV / JSON to `--output` (by its extension)."""
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from export.imaging import expand_frames
 from nearl_rt.atomic import atomic_output
 from nearl_rt.classifier import load_classifier, resolve_device
 from nearl_rt.cli import run_cli
-from nearl_rt.data import DataError, Preprocess, Split, is_image_file, read_dataset
+from nearl_rt.data import (DataError, Preprocess, Split, add_image_arguments, intensity_from_args, is_image_file,
+                           read_dataset, skip_summary)
 from nearl_rt.errors import NearlError
 
 
@@ -30,14 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write .csv or .json here instead of printing CSV")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    add_image_arguments(p, training=False)
     p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default="auto")
     return p
 
 
-def collect_inputs(inputs: list, split: str, image_root) -> tuple[list, list]:
-    """(names, sources) for every input image, in the order given (folders sorted)."""
+def collect_inputs(inputs: list, split: str, image_root, frames: str = "refuse") -> tuple[list, list]:
+    """(names, sources) for every input image, in the order given (folders sorted); frames="each": one per
+    frame of a multi-frame file, named FILE:frame=N (N from 1)."""
     names, sources = [], []
     for item in inputs:
         path = Path(item)
@@ -56,6 +61,10 @@ def collect_inputs(inputs: list, split: str, image_root) -> tuple[list, list]:
             sources.append(str(path))
         else:
             raise DataError(f"input not found: {path}")
+    if frames == "each":  # after listing, so dataset files' images are expanded too
+        expanded, origin = expand_frames(sources)
+        names = [str(s) if s is not sources[o] else names[o] for s, o in zip(expanded, origin)]
+        sources = expanded
     return names, sources
 
 
@@ -83,19 +92,20 @@ def main(argv=None) -> int:
         raise NearlError(f"--topk and --limit must be >= 1 (got {args.topk}, {args.limit})")
     if args.output and Path(args.output).suffix not in (".csv", ".json"):
         raise NearlError(f"--output {args.output}: use a .csv or .json file name")
-    names, sources = collect_inputs(args.inputs, args.split, args.image_root)
+    names, sources = collect_inputs(args.inputs, args.split, args.image_root, args.frames)
     if args.limit is not None:
         names, sources = names[:args.limit], sources[:args.limit]
-    classifier, _ = load_classifier(args.checkpoint, pretrained=args.pretrained, backend=args.backend,
+    classifier, extra = load_classifier(args.checkpoint, pretrained=args.pretrained, backend=args.backend,
                                     device=resolve_device(args.device))
     if args.topk > len(classifier.class_names):
         raise NearlError(f"--topk {args.topk} exceeds the checkpoint's {len(classifier.class_names)} classes")
     split = Split(sources, np.zeros(len(sources), dtype=np.int64))
-    probs, kept, skipped = classifier.probabilities(split, Preprocess(classifier.model.preprocess_cfg),
-                                                    args.batch_size, args.skip_bad_images)
+    preprocess = Preprocess(classifier.model.preprocess_cfg,
+                            intensity=intensity_from_args(args, extra.get("intensity"), args.checkpoint))
+    probs, kept, skipped = classifier.probabilities(split, preprocess, args.batch_size, args.skip_bad_images)
     results = rows([names[i] for i in kept], probs, classifier.class_names, args.topk)
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s), first {skipped[0]}", file=sys.stderr)
+        print(skip_summary(skipped), file=sys.stderr)
     if args.output is None:
         sys.stdout.write(to_csv(results))
     else:

@@ -27,16 +27,20 @@ from tqdm import tqdm
 
 import nearl_rt
 from nearl_rt.atomic import atomic_output
+from nearl_rt.checkpoint import non_finite_tensor
 from nearl_rt.classifier import METHODS, Classifier, frozen_image_features, resolve_device
 from nearl_rt.cli import run_cli
-from nearl_rt.data import Dataset, Preprocess, load_images, parse_classes, read_dataset
+from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
+                           read_dataset, skip_summary)
 from nearl_rt.errors import NearlError
 from nearl_rt.sampling import sample_shots
 
 # Settings that define a run: --resume refuses to continue a run with different ones.
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
-            "hflip", "skip_bad_images")
+            "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames")
+# What runs recorded before a key existed did (they resume under it).
+RUN_KEY_DEFAULTS = {"intensity": "minmax", "dicom_voi": "file", "frames": "refuse"}
 STATE = "train_state.pt"
 
 
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they change anatomy)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    add_image_arguments(p, training=True)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--stop-after", type=int, metavar="N",
@@ -130,7 +135,8 @@ def check_out_dir(out: Path, settings: dict, resume: bool) -> bool:
         stored = json.loads(run_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise NearlError(f"{run_file} is damaged; choose a new --out") from None
-    differ = [f"{k}: run has {stored.get(k)!r}, now {settings[k]!r}" for k in RUN_KEYS if stored.get(k) != settings[k]]
+    differ = [f"{k}: run has {stored.get(k, RUN_KEY_DEFAULTS.get(k))!r}, now {settings[k]!r}" for k in RUN_KEYS
+              if stored.get(k, RUN_KEY_DEFAULTS.get(k)) != settings[k]]
     if not resume:
         what = "a different run" if differ else "this run"
         raise NearlError(f"--out {out} already holds {what} (run.json); pass --resume to continue it, "
@@ -182,11 +188,11 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------------- data
 def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
     """Read the data, drop unreadable images if asked, draw the K shots, decode the chosen images."""
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes))
+    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=args.frames)
     skipped = []
     if args.skip_bad_images:  # check every candidate first, so the shots are drawn among readable images
         for name in {"train", "val", "all"} & set(ds.splits):
-            _, ok, bad = load_images(ds.splits[name], skip_bad=True)
+            _, ok, bad = load_images(ds.splits[name], skip_bad=True, intensity=args.policy)
             ds.splits[name] = ds.splits[name].subset(ok)
             skipped += bad
     shots = sample_shots(ds, args.shots, args.seed)
@@ -195,8 +201,8 @@ def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
     shots["val_images"] = [val_split.describe(i) for i in shots["val"]]
     train = train_split.subset(shots["train"])
     val = val_split.subset(shots["val"])
-    train_images, _, _ = load_images(train)
-    val_images, _, _ = load_images(val)
+    train_images, _, _ = load_images(train, intensity=args.policy)
+    val_images, _, _ = load_images(val, intensity=args.policy)
     return ds, shots, (train_images, train.labels), (val_images, val.labels), skipped
 
 
@@ -230,8 +236,24 @@ def fit_linear_probe(model, images: torch.Tensor, labels: np.ndarray, l2: float)
     return weight.detach().float().to(device), bias.detach().float().to(device)
 
 
+def all_finite(loss: torch.Tensor, d: Dist) -> bool:
+    """Whether every process's loss is finite (all of them stop together)."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if d.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def diverged(out: Path, done_epochs: int, what: str) -> NearlError:
+    """The error that stops a run whose loss or weights turned NaN/Inf; nothing of that epoch is saved."""
+    kept = f"the last good checkpoint is {out / 'last.pt'} (epoch {done_epochs})" if done_epochs else \
+        "no checkpoint was written"
+    return NearlError(f"training stopped in epoch {done_epochs + 1}: {what} (the run diverged); {kept}. Start a new "
+                      f"--out with a lower --lr or --grad-clip")
+
+
 def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: list) -> None:
-    preprocess = Preprocess(model.preprocess_cfg, hflip=args.hflip)
+    preprocess = Preprocess(model.preprocess_cfg, hflip=args.hflip, intensity=args.policy)
     train_images, train_labels = train
     val_x = preprocess.eval(val[0]).to(d.device)
     val_y = val[1]
@@ -280,6 +302,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
                 logits = net(x, model.class_tokens).float()
             # sum over this process's images / global batch * world: DDP's averaging then gives the global mean
             loss = F.cross_entropy(logits, y, reduction="sum") * (d.world / len(batch))
+            if not all_finite(loss, d):
+                raise diverged(out, epoch, f"the training loss is not finite ({loss.item()}) at step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -296,6 +320,9 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             dist.all_reduce(stats)
             loss_sum, correct, seen = stats[0].item(), int(stats[1]), int(stats[2])
         train_time = time.perf_counter() - t0
+        bad = non_finite_tensor(model.adapter_state_dict())
+        if bad:
+            raise diverged(out, epoch, f"adapter tensor {bad} became NaN or Inf")
         val_metrics = evaluate_batches(classifier, val_x, val_y)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / n, "train_accuracy": correct / max(seen, 1),
                   "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
@@ -304,7 +331,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         if improved:
             best = {"epoch": epoch + 1, "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"]}
         if d.main:
-            extra = {"method": "nearl", "epoch": epoch + 1, "seed": args.seed, "shots": args.shots,
+            extra = {"method": "nearl", "intensity": args.policy.to_dict(), "epoch": epoch + 1, "seed": args.seed,
+                     "shots": args.shots,
                      "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"]}
             nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
             if improved:
@@ -323,7 +351,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
 
 def train_baseline(args, model, train, val, out: Path) -> None:
     """zeroshot (no training) or linear_probe (logistic regression on frozen features): one step, no epochs."""
-    preprocess = Preprocess(model.preprocess_cfg)
+    preprocess = Preprocess(model.preprocess_cfg, intensity=args.policy)
     device = model.class_tokens.device
     head = None
     model.eval()
@@ -331,7 +359,8 @@ def train_baseline(args, model, train, val, out: Path) -> None:
         head = fit_linear_probe(model, preprocess.eval(train[0]).to(device), train[1], args.weight_decay)
     classifier = Classifier(model, args.method, head)
     val_metrics = evaluate_batches(classifier, preprocess.eval(val[0]).to(device), val[1])
-    extra = {**classifier.checkpoint_extra(), "epoch": 0, "seed": args.seed, "shots": args.shots,
+    extra = {**classifier.checkpoint_extra(), "intensity": args.policy.to_dict(), "epoch": 0, "seed": args.seed,
+             "shots": args.shots,
              "val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
     nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
     nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
@@ -348,6 +377,7 @@ def main(argv=None) -> int:
             raise NearlError(f"{name} must be >= 1, got {value}")
     if args.stop_after is not None and args.stop_after < 1:
         raise NearlError(f"--stop-after must be >= 1, got {args.stop_after}")
+    args.policy = intensity_from_args(args)  # stored in every checkpoint's extra: evaluate / predict / export reuse it
     out = Path(args.out)
     settings = {k: getattr(args, k) for k in RUN_KEYS}
     settings["data"] = os.path.abspath(args.data)
@@ -356,7 +386,7 @@ def main(argv=None) -> int:
         resuming = check_out_dir(out, settings, args.resume)
         ds, shots, train, val, skipped = prepare_data(args)
         if skipped:
-            print(f"skipped {len(skipped)} unreadable image(s), first {skipped[0]}", file=sys.stderr)
+            print(skip_summary(skipped), file=sys.stderr)
         torch.manual_seed(args.seed)  # adapter initialisation
         model = nearl_rt.build_model(args.preset, interaction=args.interaction, backend=args.backend,
                                      pretrained=args.pretrained).to(d.device)

@@ -3,19 +3,38 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import shutil
 import tempfile
 from pathlib import Path
 
 from export.onnx import export_model
+from export.preprocess_graph import export_preprocess_graph
 from tests.helpers import CLASSES, perturb_adapters, tiny
 
 TEMPLATE = "a chest x-ray showing {}."
+# One uint8 step on one of the tiny model's 32x32 pixels weighs ~50x more than on one of vit_b16's 224x224
+# (where export.preprocess_graph's 1e-5 holds with room: ~4e-7); measured here up to 1.4e-5.
+TINY_PREPROCESS_PROBS_ATOL = 1e-4
 _DIR = Path(tempfile.mkdtemp(prefix="nearl-export-tests-"))
 atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=None)
+def _cached_by_full_arguments(fn):
+    """lru_cache keyed on the arguments with defaults filled in: f(x) and f(x, preset="tiny") share one entry
+    (two entries would export the same file twice)."""
+    signature = inspect.signature(fn)
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return cached(*bound.args)
+    return call
+
+
+@_cached_by_full_arguments
 def tiny_model(interaction: str, preset: str = "tiny"):
     """A tiny model with non-trivial adapters (an untrained one is the frozen backbone) and classes."""
     model = perturb_adapters(tiny(interaction, preset, backend="torch"), seed=3).eval()
@@ -23,9 +42,18 @@ def tiny_model(interaction: str, preset: str = "tiny"):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@_cached_by_full_arguments
 def exported(interaction: str, fp16: bool = False, batch_size="dynamic", optimize: bool = False,
              opset=None, preset: str = "tiny") -> Path:
     name = f"{preset}-{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}.onnx"
     return export_model(tiny_model(interaction, preset), _DIR / name, fp16=fp16, batch_size=batch_size,
                         optimize=optimize, opset=opset, checkpoint_sha256="ab" * 32)
+
+
+@_cached_by_full_arguments
+def exported_with_preprocess(interaction: str, fp16: bool = False, batch_size="dynamic", optimize: bool = False,
+                             opset=None, preset: str = "tiny") -> Path:
+    """exported(...) plus its preprocessing graph next to it (model.preprocess.onnx)."""
+    path = exported(interaction, fp16, batch_size, optimize, opset, preset)
+    export_preprocess_graph(path, probs_atol=TINY_PREPROCESS_PROBS_ATOL)
+    return path

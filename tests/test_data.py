@@ -142,7 +142,9 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*notes\.txt.*--skip-bad-images"):
         load_images(split)
     images, kept, skipped = load_images(split, skip_bad=True)
-    assert len(images) == 4 and skipped == [str(tmp_path / "b" / "notes.txt")]
+    assert len(images) == 4 and [(s["image"], s["reason"]) for s in skipped] == [(str(tmp_path / "b" / "notes.txt"),
+                                                                                   "not an image")]
+    assert "cannot read image" in skipped[0]["error"]
     assert [split.sources[i] for i in kept] == [s for s in split.sources if s.endswith(".png")]
 
 

@@ -91,8 +91,12 @@ def test_bad_session_inputs(tmp_path):
     for batch, exc, match in cases:
         with pytest.raises(exc, match=match):
             session.run(batch)
-    with pytest.raises(ValueError, match="uint8"):
-        session.predict([np.zeros((8, 8, 3), np.float32)])
+    nan_image = np.full((8, 8), 0.5, np.float32)
+    nan_image[3, 4] = np.nan
+    with pytest.raises(ValueError, match="has 1 NaN/Inf pixel value"):
+        session.predict([nan_image])
+    with pytest.raises(ValueError, match="integer or float dtype"):
+        session.predict([np.zeros((8, 8), np.complex64)])
     with pytest.raises(ValueError, match=r"\[H, W, 1\|3\|4\]"):
         session.predict([np.zeros((8, 8, 2), np.uint8)])
     with pytest.raises(FileNotFoundError, match="image not found"):

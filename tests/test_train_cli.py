@@ -187,7 +187,7 @@ def test_skip_bad_images_counts_them(tmp_path, capsys):
     data = _bad_image_tree(tmp_path / "d")
     rc, out, err = cli(train, ["--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--shots", "1",
                                "--epochs", "1", "--skip-bad-images", "--no-progress"], capsys)
-    assert rc == 0 and "skipped 1 unreadable image(s), first" in err and "broken.png" in err
+    assert rc == 0 and "skipped 1 unreadable image(s) (1 not an image), first" in err and "broken.png" in err
     assert "broken.png" not in (tmp_path / "r" / "shots.json").read_text()
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the onnxruntime C/C++ API headers from Debian trixie's libonnxruntime-dev package into a private
-# folder (default: examples/cpp/.ort), without touching the system's apt configuration or installing
-# anything. The library itself comes from the installed onnxruntime Python wheel (see CMakeLists.txt).
+# folder (default: cpp/.ort), without touching the system's apt configuration or installing
+# anything. The library itself comes from the installed onnxruntime Python wheel (see cmake/onnxruntime.cmake).
 # Prints the include directory on success. Usage: fetch_ort_headers.sh [DEST]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

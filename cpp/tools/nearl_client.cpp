@@ -1,0 +1,103 @@
+// nearl_client: classify images with an exported NEARL-CLIP (the nearl::Classifier library).
+//
+//   nearl_client MODEL.onnx [--top-k K] [--device cpu|cuda] [--threads N] INPUT...
+//
+// INPUT: a PNG or JPEG file of any size (decoded, then resized / cropped / normalised by the model's
+// preprocessing graph, MODEL.preprocess.onnx), or a raw little-endian float32 file (*.f32) holding
+// preprocessed [n, 3, S, S] images. Output: one line per image and rank, "<image> <rank> <probability>
+// <class name>", images numbered from 0 in input order. Errors: one line on stderr, exit status 2.
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "nearl/classifier.hpp"
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::size_t parse_count(const std::string& flag, const std::string& value) {
+  std::size_t used = 0;
+  unsigned long n = 0;
+  try { n = std::stoul(value, &used); } catch (const std::exception&) { used = 0; }
+  if (used != value.size() || value.empty() || value[0] == '-')
+    throw nearl::Error(flag + " " + value + ": expected a non-negative integer");
+  return n;
+}
+
+// Raw float32 [n, 3, S, S] -> the floats; throws unless it holds a whole number of images.
+std::vector<float> read_raw(const std::string& path, int size) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw nearl::Error("cannot open " + path);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::size_t image_bytes = std::size_t(3) * size * size * sizeof(float);
+  if (bytes.empty() || bytes.size() % image_bytes != 0)
+    throw nearl::Error(path + " holds " + std::to_string(bytes.size()) + " bytes, not a whole number of float32 [3, " +
+                       std::to_string(size) + ", " + std::to_string(size) + "] images");
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::copy(bytes.begin(), bytes.end(), reinterpret_cast<char*>(out.data()));
+  return out;
+}
+
+int run(int argc, char** argv) {
+  std::string model_path;
+  std::vector<std::string> inputs;
+  std::size_t top_k = 5;
+  nearl::Options options;
+  for (int a = 1; a < argc; ++a) {
+    std::string arg = argv[a];
+    bool has_value = a + 1 < argc;
+    if (arg == "--top-k" && has_value) top_k = parse_count(arg, argv[++a]);
+    else if (arg == "--threads" && has_value) options.intra_op_threads = int(parse_count(arg, argv[++a]));
+    else if (arg == "--device" && has_value) {
+      std::string d = argv[++a];
+      if (d != "cpu" && d != "cuda") throw nearl::Error("--device " + d + ": use cpu or cuda");
+      options.device = d == "cuda" ? nearl::Device::CUDA : nearl::Device::CPU;
+    } else if (model_path.empty()) model_path = arg;
+    else inputs.push_back(arg);
+  }
+  if (model_path.empty() || inputs.empty() || top_k == 0)
+    throw nearl::Error("usage: nearl_client MODEL.onnx [--top-k K] [--device cpu|cuda] [--threads N] "
+                       "IMAGE.png|IMAGE.jpg|BATCH.f32 ...");
+  nearl::Classifier model(model_path, options);
+  if (!model.fallback_reason().empty())
+    std::fprintf(stderr, "nearl_client: running on the CPU: %s\n", model.fallback_reason().c_str());
+  top_k = std::min(top_k, model.class_names().size());
+  std::size_t index = 0;
+  std::string out;  // printed only when every input succeeded
+  for (const std::string& path : inputs) {
+    std::vector<nearl::Predictions> rows;
+    if (ends_with(path, ".f32")) {
+      std::vector<float> x = read_raw(path, model.input_size());
+      rows = model.top(model.run(x.data(), x.size() / (std::size_t(3) * model.input_size() * model.input_size())), top_k);
+    } else {
+      rows.push_back(model.classify_file(path, top_k));
+    }
+    for (const nearl::Predictions& row : rows) {
+      for (std::size_t r = 0; r < row.size(); ++r) {
+        char line[64];
+        std::snprintf(line, sizeof(line), "%zu %zu %.9g ", index, r + 1, row[r].probability);
+        out += line + row[r].label + "\n";
+      }
+      ++index;
+    }
+  }
+  std::fputs(out.c_str(), stdout);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nearl_client: error: %s\n", e.what());
+  }
+  return 2;
+}

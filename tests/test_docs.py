@@ -1,0 +1,96 @@
+"""The documentation lives in the repository: every relative link in README.md, docs/ and the other
+Markdown files resolves to a file (and heading) inside it, nothing points outside it, and README.md stays a
+front page that keeps the set-up commands .ci/run greps for."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Not rglob from ROOT: CI creates its venv inside the checkout.
+DOC_DIRS = ("docs", "nearl_rt", "kernels", "export", "bench", "cpp", "tests")
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]]+\]:\s*(\S+)", re.M)
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+
+
+def markdown_files():
+    files = [ROOT / "README.md"]
+    for d in DOC_DIRS:
+        files += sorted((ROOT / d).rglob("*.md"))
+    return files
+
+
+def prose(path: Path) -> str:
+    """The text outside code blocks and code spans (where a bracket is code, not a link)."""
+    return CODE_SPAN.sub("", FENCE.sub("", path.read_text(encoding="utf-8")))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = CODE_SPAN.sub(lambda m: m.group(0)[1:-1], heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set:
+    return {slug(line.lstrip("#")) for line in FENCE.sub("", path.read_text(encoding="utf-8")).splitlines()
+            if re.match(r"#{1,6} ", line)}
+
+
+def relative_links(path: Path):
+    for m in LINK.finditer(prose(path)):
+        target = m.group(1) or m.group(2)
+        if not re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto: are not files
+            yield target
+
+
+def link_problems(files, root: Path) -> tuple[list, int]:
+    """(one line per broken relative link, number of relative links checked)."""
+    problems, checked = [], 0
+    for md in files:
+        for target in relative_links(md):
+            checked += 1
+            file_part, _, anchor = target.partition("#")
+            dest = (md.parent / file_part).resolve() if file_part else md
+            where = f"{md.relative_to(root)}: ({target})"
+            if not dest.is_relative_to(root):
+                problems.append(f"{where} points outside the repository")
+            elif not dest.exists():
+                problems.append(f"{where} does not exist")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                problems.append(f"{where}: no heading #{anchor} in {dest.relative_to(root)}")
+    return problems, checked
+
+
+def test_every_relative_link_resolves_inside_the_repository():
+    problems, checked = link_problems(markdown_files(), ROOT)
+    assert checked >= 20  # the README and docs do link to each other
+    assert not problems, "\n".join(problems)
+
+
+def test_no_document_refers_outside_the_repository():
+    for md in markdown_files():
+        text = md.read_text(encoding="utf-8")
+        assert "../shared" not in text and "/work/" not in text, md.relative_to(ROOT)
+
+
+def test_link_checker_catches_broken_links(tmp_path):
+    """A missing file, a missing heading and a path out of the repository are caught; code is not a link."""
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    (root / "docs" / "b.md").write_text("# Measured: ORT CPU vs eager\n\n## `python -m export.onnx`\n")
+    page = root / "docs" / "a.md"
+    page.write_text("[ok](b.md#measured-ort-cpu-vs-eager) [ok](b.md#python--m-exportonnx) [ok](#top)\n# Top\n"
+                    "[web](https://example.org/x.md) `[code](missing.md)`\n```\n[code](missing.md)\n```\n"
+                    "[1](nope.md) [2](b.md#no-such-heading) [3](../../outside.md)\n[ref]: gone.md\n")
+    problems, checked = link_problems([page], root)
+    assert checked == 7
+    assert [p.split(": (")[1].split(")")[0] for p in problems] == ["nope.md", "b.md#no-such-heading",
+                                                                  "../../outside.md", "gone.md"]
+
+
+def test_readme_is_a_front_page_with_the_ci_commands():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; move reference material into docs/"
+    for cmd in ("pip install -e '.[dev]'", "python -m pytest -q"):  # .ci/run greps for these exact lines
+        assert cmd in lines
+    first_run = next(i for i, line in enumerate(lines) if line.startswith("python -m nearl_rt demo"))
+    assert first_run > lines.index("python -m pytest -q")
