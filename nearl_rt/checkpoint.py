@@ -71,7 +71,8 @@ def read_checkpoint(path) -> dict:
             raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; nearl-rt "
                                   f"refuses to unpickle them (unsafe). It is not a nearl-rt checkpoint") from None
         raise CheckpointError(f"{path} is not a nearl-rt checkpoint (unreadable: {e})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    # IndexError / KeyError: torch's legacy unpickler on bytes that are no pickle (an empty stack, an unknown memo)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path} is damaged or truncated, or not a nearl-rt checkpoint "
                               f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
