@@ -138,6 +138,11 @@ class NearlCLIP(nn.Module):
                                 self._text_cache[1].features)
         return self(images, self.class_tokens)
 
+    def cuda_graph(self, batch_sizes: Sequence[int] = (1, 8, 64)):
+        """`classify` captured in one CUDA graph per batch size: a callable images -> logits (nearl_rt.cuda_graph)."""
+        from nearl_rt.cuda_graph import capture_classify
+        return capture_classify(self, batch_sizes)
+
     def cached_text_stream(self) -> TextStream:
         """The class text stream, recomputed only when the classes, adapter weights, device or dtype change."""
         key = (self.class_tokens.data_ptr(), self.dtype, tuple((p.data_ptr(), p._version) for p in self.adapter_parameters()))

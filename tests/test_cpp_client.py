@@ -2,6 +2,7 @@
 import subprocess
 
 import numpy as np
+import onnxruntime
 import pytest
 from PIL import Image
 
@@ -58,12 +59,17 @@ def test_cpp_client_equals_nearl_session(client, mode, preset, tmp_path):
     assert_same(parse(proc.stdout), expected)
 
 
-def test_cpp_client_cuda_falls_back(client, tmp_path):
+@pytest.mark.parametrize("top_k", [[], ["--top-k", "0"]], ids=["default", "zero"])
+def test_cpp_client_cuda_falls_back(client, top_k, tmp_path):
+    """--device cuda on a CPU-only onnxruntime: one stderr line, CPU results; the default --top-k (5) and
+    --top-k 0 both print all 3 classes."""
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: the fallback is not the path taken")
     path = exported_with_preprocess("bidirectional")
     image = tmp_path / "a.png"
     Image.fromarray(smooth_noisy(np.random.default_rng(1), 40, 33)).save(image)
-    proc = subprocess.run([str(client), str(path), "--device", "cuda", str(image)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([str(client), str(path), "--device", "cuda", *top_k, str(image)], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("nearl_client: running on the CPU: ") and len(proc.stderr.splitlines()) == 1
     assert_same(parse(proc.stdout), NearlSession(path, preprocess="onnx").predict([image], top_k=len(CLASSES)))
@@ -83,6 +89,8 @@ def test_cpp_client_errors(client, tmp_path):
                         ([str(path), str(tmp_path / "missing.png")], "image not found"),
                         ([str(tmp_path / "missing.onnx"), str(good)], "model not found"),
                         ([str(path), "--top-k", "x", str(good)], "--top-k x: expected a non-negative integer"),
+                        ([str(path), "--top-k", "4", str(tmp_path / "missing.png")],  # checked before the input
+                         f"--top-k 4: the model has {len(CLASSES)} classes"),
                         ([str(path), "--device", "tpu", str(good)], "use cpu or cuda"),
                         ([str(path)], "usage")):
         proc = subprocess.run([str(client), *argv], capture_output=True, text=True, timeout=60)

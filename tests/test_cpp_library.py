@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import onnxruntime
 import pytest
 from PIL import Image
 
@@ -107,7 +108,8 @@ def cases(tmp_path_factory):
         shutil.copy(models["model"], bad / name)
         if graph_of:
             shutil.copy(preprocess_graph_path(graph_of), preprocess_graph_path(bad / name))
-    manifest = {"model": str(models["model"]), "fixed_model": str(models["fixed_model"]), "decode": decode,
+    manifest = {"cuda_provider": "CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                "model": str(models["model"]), "fixed_model": str(models["fixed_model"]), "decode": decode,
                 "classify": classify, "preprocessed": pre,
                 "bad": {"missing": str(d / "missing.onnx"), "not_onnx": str(bad / "text.onnx"),
                         "not_nearl": str(preprocess_graph_path(models["model"])),

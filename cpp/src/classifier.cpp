@@ -66,6 +66,11 @@ bool has_output(Ort::Session& s, const std::string& name) {
   return false;
 }
 
+void check_top_k(std::size_t top_k, std::size_t classes) {
+  if (top_k > classes)
+    throw Error("top_k=" + std::to_string(top_k) + " but the model has " + std::to_string(classes) + " classes");
+}
+
 std::string shape_text(int h, int w, int c) {
   return std::to_string(h) + "x" + std::to_string(w) + "x" + std::to_string(c);
 }
@@ -255,8 +260,7 @@ Scores Classifier::run(const float* images, std::size_t n) const {
 
 std::vector<Predictions> Classifier::top(const Scores& scores, std::size_t top_k) const {
   const std::vector<std::string>& names = impl_->class_names;
-  if (top_k > names.size())
-    throw Error("top_k=" + std::to_string(top_k) + " but the model has " + std::to_string(names.size()) + " classes");
+  check_top_k(top_k, names.size());
   std::size_t k = top_k ? top_k : names.size();
   std::vector<Predictions> out;
   for (std::size_t b = 0; b < scores.batch; ++b) {
@@ -273,7 +277,7 @@ std::vector<Predictions> Classifier::top(const Scores& scores, std::size_t top_k
 
 std::vector<Predictions> Classifier::classify(const std::vector<ImageView>& images, std::size_t top_k) const {
   if (images.empty()) throw Error("classify() needs at least one image");
-  if (top_k > class_names().size()) top(Scores{}, top_k);  // fail before any work
+  check_top_k(top_k, class_names().size());  // fail before any work
   std::vector<float> batch;
   for (const ImageView& image : images) {
     std::vector<float> x = preprocess(image);
@@ -287,6 +291,7 @@ Predictions Classifier::classify(const ImageView& image, std::size_t top_k) cons
 }
 
 Predictions Classifier::classify_encoded(const std::uint8_t* data, std::size_t size, std::size_t top_k) const {
+  check_top_k(top_k, class_names().size());  // before decoding
   Image image = decode_image(data, size);
   return classify(image.view(), top_k);
 }
@@ -296,6 +301,7 @@ Predictions Classifier::classify_file(const std::string& path, std::size_t top_k
 }
 
 std::vector<Predictions> Classifier::classify_files(const std::vector<std::string>& paths, std::size_t top_k) const {
+  check_top_k(top_k, class_names().size());  // before decoding
   std::vector<Image> images;
   for (const std::string& p : paths) images.push_back(read_image(p));
   std::vector<ImageView> views;

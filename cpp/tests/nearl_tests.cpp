@@ -182,10 +182,14 @@ void bad_inputs(const nlohmann::json& cases) {
   expect_error("max_batch 0", "max_batch", [&] { nearl::Classifier m(cases["model"], no_batch); });
   nearl::Options strict_cuda;
   strict_cuda.device = nearl::Device::CUDA;
-  nearl::Classifier fallback(cases["model"], strict_cuda);  // CPU-only onnxruntime here: falls back
-  check(fallback.provider() == "CPUExecutionProvider" && !fallback.fallback_reason().empty(), "CUDA fallback");
-  strict_cuda.cuda_fallback = false;
-  expect_error("CUDA without fallback", "cannot run", [&] { nearl::Classifier m(cases["model"], strict_cuda); });
+  nearl::Classifier fallback(cases["model"], strict_cuda);
+  if (!cases["cuda_provider"]) {  // a CPU-only onnxruntime: falls back, or throws when told not to
+    check(fallback.provider() == "CPUExecutionProvider" && !fallback.fallback_reason().empty(), "CUDA fallback");
+    strict_cuda.cuda_fallback = false;
+    expect_error("CUDA without fallback", "cannot run", [&] { nearl::Classifier m(cases["model"], strict_cuda); });
+  } else {  // onnxruntime-gpu: CUDA, or the CPU with the reason (no usable GPU)
+    check((fallback.provider() == "CUDAExecutionProvider") == fallback.fallback_reason().empty(), "CUDA or reason");
+  }
 
   nearl::Classifier model(cases["model"]);
   nearl::Classifier bare(bad["no_preprocess"]);
@@ -196,6 +200,9 @@ void bad_inputs(const nlohmann::json& cases) {
   expect_error("zero width", "must be >= 1", [&] { model.classify({px.data(), 7, 0, 3}); });
   expect_error("null pixels", "no pixels", [&] { model.classify({nullptr, 7, 5, 3}); });
   expect_error("top_k too large", "top_k=9", [&] { model.classify({px.data(), 7, 5, 3}, 9); });
+  // checked before any decoding: these inputs would fail otherwise
+  expect_error("top_k too large, file", "top_k=9", [&] { model.classify_file(bad["missing"], 9); });
+  expect_error("top_k too large, bytes", "top_k=9", [&] { model.classify_encoded(px.data(), 0, 9); });
   expect_error("no images", "at least one image", [&] { model.classify(std::vector<nearl::ImageView>{}); });
   expect_error("empty run", "at least one", [&] { model.run(nullptr, 0); });
   expect_error("missing image", "image not found", [&] { model.classify_file(bad["missing"]); });

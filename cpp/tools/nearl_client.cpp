@@ -2,6 +2,7 @@
 //
 //   nearl_client MODEL.onnx [--top-k K] [--device cpu|cuda] [--threads N] INPUT...
 //
+// --top-k: classes printed per image, 0 = all (default 5, or all when the model has fewer).
 // INPUT: a PNG or JPEG file of any size (decoded, then resized / cropped / normalised by the model's
 // preprocessing graph, MODEL.preprocess.onnx), or a raw little-endian float32 file (*.f32) holding
 // preprocessed [n, 3, S, S] images. Output: one line per image and rank, "<image> <rank> <probability>
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,7 +49,7 @@ std::vector<float> read_raw(const std::string& path, int size) {
 int run(int argc, char** argv) {
   std::string model_path;
   std::vector<std::string> inputs;
-  std::size_t top_k = 5;
+  std::optional<std::size_t> top_k;  // default: 5, or all classes when the model has fewer
   nearl::Options options;
   for (int a = 1; a < argc; ++a) {
     std::string arg = argv[a];
@@ -61,22 +63,26 @@ int run(int argc, char** argv) {
     } else if (model_path.empty()) model_path = arg;
     else inputs.push_back(arg);
   }
-  if (model_path.empty() || inputs.empty() || top_k == 0)
+  if (model_path.empty() || inputs.empty())
     throw nearl::Error("usage: nearl_client MODEL.onnx [--top-k K] [--device cpu|cuda] [--threads N] "
                        "IMAGE.png|IMAGE.jpg|BATCH.f32 ...");
   nearl::Classifier model(model_path, options);
   if (!model.fallback_reason().empty())
     std::fprintf(stderr, "nearl_client: running on the CPU: %s\n", model.fallback_reason().c_str());
-  top_k = std::min(top_k, model.class_names().size());
+  std::size_t classes = model.class_names().size();
+  if (top_k && *top_k > classes)  // before any input is read
+    throw nearl::Error("--top-k " + std::to_string(*top_k) + ": the model has " + std::to_string(classes) +
+                       " classes (0 = all)");
+  std::size_t k = top_k ? *top_k : std::min<std::size_t>(5, classes);
   std::size_t index = 0;
   std::string out;  // printed only when every input succeeded
   for (const std::string& path : inputs) {
     std::vector<nearl::Predictions> rows;
     if (ends_with(path, ".f32")) {
       std::vector<float> x = read_raw(path, model.input_size());
-      rows = model.top(model.run(x.data(), x.size() / (std::size_t(3) * model.input_size() * model.input_size())), top_k);
+      rows = model.top(model.run(x.data(), x.size() / (std::size_t(3) * model.input_size() * model.input_size())), k);
     } else {
-      rows.push_back(model.classify_file(path, top_k));
+      rows.push_back(model.classify_file(path, k));
     }
     for (const nearl::Predictions& row : rows) {
       for (std::size_t r = 0; r < row.size(); ++r) {
