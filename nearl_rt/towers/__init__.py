@@ -1,7 +1,7 @@
 """Tower adapters: the per-layer view of a frozen CLIP tower that NEARL's lock-step forward drives.
 
 NearlCLIP runs one loop whatever the towers are:
-    x = vision.embed(images);              p = text.prompts(tokens, trim);  t, mask = text.embed(p, dtype)
+    x = vision.embed(images);              p = text.prompts(tokens, trim);  t, mask = text.embed(p, dtype, context)
     per layer l:  x = vision.block(l, x);  t = text.block(l, t, mask)      (+ USEformer and OCAs)
     image = vision.features(x);            text = text.features(t, p.pool)
 Each kind of tower is one small module behind these two protocols:
@@ -11,7 +11,7 @@ Each kind of tower is one small module behind these two protocols:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -43,9 +43,12 @@ class TextTower(Protocol):
     output_dim: int       # E, the joint embedding width
     vocab_size: int
     context_length: int   # the longest token sequence the tower takes
+    token_embedding: nn.Embedding  # token id -> [width], before positions are added
 
     def prompts(self, tokens: torch.Tensor, trim: bool) -> PromptBatch: ...
-    def embed(self, p: PromptBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...  # (t, mask)
+    # (t, mask); `context` (CoOp's nearl_rt.coop.PromptContext) rewrites the token embeddings before positions
+    def embed(self, p: PromptBatch, dtype: torch.dtype,
+              context: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
     def repeat_mask(self, mask: torch.Tensor, times: int) -> torch.Tensor: ...  # mask for rows b*C + c
     def block(self, layer: int, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
     def features(self, t: torch.Tensor, pool: torch.Tensor) -> torch.Tensor: ...  # pooled + projected

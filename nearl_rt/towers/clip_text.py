@@ -34,6 +34,7 @@ class ClipText:
         self.output_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
         self.vocab_size = clip.vocab_size
         self.context_length = clip.context_length
+        self.token_embedding = clip.token_embedding
 
     def prompts(self, tokens: torch.Tensor, trim: bool) -> PromptBatch:
         if self.clip.text_pool_type == "argmax":
@@ -44,10 +45,12 @@ class ClipText:
         valid = torch.arange(n, device=tokens.device)[None, :] <= eot[:, None]
         return PromptBatch(tokens=tokens[:, :n], pool=eot, valid=valid)
 
-    def embed(self, p: PromptBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, p: PromptBatch, dtype: torch.dtype, context=None) -> tuple[torch.Tensor, torch.Tensor]:
         clip, n = self.clip, p.tokens.shape[1]
-        t = clip.token_embedding(p.tokens).to(dtype) + clip.positional_embedding[:n].to(dtype)
-        return t, clip.attn_mask[:n, :n].to(dtype)
+        t = clip.token_embedding(p.tokens).to(dtype)
+        if context is not None:
+            t = context(t)
+        return t + clip.positional_embedding[:n].to(dtype), clip.attn_mask[:n, :n].to(dtype)
 
     def repeat_mask(self, mask: torch.Tensor, times: int) -> torch.Tensor:
         return mask  # the causal mask is the same for every row

@@ -41,6 +41,7 @@ class BertText:
         self.vocab_size = config.vocab_size
         self.context_length = config.max_position_embeddings
         self.pad_id = config.pad_token_id
+        self.token_embedding = bert.embeddings.word_embeddings
 
     def prompts(self, tokens: torch.Tensor, trim: bool) -> PromptBatch:
         real = tokens != self.pad_id  # what HFTextEncoder.forward passes as attention_mask
@@ -49,8 +50,12 @@ class BertText:
         pool = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         return PromptBatch(tokens=tokens[:, :n], pool=pool, valid=real[:, :n])
 
-    def embed(self, p: PromptBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.bert.embeddings(input_ids=p.tokens).to(dtype)
+    def embed(self, p: PromptBatch, dtype: torch.dtype, context=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if context is None:
+            t = self.bert.embeddings(input_ids=p.tokens)
+        else:  # BertEmbeddings adds positions, token types and its LayerNorm to whatever word embeddings it gets
+            t = self.bert.embeddings(inputs_embeds=context(self.token_embedding(p.tokens)))
+        t = t.to(dtype)
         mask = torch.zeros(p.valid.shape, dtype=dtype, device=t.device).masked_fill(~p.valid, torch.finfo(dtype).min)
         return t, mask[:, None, None, :]
 
