@@ -95,16 +95,16 @@ def build_adapters(config: NearlConfig, vision_width: int, text_width: int, laye
 
 
 def expected_adapter_shapes(config: NearlConfig) -> dict[str, tuple]:
-    """Adapter tensor shapes for `config`, from the backbone's open_clip config alone (no weights built)."""
-    import open_clip
-    from nearl_rt.backbone import register_model_configs
-    register_model_configs()
-    cfg = open_clip.get_model_config(config.backbone)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model {config.backbone!r}")
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    """Adapter tensor shapes for `config`, from its backbone's architecture alone (built on the meta device)."""
+    from nearl_rt.backbone import meta_backbone
+    from nearl_rt.errors import BackboneError
+    from nearl_rt.towers import build_towers
+    try:
+        vision, text = build_towers(meta_backbone(config.backbone), config.backbone)
+    except BackboneError as e:
+        raise ValueError(str(e)) from None
     with torch.device("meta"):
-        mods = build_adapters(config, vision["width"], text["width"], vision["layers"])
+        mods = build_adapters(config, vision.width, text.width, len(vision.blocks))
     return {f"{name}.{k}": tuple(v.shape) for name, m in mods.items() for k, v in m.state_dict().items()}
 
 
