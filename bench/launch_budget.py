@@ -65,7 +65,7 @@ def launches_per_layer(model, images, reps: int = 0):
                     times[name].append(time.perf_counter() - t0)
             host = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     added = sum(nearl.values()) + len(names) - sum(plain.values())
-    return added / len(model.vision_blocks), nearl - plain, names, host
+    return added / len(model.vision_tower.blocks), nearl - plain, names, host
 
 
 def main(argv=None) -> int:
@@ -89,11 +89,11 @@ def main(argv=None) -> int:
         images = torch.randn(args.batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
         per_layer, extra, names, host = launches_per_layer(model, images, args.reps)
         out[mode] = dict(added_per_layer=per_layer, extra_aten_ops=dict(extra.most_common()), triton_launches=names,
-                         host_ms=host, layers=len(model.vision_blocks))
+                         host_ms=host, layers=len(model.vision_tower.blocks))
         line = f"{mode}: {per_layer:.1f} kernels per layer over frozen CLIP; extra aten ops {dict(extra)}"
         if host:
             line += (f"; host {host['nearl']:.2f} ms vs frozen {host['frozen']:.2f} ms per forward "
-                     f"(+{(host['nearl'] - host['frozen']) / len(model.vision_blocks):.2f} ms per layer)")
+                     f"(+{(host['nearl'] - host['frozen']) / len(model.vision_tower.blocks):.2f} ms per layer)")
         print(line)
     if args.json:
         from nearl_rt.atomic import atomic_output
