@@ -3,22 +3,36 @@
 A backend is set up once per interaction mode (`setup`), then `runner(batch_size)` returns the callable
 that is timed: images (float32 on the run's device) -> logits. Every backend gets the same inputs.
 Both are called under torch.no_grad() (inference tensors would break the class-text cache).
+
+Each NEARL backend names its `baseline`: the frozen CLIP run the same way (eager, CUDA graphs,
+onnxruntime on the CPU or CUDA), so that `xCLIP` compares runtime with runtime.
+
+Adding a runtime is two classes and one line of BACKENDS: the NEARL backend (its `baseline` names the
+twin) and its frozen-CLIP twin; an onnxruntime one on a new kind of file also adds its ONNX_PRECISIONS
+entry, e.g. an int8 file quantised from the fp32 one (docs/gpu-suite.md#adding-a-backend-to-benchlatencypy).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import kernels
+from bench.frozen_clip import FrozenClip as FrozenClipModule
+from bench.frozen_clip import export_frozen_clip
+from nearl_rt.cuda_graph import GraphedForward
 from nearl_rt.model import NearlCLIP
 
 Runner = Callable[[torch.Tensor], object]
+ROOT = Path(__file__).resolve().parents[1]
+# the code an exported file depends on: a change to any of these makes the cached exports stale
+EXPORT_SOURCES = ("export/onnx.py", "export/graph.py", "bench/frozen_clip.py", "nearl_rt/model.py",
+                  "nearl_rt/adapters.py", "kernels/oca.py", "kernels/use_attention.py")
 
 
 @dataclass
@@ -28,11 +42,13 @@ class BenchContext:
     master: NearlCLIP              # float32 on the CPU, classes set: each backend copies it
     device: torch.device
     dtype: torch.dtype             # of the PyTorch backends (ONNX backends carry their own precision)
-    workdir: Path                  # ONNX files and TensorRT engines
+    workdir: Path                  # ONNX files when not cached, TensorRT engines
     quick: bool = False
     explicit: frozenset = frozenset()  # backends named on the command line
     checkpoint_sha256: Optional[str] = None
+    cache_dir: Optional[Path] = None   # ONNX exports kept across runs (None: exported into workdir)
     _onnx: dict = field(default_factory=dict)
+    _keys: dict = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -43,14 +59,63 @@ class BenchContext:
         model.backend = backend
         return model
 
-    def onnx_file(self, fp16: bool) -> Path:
-        """The master exported once per precision (`export.onnx.export_model`), shared by the ORT backends."""
-        if fp16 not in self._onnx:
-            from export.onnx import export_model
-            path = self.workdir / f"nearl-{self.mode}-{'fp16' if fp16 else 'fp32'}.onnx"
-            self._onnx[fp16] = export_model(self.master, path, fp16=fp16, batch_size="dynamic", verify=False,
-                                            checkpoint_sha256=self.checkpoint_sha256)
-        return self._onnx[fp16]
+    def _onnx_path(self, kind: str, precision: str) -> Path:
+        """Where the `kind` ("nearl" or "frozen_clip") export lives; cached files are named by what they contain."""
+        if self.cache_dir is None:
+            return self.workdir / f"{kind}-{self.mode}-{precision}.onnx"
+        if kind not in self._keys:
+            self._keys[kind] = _content_key(self.master, kind)
+        return self.cache_dir / f"{kind}-{'' if kind == 'frozen_clip' else self.mode + '-'}{precision}-" \
+                                f"{self._keys[kind]}.onnx"
+
+    def onnx_cached(self, kind: str, precision: str) -> bool:
+        return self.cache_dir is not None and self._onnx_path(kind, precision).is_file()
+
+    def onnx_file(self, kind: str, precision: str) -> Path:
+        """The master (kind "nearl") or its frozen CLIP as ONNX in `precision` (a key of ONNX_PRECISIONS),
+        written once and cached."""
+        if (kind, precision) not in self._onnx:
+            path = self._onnx_path(kind, precision)
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ONNX_PRECISIONS[precision](self, kind, path)
+            self._onnx[(kind, precision)] = path
+        return self._onnx[(kind, precision)]
+
+
+def _export(ctx: BenchContext, kind: str, path: Path, *, fp16: bool) -> None:
+    """The NEARL file as `export.onnx` writes it, or its frozen CLIP written the same way."""
+    if kind == "frozen_clip":
+        export_frozen_clip(ctx.master, path, fp16=fp16)
+    else:
+        from export.onnx import export_model
+        export_model(ctx.master, path, fp16=fp16, batch_size="dynamic", verify=False,
+                     checkpoint_sha256=ctx.checkpoint_sha256)
+
+
+# How each ONNX precision is written (ctx, kind, path): one entry per precision, shared by a NEARL backend
+# and its frozen-CLIP twin. A precision derived from another reads it with ctx.onnx_file(kind, "fp32").
+ONNX_PRECISIONS: dict[str, Callable[[BenchContext, str, Path], None]] = {
+    "fp32": lambda ctx, kind, path: _export(ctx, kind, path, fp16=False),
+    "fp16": lambda ctx, kind, path: _export(ctx, kind, path, fp16=True),
+}
+
+
+def _content_key(model: NearlCLIP, kind: str) -> str:
+    """sha256 (16 hex digits) of everything an export depends on: weights, classes, mode, code and versions."""
+    import onnx
+    h = hashlib.sha256()
+    module = model.backbone if kind == "frozen_clip" else model
+    h.update(repr((kind, torch.__version__, onnx.__version__, model.class_names, model.template,
+                   None if kind == "frozen_clip" else model.interaction)).encode())
+    for rel in EXPORT_SOURCES:
+        path = ROOT / rel
+        h.update(path.read_bytes() if path.is_file() else b"")
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    h.update(model.class_tokens.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class Backend:
@@ -59,6 +124,7 @@ class Backend:
     precision: Optional[str] = None  # None: the run's --dtype
     compares_to_eager = True         # its logits should equal the fp32 eager reference
     torch_allocated = True           # its working memory comes and goes with torch's (peak is measurable)
+    baseline: Optional[str] = None   # the frozen-CLIP backend of the same runtime (None: it is one)
 
     def available(self, ctx: BenchContext) -> tuple[bool, str]:
         return True, ""
@@ -78,23 +144,35 @@ def _needs_cuda(ctx: BenchContext) -> tuple[bool, str]:
 
 class FrozenClip(Backend):
     name = "frozen_clip"
-    description = "open_clip without adapters (image tower; class text features computed once): the floor"
+    description = "open_clip without adapters (image tower; class text features computed once): the eager floor"
     compares_to_eager = False
 
     def setup(self, ctx):
         super().setup(ctx)
-        self.model = ctx.model_copy("torch")
-        self.text = F.normalize(self.model.backbone.encode_text(self.model.class_tokens), dim=-1)
+        self.model = FrozenClipModule(ctx.model_copy("torch"))
 
     def runner(self, batch_size):
-        bb, model = self.model.backbone, self.model
-        return lambda images: model._logits(F.normalize(bb.encode_image(images.to(model.dtype)), dim=-1), self.text)
+        return self.model
+
+
+class FrozenClipGraphs(FrozenClip):
+    name = "frozen_clip_graphs"
+    description = "frozen CLIP captured in one CUDA graph per batch size (nearl_rt.cuda_graph): the graphs' floor"
+
+    def available(self, ctx):
+        return _needs_cuda(ctx)
+
+    def runner(self, batch_size):
+        model = self.model.model
+        return GraphedForward(self.model, (3, *_image_size(model)), (batch_size,), self.ctx.device,
+                              state=tuple, what="frozen CLIP")
 
 
 class Eager(Backend):
     name = "eager"
     description = "NEARL reference ops in PyTorch (backend='torch')"
     kernel_backend = "torch"
+    baseline = "frozen_clip"
 
     def setup(self, ctx):
         super().setup(ctx)
@@ -125,8 +203,12 @@ class TorchCompile(Eager):
     description = "torch.compile of the reference model's classify (inductor, one graph per batch size)"
 
     def available(self, ctx):
-        if ctx.quick and self.name not in ctx.explicit:
+        if self.name in ctx.explicit:
+            return True, ""
+        if ctx.quick:
             return False, "skipped by --quick (compiling takes minutes on a CPU); name it in --backends to time it"
+        if ctx.device.type == "cpu":
+            return False, "skipped on a CPU unless asked (compiling takes minutes): name it in --backends"
         return True, ""
 
     def setup(self, ctx):
@@ -142,39 +224,24 @@ class TorchCompile(Eager):
 
 class CudaGraphs(Eager):
     name = "cuda_graphs"
-    description = "NEARL (backend='auto') captured in one CUDA graph per batch size; replay copies the input in"
+    description = "NEARL (backend='auto') as model.cuda_graph(): one CUDA graph per batch size, input copied in"
     kernel_backend = "auto"
+    baseline = "frozen_clip_graphs"
 
     def available(self, ctx):
         return _needs_cuda(ctx)
 
     def runner(self, batch_size):
-        model = self.model
-        static = torch.zeros(batch_size, 3, *_image_size(model), device=self.ctx.device)
-        side = torch.cuda.Stream(self.ctx.device)
-        side.wait_stream(torch.cuda.current_stream(self.ctx.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):  # allocator warm-up and the text_cacheable class cache, outside the capture
-                model.classify(static)
-        torch.cuda.current_stream(self.ctx.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model.classify(static)
-
-        def run(images):
-            static.copy_(images)
-            graph.replay()
-            return out
-        self.graph = graph  # keep the graph (and its memory pool) alive while the runner is in use
-        return run
+        return self.model.cuda_graph(batch_sizes=(batch_size,))
 
 
 class _Ort(Backend):
-    """onnxruntime on the ONNX file that export.onnx.export_model writes from the same model."""
+    """onnxruntime on the ONNX file that export.onnx.export_model (or bench.frozen_clip) writes from the master."""
 
     provider = ""
-    fp16 = False
+    onnx_precision = "fp32"  # a key of ONNX_PRECISIONS
     io_binding = False
+    onnx_kind = "nearl"
     # onnxruntime's arenas keep their memory across calls: invisible to torch.cuda.max_memory_allocated,
     # and no RSS growth during the timed calls on the CPU
     torch_allocated = False
@@ -197,6 +264,9 @@ class _Ort(Backend):
             if isinstance(e, ModuleNotFoundError) and e.name in ("export.onnx", "export"):
                 return False, "export.onnx not available"
             return False, f"export.onnx cannot be imported: {e}"
+        if not (ctx.quick or self.name in ctx.explicit or ctx.onnx_cached(self.onnx_kind, self.onnx_precision)):
+            return False, ("its ONNX export is not cached and takes minutes on a CPU: name it in --backends to "
+                           "export it once" + (f" (kept in {ctx.cache_dir})" if ctx.cache_dir else ""))
         return True, ""
 
     def provider_options(self) -> dict:
@@ -210,7 +280,8 @@ class _Ort(Backend):
                       if p != self.provider and p in ort.get_available_providers()]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(ctx.onnx_file(self.fp16)), options, providers=providers)
+        path = ctx.onnx_file(self.onnx_kind, self.onnx_precision)
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         if self.session.get_providers()[0] != self.provider:
             raise RuntimeError(f"onnxruntime fell back to {self.session.get_providers()[0]} instead of {self.provider}")
         self.input = self.session.get_inputs()[0].name
@@ -238,6 +309,7 @@ class OrtCpu(_Ort):
     description = "onnxruntime CPUExecutionProvider, fp32 ONNX"
     provider = "CPUExecutionProvider"
     precision = "float32"
+    baseline = "frozen_clip_ort_cpu"
 
     def available(self, ctx):
         if ctx.device.type != "cpu":
@@ -251,13 +323,15 @@ class OrtCudaFp32(_Ort):
     provider = "CUDAExecutionProvider"
     precision = "float32"
     io_binding = True
+    baseline = "frozen_clip_ort_cuda_fp32"
 
 
 class OrtCudaFp16(OrtCudaFp32):
     name = "ort_cuda_fp16"
     description = "onnxruntime CUDAExecutionProvider, fp16 ONNX (float32 inputs/outputs), IO binding"
     precision = "float16"
-    fp16 = True
+    onnx_precision = "fp16"
+    baseline = "frozen_clip_ort_cuda"
 
 
 class OrtTensorRT(OrtCudaFp32):
@@ -265,6 +339,7 @@ class OrtTensorRT(OrtCudaFp32):
     description = "onnxruntime TensorrtExecutionProvider (fp16 engines when --dtype float16), IO binding"
     provider = "TensorrtExecutionProvider"
     precision = None
+    baseline = "frozen_clip_ort_cuda"
 
     def provider_options(self):
         engines = Path(tempfile.mkdtemp(prefix="trt-", dir=self.ctx.workdir))
@@ -272,10 +347,34 @@ class OrtTensorRT(OrtCudaFp32):
                 "trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines)}
 
 
+class _FrozenOrt:
+    """The frozen-CLIP twin of an onnxruntime backend: the same session settings on bench.frozen_clip's export."""
+
+    onnx_kind = "frozen_clip"
+    compares_to_eager = False
+    baseline = None
+
+
+class FrozenClipOrtCpu(_FrozenOrt, OrtCpu):
+    name = "frozen_clip_ort_cpu"
+    description = "frozen CLIP exported the same way, onnxruntime CPU, fp32: the ort_cpu floor"
+
+
+class FrozenClipOrtCudaFp32(_FrozenOrt, OrtCudaFp32):
+    name = "frozen_clip_ort_cuda_fp32"
+    description = "frozen CLIP exported the same way, onnxruntime CUDA, fp32: the ort_cuda_fp32 floor"
+
+
+class FrozenClipOrtCuda(_FrozenOrt, OrtCudaFp16):
+    name = "frozen_clip_ort_cuda"
+    description = "frozen CLIP exported the same way, onnxruntime CUDA, fp16: the ort_cuda_fp16/ort_tensorrt floor"
+
+
 def _image_size(model: NearlCLIP) -> tuple[int, int]:
     size = model.preprocess_cfg["size"]
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (FrozenClip, Eager, Triton, TorchCompile, CudaGraphs, OrtCpu,
-                                                          OrtCudaFp32, OrtCudaFp16, OrtTensorRT)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (
+    FrozenClip, Eager, Triton, TorchCompile, FrozenClipGraphs, CudaGraphs, FrozenClipOrtCpu, OrtCpu,
+    FrozenClipOrtCudaFp32, OrtCudaFp32, FrozenClipOrtCuda, OrtCudaFp16, OrtTensorRT)}

@@ -1,8 +1,9 @@
 """Timing, statistics, memory and machine info for the benchmarks.
 
 Latency is wall-clock per call with the device synchronised before and after (cudaDeviceSynchronize
-covers every stream, so onnxruntime's own CUDA stream is included). Warm-up calls are never timed, and
-each iteration feeds the next of several distinct input batches so caches cannot flatter the result.
+covers every stream, so onnxruntime's own CUDA stream is included). Warm-up calls are never timed, each
+round feeds the next of several distinct input batches so caches cannot flatter the result, and the
+backends take turns within every round (`time_rounds`) so that outside load hits them alike.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+SPREAD_FLAG = 1.5  # p90 / median above this: the machine was too noisy for the row
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -85,34 +86,47 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from {_STATUS}")
 
 
-@dataclass
-class Timing:
-    times_ms: list[float]
-    peak_mem_mib: Optional[float]
-
-
-def time_calls(fn: Callable, inputs: Sequence, *, warmup: int, iters: int, device: torch.device,
-               memory: PeakMemory) -> Timing:
-    """Call fn(inputs[i % len(inputs)]) `warmup` times untimed, then `iters` times timed."""
+def time_rounds(fns: dict[str, Callable], inputs: Sequence, *, warmup: int, iters: int,
+                device: torch.device) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
+    """Interleaved timing: `warmup` untimed then `iters` timed rounds, each calling every fn once on the
+    round's input (the next of `inputs`), the order rotated by one place every round, so that load from
+    other processes and clock changes hit all fns alike. Returns the ms of each fn's timed calls, and the
+    exception of each fn that raised (it sits out the later rounds)."""
     if iters < 1 or warmup < 0 or not inputs:
         raise ValueError(f"need iters >= 1, warmup >= 0 and inputs; got iters={iters}, warmup={warmup}")
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, BaseException] = {}
+    for r in range(warmup + iters):
+        x = inputs[r % len(inputs)]
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if name in errors:
+                continue
+            try:
+                synchronize(device)
+                t0 = time.perf_counter_ns()
+                fns[name](x)
+                synchronize(device)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: recorded, the others go on
+                errors[name] = e
+                continue
+            if r >= warmup:
+                times[name].append((time.perf_counter_ns() - t0) / 1e6)
+    return {n: t for n, t in times.items() if n not in errors}, errors
+
+
+def peak_memory(fn: Callable, x, device: torch.device, memory: PeakMemory) -> Optional[float]:
+    """Peak memory (MiB, see PeakMemory) of one untimed call fn(x)."""
     synchronize(device)
     memory.start()
-    times = []
-    for i in range(iters):
-        x = inputs[(warmup + i) % len(inputs)]
-        synchronize(device)
-        t0 = time.perf_counter_ns()
-        fn(x)
-        synchronize(device)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
-    return Timing(times, memory.stop())
+    fn(x)
+    synchronize(device)
+    return memory.stop()
 
 
 def summarize(times_ms: Sequence[float], batch_size: int) -> dict:
-    """median / p90 / p99 / mean / min in ms and throughput in images/s (from the median)."""
+    """median / p90 / p99 / mean / min in ms, spread (p90 / median) and images/s (from the median)."""
     t = np.asarray(times_ms, dtype=np.float64)
     median = float(np.median(t))
     return {
@@ -121,6 +135,7 @@ def summarize(times_ms: Sequence[float], batch_size: int) -> dict:
         "p99_ms": float(np.percentile(t, 99)),
         "mean_ms": float(t.mean()),
         "min_ms": float(t.min()),
+        "spread": float(np.percentile(t, 90)) / median,  # p90 / median: > SPREAD_FLAG marks a noisy row
         "images_per_s": batch_size * 1000.0 / median,
     }
 

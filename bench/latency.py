@@ -1,8 +1,15 @@
 """`python bench/latency.py`: latency and throughput of every NEARL-CLIP backend, side by side.
 
 With no arguments: the vit_b16 preset with random weights, C = 2 classes, the available device, both
-interaction modes, every backend (those that cannot run here are listed with the reason). Prints a
-table; --out writes every figure and the machine info as JSON; --plot draws latency vs batch size.
+interaction modes, every backend that can run here without minutes of preparation (the others are
+listed with the reason: torch_compile on a CPU and ONNX exports not yet cached run when named in
+--backends). Prints what it will run and a time estimate first, then a table; --out writes every figure
+and the machine info as JSON; --plot draws latency vs batch size.
+
+Within each (mode, batch size) the backends are interleaved: every timed round runs each backend once,
+in an order rotated every round. xCLIP divides a backend's median by that of its own runtime's frozen
+CLIP (frozen_clip, frozen_clip_graphs, frozen_clip_ort_cpu, frozen_clip_ort_cuda[_fp32]); rows whose
+p90 / median exceeds 1.5 are flagged as noisy.
 """
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 import nearl_rt  # noqa: E402
 from bench.backends import BACKENDS, BenchContext  # noqa: E402
-from bench.harness import PeakMemory, machine_info, summarize, synchronize, time_calls  # noqa: E402
+from bench.harness import (SPREAD_FLAG, PeakMemory, machine_info, peak_memory, summarize, synchronize,  # noqa: E402
+                           time_rounds)
 from nearl_rt.atomic import atomic_output  # noqa: E402
 from nearl_rt.backbone import sha256_file  # noqa: E402
 from nearl_rt.cli import run_cli  # noqa: E402
@@ -35,14 +43,14 @@ from nearl_rt.config import INTERACTIONS, PRESETS  # noqa: E402
 from nearl_rt.errors import RandomBackboneWarning  # noqa: E402
 
 PROG = "bench/latency.py"
-SCHEMA = "nearl-rt-bench-latency/1"
+SCHEMA = "nearl-rt-bench-latency/2"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TEMPLATE = "a chest X-ray showing {}."
 INPUT_ROTATION = 4  # distinct input batches cycled through the iterations
 DEFAULTS = {  # (warmup, iters, batch sizes)
     "quick": (1, 3, (1, 3)),
     "cuda": (10, 100, (1, 8, 64)),
-    "cpu": (3, 20, (1, 8)),
+    "cpu": (1, 10, (1, 8)),  # the default CPU run fits in ~5 minutes on 2 cores
 }
 
 
@@ -103,7 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, help="a nearl-rt checkpoint (default: the preset with random weights)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default vit_b16; tiny with --quick)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random input images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and input images")
+    p.add_argument("--cache-dir", type=Path, default=_default_cache(),
+                   help="ONNX exports are kept here, named by weights, classes and code (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="export into a temporary directory, keep nothing")
     args = p.parse_args(argv)
     _check_args(args)
     return args
@@ -137,6 +148,10 @@ def _check_args(args) -> None:
             raise ValueError("--plot needs matplotlib: pip install 'nearl-rt[bench]' (or leave out --plot)") from None
 
 
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nearl-rt" / "bench"
+
+
 def _resolve_device(name: str) -> torch.device:
     device = resolve_device(name)
     return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
@@ -147,7 +162,9 @@ def class_names(n: int) -> list[str]:
 
 
 def build_master(args, mode: str) -> nearl_rt.NearlCLIP:
-    """The model every backend copies: float32 on the CPU, classes set."""
+    """The model every backend copies: float32 on the CPU, classes set. Random weights are seeded, so a
+    later run builds the same model (and finds its cached exports)."""
+    torch.manual_seed(args.seed)
     if args.ckpt is not None:
         model = nearl_rt.load_checkpoint(args.ckpt, backend="torch", interaction=mode)
     else:
@@ -176,7 +193,7 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:300]
 
 
-def run_benchmark(args, progress) -> tuple[list[dict], int]:
+def run_benchmark(args, progress, say) -> tuple[list[dict], int]:
     """Every (mode, backend, batch size): a record with figures, or status skipped/failed and the reason.
     Returns the records and the number of classes."""
     records = []
@@ -185,77 +202,126 @@ def run_benchmark(args, progress) -> tuple[list[dict], int]:
     sha = sha256_file(args.ckpt) if args.ckpt is not None else None
     memory = PeakMemory(device)
     with tempfile.TemporaryDirectory(prefix="nearl-bench-") as workdir, torch.no_grad():
-        for mode in modes:
+        for mode_index, mode in enumerate(modes):
             master = build_master(args, mode)
             inputs = make_inputs(master, args.batch_sizes, device, args.seed)
             reference = master if device.type == "cpu" else copy.deepcopy(master).to(device)
-            expected = {b: reference.classify(x[0]).float().cpu() for b, x in inputs.items()}
+            expected, reference_s = {}, {}
+            for b, x in inputs.items():
+                t0 = time.perf_counter()
+                expected[b] = reference.classify(x[0]).float().cpu()
+                reference_s[b] = time.perf_counter() - t0
             del reference
             ctx = BenchContext(master=master, device=device, dtype=dtype, workdir=Path(workdir), quick=args.quick,
-                               explicit=frozenset(args.explicit_backends), checkpoint_sha256=sha)
+                               explicit=frozenset(args.explicit_backends), checkpoint_sha256=sha,
+                               cache_dir=None if args.no_cache else args.cache_dir)
+            live, exports = {}, set()
             for name in args.backends:
                 backend = BACKENDS[name]()
-                base = {"backend": name, "mode": mode, "dtype": backend.precision or args.dtype}
-                progress.set_postfix_str(f"{mode} {name}")
                 ok, reason = backend.available(ctx)
-                status, setup_s = "skipped", None
                 if ok:
-                    try:
-                        t0 = time.perf_counter()
-                        backend.setup(ctx)
-                        setup_s = time.perf_counter() - t0
-                    except Exception as e:  # noqa: BLE001 - one backend failing must not hide the others
-                        ok, status, reason = False, "failed", f"setup failed: {_reason(e)}"
-                for b in args.batch_sizes:
-                    if not ok:
-                        records.append({**base, "batch_size": b, "status": status, "reason": reason})
-                    else:
-                        records.append({**base, "batch_size": b, "setup_s": setup_s,
-                                        **_measure(backend, b, inputs[b], expected[b], args, memory)})
-                    progress.update(1)
-                del backend
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    live[name] = backend
+                    onnx = getattr(backend, "onnx_kind", None), getattr(backend, "onnx_precision", None)
+                    if onnx[0] and not ctx.onnx_cached(*onnx):
+                        exports.add(onnx)
+                else:
+                    records += [_record(backend, mode, b, args, status="skipped", reason=reason)
+                                for b in args.batch_sizes]
+                    progress.update(len(args.batch_sizes))
+            if mode_index == 0:
+                say(_estimate(args, len(modes), len(live), reference_s, len(exports)))
+            for name, backend in list(live.items()):
+                progress.set_postfix_str(f"{mode} setup {name}")
+                try:
+                    t0 = time.perf_counter()
+                    backend.setup(ctx)
+                    backend.setup_s = time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001 - one backend failing must not hide the others
+                    del live[name]
+                    records += [_record(backend, mode, b, args, status="failed", reason=f"setup failed: {_reason(e)}")
+                                for b in args.batch_sizes]
+                    progress.update(len(args.batch_sizes))
+            for b in args.batch_sizes:
+                progress.set_postfix_str(f"{mode} B={b}")
+                records += _measure_batch(live, mode, b, inputs[b], expected[b], args, memory)
+                progress.update(len(live))
+            del live
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             num_classes = len(master.class_names)
     _add_ratios(records)
     return records, num_classes
 
 
-def _measure(backend, batch_size: int, inputs, expected, args, memory) -> dict:
-    try:
-        t0 = time.perf_counter()
-        run = backend.runner(batch_size)
-        logits = run(inputs[0])
-        synchronize(args.device)
-        first_call_s = time.perf_counter() - t0
-        # copy now: CUDA-graph and IO-binding outputs are buffers that the timed calls overwrite
-        got = logits.float().cpu().clone() if isinstance(logits, torch.Tensor) else torch.tensor(logits).float()
-        timing = time_calls(run, inputs, warmup=args.warmup, iters=args.iters, device=args.device, memory=memory)
-    except Exception as e:  # noqa: BLE001 - e.g. out of memory at this batch size: recorded, the run goes on
-        return {"status": "failed", "reason": _reason(e)}
-    out = {"status": "ok", **summarize(timing.times_ms, batch_size), "first_call_s": first_call_s,
-           "warmup": args.warmup, "iters": args.iters, "peak_mem_mib": None, "max_abs_diff_vs_fp32_eager": None}
-    if backend.torch_allocated:
-        out["peak_mem_mib"] = timing.peak_mem_mib
-    if backend.compares_to_eager:
-        if tuple(got.shape) != tuple(expected.shape):
-            return {"status": "failed", "reason": f"logits have shape {tuple(got.shape)}, expected "
-                                                  f"{tuple(expected.shape)}"}
-        out["max_abs_diff_vs_fp32_eager"] = float((got - expected).abs().max())
-    return out
+def _estimate(args, modes: int, backends: int, reference_s: dict, exports: int) -> str:
+    """Rough run time: every backend costs about what the eager reference's first call did."""
+    rounds = 2 + args.warmup + args.iters  # first call, warm-up, timed rounds, memory call
+    seconds = modes * backends * rounds * sum(reference_s.values())
+    text = f"estimated time: ~{max(1, round(seconds / 60))} min for the timing"
+    if exports:
+        text += (f", plus {exports} ONNX export(s) for this mode (about 1-3 min each on a CPU; "
+                 f"{'kept in ' + str(args.cache_dir) if not args.no_cache else 'not kept: --no-cache'})")
+    return text
+
+
+def _record(backend, mode: str, batch_size: int, args, **fields) -> dict:
+    return {"backend": backend.name, "mode": mode, "dtype": backend.precision or args.dtype,
+            "batch_size": batch_size, **fields}
+
+
+def _measure_batch(live: dict, mode: str, batch_size: int, inputs, expected, args, memory) -> list[dict]:
+    """One batch size: each backend's first call and result check, then interleaved timed rounds."""
+    runners, done = {}, {}
+    for name, backend in live.items():
+        base = _record(backend, mode, batch_size, args, setup_s=backend.setup_s)
+        try:
+            t0 = time.perf_counter()
+            run = backend.runner(batch_size)
+            logits = run(inputs[0])
+            synchronize(args.device)
+            first_call_s = time.perf_counter() - t0
+            # copy now: IO-binding outputs are buffers that the timed calls overwrite
+            got = logits.float().cpu().clone() if isinstance(logits, torch.Tensor) else torch.tensor(logits).float()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory at this batch size: recorded, the run goes on
+            done[name] = {**base, "status": "failed", "reason": _reason(e)}
+            continue
+        diff = None
+        if backend.compares_to_eager:
+            if tuple(got.shape) != tuple(expected.shape):
+                done[name] = {**base, "status": "failed",
+                              "reason": f"logits have shape {tuple(got.shape)}, expected {tuple(expected.shape)}"}
+                continue
+            diff = float((got - expected).abs().max())
+        runners[name] = run
+        done[name] = {**base, "first_call_s": first_call_s, "max_abs_diff_vs_fp32_eager": diff}
+    times, errors = time_rounds(runners, inputs, warmup=args.warmup, iters=args.iters, device=args.device)
+    for name, e in errors.items():
+        done[name] = {**done[name], "status": "failed", "reason": _reason(e)}
+    for name, t in times.items():
+        mem = None
+        if live[name].torch_allocated:
+            try:
+                mem = peak_memory(runners[name], inputs[0], args.device, memory)
+            except Exception:  # noqa: BLE001 - it timed fine; only the extra memory call failed
+                mem = None
+        done[name] = {**done[name], "status": "ok", **summarize(t, batch_size), "warmup": args.warmup,
+                      "iters": args.iters, "peak_mem_mib": mem}
+    return list(done.values())
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """overhead vs frozen CLIP and speed-up vs eager, from the medians of the same mode and batch size."""
+    """xCLIP (median / the median of the same runtime's frozen CLIP) and speed-up vs eager, same mode and B."""
     median = {(r["backend"], r["mode"], r["batch_size"]): r["median_ms"] for r in records if r["status"] == "ok"}
     for r in records:
         if r["status"] != "ok":
             continue
-        floor = median.get(("frozen_clip", r["mode"], r["batch_size"]))
+        r["baseline"] = BACKENDS[r["backend"]].baseline or r["backend"]
+        floor = median.get((r["baseline"], r["mode"], r["batch_size"]))
         eager = median.get(("eager", r["mode"], r["batch_size"]))
-        r["overhead_vs_frozen_clip"] = r["median_ms"] / floor if floor else None
+        r["xclip"] = r["median_ms"] / floor if floor else None
         r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
+        r["noisy"] = r["spread"] > SPREAD_FLAG
 
 
 def _fmt(value, spec: str) -> str:
@@ -264,30 +330,36 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(records: list[dict], header: str) -> str:
     lines = [header]
-    cols = ("backend", "B", "median ms", "p90 ms", "p99 ms", "img/s", "peak MiB", "xCLIP", "speedup", "max|dlogit|",
-            "1st call s")
-    widths = (14, 4, 10, 9, 9, 9, 9, 6, 8, 11, 10)
+    cols = ("backend", "B", "median ms", "p90 ms", "spread", "img/s", "peak MiB", "xCLIP", "vs", "speedup",
+            "max|dlogit|", "1st call s")
+    widths = (25, 4, 10, 9, 7, 8, 9, 6, 25, 8, 11, 10)
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i not in (0, 8) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     for mode in dict.fromkeys(r["mode"] for r in records):
         rows = [r for r in records if r["mode"] == mode]
-        lines += ["", f"mode: {mode}", "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                                                enumerate(zip(cols, widths)))]
+        lines += ["", f"mode: {mode}", line(cols).rstrip()]
         for r in rows:
             if r["status"] != "ok":
                 continue
+            spread = _fmt(r["spread"], ".2f") + ("!" if r["noisy"] else " ")
             cells = (r["backend"], str(r["batch_size"]), _fmt(r["median_ms"], ".2f"), _fmt(r["p90_ms"], ".2f"),
-                     _fmt(r["p99_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), _fmt(r["peak_mem_mib"], ".1f"),
-                     _fmt(r["overhead_vs_frozen_clip"], ".2f"), _fmt(r["speedup_vs_eager"], ".2f"),
-                     _fmt(r["max_abs_diff_vs_fp32_eager"], ".1e"), _fmt(r["first_call_s"], ".2f"))
-            lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+                     spread, _fmt(r["images_per_s"], ".1f"), _fmt(r["peak_mem_mib"], ".1f"),
+                     _fmt(r["xclip"], ".2f"), r["baseline"] if r["baseline"] != r["backend"] else "-",
+                     _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["max_abs_diff_vs_fp32_eager"], ".1e"),
+                     _fmt(r["first_call_s"], ".2f"))
+            lines.append(line(cells).rstrip())
         notes = {}
         for r in rows:
             if r["status"] != "ok":
                 notes.setdefault((r["backend"], r["status"], r["reason"]), []).append(str(r["batch_size"]))
         for (name, status, reason), sizes in notes.items():
             lines.append(f"  {status}: {name} (B={','.join(sizes)}): {reason}")
-    lines += ["", "xCLIP = median / frozen_clip median (overhead); speedup = eager median / median; "
-              "max|dlogit| = vs the fp32 eager model on the same input;\n1st call s = the untimed first call (compilation, "
-              "graph capture, engine build) after the backend's setup (setup_s in the JSON)"]
+    noisy = sum(r["status"] == "ok" and r["noisy"] for r in records)
+    lines += ["", f"xCLIP = median / the median of `vs`, the frozen CLIP run by the same runtime; speedup = eager "
+              f"median / median;\nspread = p90 / median, ! above {SPREAD_FLAG} (a noisy row: {noisy} here); "
+              "max|dlogit| = vs the fp32 eager model on the same input;\n1st call s = the untimed first call "
+              "(compilation, graph capture, engine build) after the backend's setup (setup_s in the JSON)"]
     return "\n".join(lines)
 
 
@@ -318,10 +390,17 @@ def write_plot(records: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    modes = 1 if args.mode != "both" else len(INTERACTIONS)
-    total = modes * len(args.backends) * len(args.batch_sizes)
+    modes = INTERACTIONS if args.mode == "both" else (args.mode,)
+    total = len(modes) * len(args.backends) * len(args.batch_sizes)
+
+    def say(text):
+        tqdm.write(f"{PROG}: {text}", file=sys.stderr)
+    say(f"{args.preset if args.ckpt is None else args.ckpt} on {args.device} ({args.dtype}), modes "
+        f"{', '.join(modes)}, B = {', '.join(map(str, args.batch_sizes))}: each backend that can run here "
+        f"({', '.join(args.backends)}) gets 1 first call, {args.warmup} warm-up and {args.iters} timed rounds, "
+        f"interleaved")
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
-        records, num_classes = run_benchmark(args, progress)
+        records, num_classes = run_benchmark(args, progress, say)
     weights = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset}, random weights"
     info = machine_info(args.device)
     where = info["gpu"]["name"] if info["gpu"] else f"{info['cpu']}, {info['torch_threads']} threads"
@@ -335,8 +414,10 @@ def main(argv=None) -> int:
                             "device": str(args.device), "modes": list(dict.fromkeys(r["mode"] for r in records)),
                             "backends": list(args.backends), "batch_sizes": list(args.batch_sizes),
                             "warmup": args.warmup, "iters": args.iters, "quick": args.quick, "seed": args.seed,
-                            "input_rotation": INPUT_ROTATION, "peak_mem_kind": PeakMemory.describe(args.device)},
-               "backends": {n: BACKENDS[n].description for n in args.backends},
+                            "input_rotation": INPUT_ROTATION, "peak_mem_kind": PeakMemory.describe(args.device),
+                            "timing": "interleaved rounds, order rotated each round", "spread_flag": SPREAD_FLAG},
+               "backends": {n: {"description": BACKENDS[n].description, "baseline": BACKENDS[n].baseline or n}
+                            for n in args.backends},
                "results": records}
         with atomic_output(args.out) as tmp:
             tmp.write_text(json.dumps(doc, indent=2))

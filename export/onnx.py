@@ -142,7 +142,8 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
     cfg = model.preprocess_cfg
     return {
         "class_names": json.dumps(list(model.class_names)),
-        "template": model.template,
+        "template": model.template or "",
+        "templates": json.dumps(model.templates),  # the prompt ensemble baked into the graph
         "interaction": model.interaction,
         "input_size": json.dumps(list(_input_size(model))),
         "mean": json.dumps([float(v) for v in cfg["mean"]]),
@@ -246,6 +247,9 @@ def main(argv=None) -> int:
     if method == "linear_probe":
         raise ExportError(f"{args.checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
                           f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
+    if method == "coop":
+        raise ExportError(f"{args.checkpoint} is a coop baseline: its learned prompt context is not exported. "
+                          f"Export a checkpoint trained with --method nearl")
     model = load_checkpoint(args.checkpoint, pretrained=args.pretrained, backend="torch")
     if not model.class_names:
         raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")

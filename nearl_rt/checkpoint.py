@@ -49,6 +49,7 @@ def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
         "config": model.config.to_dict(),
         "class_names": list(model.class_names),
         "template": model.template,
+        "templates": model.templates,  # a template, an ensemble list or per-class prompts (plain values)
         "backbone": dataclasses.asdict(ident),
         "adapter": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()},
         "extra": dict(extra or {}),
@@ -139,7 +140,7 @@ def load_checkpoint(path, *, pretrained=None, backend: str = "auto", interaction
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}. The checkpoint's weights are for a different preset or config") from None
     if payload["class_names"]:
-        model.set_classes(payload["class_names"], payload["template"] or "a photo of {}.")
+        model.set_classes(payload["class_names"], payload.get("templates") or payload["template"] or "a photo of {}.")
     return model
 
 

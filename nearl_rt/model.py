@@ -23,6 +23,8 @@ from nearl_rt.adapters import build_adapters, count_parameters, state_mismatch
 from nearl_rt.backbone import BackboneIdentity
 from nearl_rt.config import NearlConfig
 from nearl_rt.errors import BackboneError
+from nearl_rt.prompts import DEFAULT_TEMPLATE, Templates, class_prompts, normalise_templates, pool_prompts, \
+    pooling_matrix
 from nearl_rt.tokenizer import tokenize
 
 
@@ -71,8 +73,10 @@ class NearlCLIP(nn.Module):
         adapters = build_adapters(config, vw, tw, layers)
         self.use, self.oca_v, self.oca_t = adapters["use"], adapters["oca_v"], adapters["oca_t"]
         self.class_names: list[str] = []
-        self.template: Optional[str] = None
+        self.templates: Optional[Templates] = None  # a template, an ensemble list, or per-class prompts
         self.register_buffer("class_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("prompt_pool", None, persistent=False)  # [C, P] prompt ensemble averaging
+        self.prompt_context: Optional[nn.Module] = None  # CoOp's learned context (nearl_rt.coop)
         self._text_cache: Optional[tuple] = None
         self._class_prompts: Optional[tuple] = None
         self.trim_prompts = True  # False pads prompts to the full context (same result, slower)
@@ -83,8 +87,15 @@ class NearlCLIP(nn.Module):
         return self.config.interaction
 
     @property
+    def template(self) -> Optional[str]:
+        """The single prompt template, or the first of an ensemble list (None for per-class prompts)."""
+        t = self.templates
+        return t if isinstance(t, str) else t[0] if isinstance(t, list) else None
+
+    @property
     def prompts(self) -> list[str]:
-        return [self.template.format(c) for c in self.class_names] if self.template else []
+        """Every prompt, class by class (several per class with an ensemble)."""
+        return [p for ps in class_prompts(self.class_names, self.templates) for p in ps] if self.class_names else []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,17 +137,22 @@ class NearlCLIP(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return tokenize(texts, self.backbone_identity.name)
 
-    def set_classes(self, class_names: Sequence[str], template: str = "a photo of {}.") -> None:
-        """Fix the classes `classify` scores: one prompt per class, `template.format(name)`."""
+    def set_classes(self, class_names: Sequence[str], template: Templates = DEFAULT_TEMPLATE) -> None:
+        """Fix the classes `classify` scores (any class set). `template`: one template with '{}', a list of
+        templates (prompt ensemble) or {class: [prompts]}; with several prompts per class the class text
+        feature is the normalised mean of its prompts' features (nearl_rt.prompts)."""
         if isinstance(class_names, str) or not class_names:
             raise ValueError("class_names must be a non-empty list of strings, e.g. ['normal', 'pneumonia']")
         names = [str(c) for c in class_names]
         if any(not c.strip() for c in names) or len(set(names)) != len(names):
             raise ValueError(f"class names must be non-empty and unique, got {names}")
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {template!r}")
-        self.class_names, self.template = names, template
-        self.class_tokens = self.tokenize(self.prompts).to(self.class_tokens.device)
+        templates = normalise_templates(template)
+        per_class = class_prompts(names, templates)
+        self.class_names, self.templates = names, templates
+        device = self.class_tokens.device
+        self.class_tokens = self.tokenize([p for ps in per_class for p in ps]).to(device)
+        pool = pooling_matrix([len(ps) for ps in per_class])
+        self.prompt_pool = None if pool is None else pool.to(device)
         self._text_cache = self._class_prompts = None
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
@@ -145,12 +161,18 @@ class NearlCLIP(nn.Module):
             raise RuntimeError("no classes set: call model.set_classes(['class a', 'class b', ...]) first")
         if self.interaction == "text_cacheable" and not torch.is_grad_enabled():
             return self._logits(self.encode_images(images, self.cached_text_stream()),
-                                self._text_cache[1].features)
+                                pool_prompts(self._text_cache[1].features, self.prompt_pool))
         return self(images, self.class_tokens)
+
+    def cuda_graph(self, batch_sizes: Sequence[int] = (1, 8, 64)):
+        """`classify` captured in one CUDA graph per batch size: a callable images -> logits (nearl_rt.cuda_graph)."""
+        from nearl_rt.cuda_graph import capture_classify
+        return capture_classify(self, batch_sizes)
 
     def cached_text_stream(self) -> TextStream:
         """The class text stream, recomputed only when the classes, adapter weights, device or dtype change."""
-        key = (self.class_tokens.data_ptr(), self.dtype, tuple((p.data_ptr(), p._version) for p in self.adapter_parameters()))
+        params = self.adapter_parameters() + (list(self.prompt_context.parameters()) if self.prompt_context is not None else [])
+        key = (self.class_tokens.data_ptr(), self.dtype, tuple((p.data_ptr(), p._version) for p in params))
         if self._text_cache is None or self._text_cache[0] != key:
             with torch.no_grad():
                 self._text_cache = (key, self.encode_text_stream(self.class_tokens))
@@ -158,15 +180,18 @@ class NearlCLIP(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] (preprocessed), tokens [C, context] -> logits [B, C]."""
+        """images [B, 3, H, W] (preprocessed), tokens [C, context] -> logits [B, C]. Passed the class prompts
+        (`model.class_tokens`) of a prompt ensemble, the logits are per class (prompts averaged)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [C, context_length] (from nearl_rt.tokenize), got {tuple(tokens.shape)}")
+        pool = self.prompt_pool if tokens is self.class_tokens else None
         if self.interaction == "text_cacheable":
             text = self.encode_text_stream(tokens)
-            return self._logits(self.encode_images(images, text), text.features)
-        return self._logits_paired(*self._bidirectional(images, tokens))
+            return self._logits(self.encode_images(images, text), pool_prompts(text.features, pool))
+        img, txt = self._bidirectional(images, tokens)
+        return self._logits_paired(img, pool_prompts(txt, pool))
 
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features: image [B, E] and text [B, C, E] (prompt c as scored against image b)."""
@@ -207,7 +232,10 @@ class NearlCLIP(nn.Module):
     def _text_embed(self, p: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         bb = self.backbone
         n = p.tokens.shape[1]
-        x = bb.token_embedding(p.tokens).to(self.dtype) + bb.positional_embedding[:n].to(self.dtype)
+        x = bb.token_embedding(p.tokens).to(self.dtype)
+        if self.prompt_context is not None:
+            x = self.prompt_context(x)
+        x = x + bb.positional_embedding[:n].to(self.dtype)
         return x, bb.attn_mask[:n, :n].to(self.dtype)
 
     def _text_features(self, t: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:

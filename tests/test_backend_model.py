@@ -1,9 +1,7 @@
 """The tiny model with backend="triton" (interpreter on CPU) equals backend="torch": logits, every adapter gradient.
 
-Also: the NEARL_RT_BACKEND override and the kernel benchmark's --smoke run.
+Also: the NEARL_RT_BACKEND override.
 """
-import json
-
 import pytest
 import torch
 
@@ -52,25 +50,3 @@ def test_env_overrides_model_backend(monkeypatch):
     model = tiny(backend="triton")
     model(*tiny_inputs(batch=1))
     assert not calls, "NEARL_RT_BACKEND=torch must override backend='triton'"
-
-
-def test_kernel_benchmark_smoke_writes_json(tmp_path, capsys):
-    from bench.kernels import main
-    out = tmp_path / "kernels.json"
-    assert main(["--smoke", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert {(r["op"], r["mode"], r["impl"]) for r in result["rows"]} == {
-        (op, mode, impl) for op in ("oca_image", "oca_text", "use_attention") for mode in ("fwd", "fwd+bwd")
-        for impl in ("fused", "eager")}
-    assert all(r["ms"] > 0 for r in result["rows"]) and result["hbm_copy_GBps"] > 0
-    assert "| oca_image | 1 | fwd |" in result["table"]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_kernel_benchmark_without_cuda_is_one_clear_line(tmp_path, capsys):
-    from bench.kernels import main
-    from nearl_rt.cli import run_cli
-    assert run_cli(main, ["--out", str(tmp_path / "k.json")], prog="bench/kernels.py") == 2
-    err = capsys.readouterr().err
-    assert err.startswith("bench/kernels.py: error: ") and "--smoke" in err and err.count("\n") == 1
-    assert not (tmp_path / "k.json").exists()

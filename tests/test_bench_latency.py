@@ -7,18 +7,19 @@ import math
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from itertools import product
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import harness, latency
-from bench.backends import BACKENDS
+from bench import backends, harness, latency
+from bench.backends import BACKENDS, BenchContext
 from nearl_rt.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "images_per_s", "setup_s", "first_call_s")
+FIGURES = ("median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "spread", "images_per_s", "setup_s", "first_call_s")
 MODES = ("bidirectional", "text_cacheable")
 
 
@@ -38,7 +39,7 @@ def check_document(doc, backends, modes, batch_sizes):
     settings = doc["settings"]
     assert settings["backends"] == list(backends) and settings["modes"] == list(modes)
     assert settings["batch_sizes"] == list(batch_sizes) and settings["iters"] >= 1
-    assert set(doc["backends"]) == set(backends) and all(doc["backends"].values())
+    assert set(doc["backends"]) == set(backends) and all(d["description"] for d in doc["backends"].values())
     results = doc["results"]
     keys = [(r["backend"], r["mode"], r["batch_size"]) for r in results]
     assert sorted(keys) == sorted(product(backends, modes, batch_sizes)), "one record per requested measurement"
@@ -53,9 +54,11 @@ def check_document(doc, backends, modes, batch_sizes):
         assert r["images_per_s"] == pytest.approx(b * 1000 / r["median_ms"])
         assert r["iters"] == settings["iters"] and r["warmup"] == settings["warmup"]
         assert r["peak_mem_mib"] is None or r["peak_mem_mib"] >= 0
-        floor, eager = by_key.get(("frozen_clip", mode, b)), by_key.get(("eager", mode, b))
+        assert r["spread"] == pytest.approx(r["p90_ms"] / r["median_ms"]) and r["noisy"] == (r["spread"] > 1.5)
+        assert r["baseline"] == (BACKENDS[name].baseline or name) and r["baseline"].startswith("frozen_clip")
+        floor, eager = by_key.get((r["baseline"], mode, b)), by_key.get(("eager", mode, b))
         if floor and floor["status"] == "ok":
-            assert r["overhead_vs_frozen_clip"] == pytest.approx(r["median_ms"] / floor["median_ms"])
+            assert r["xclip"] == pytest.approx(r["median_ms"] / floor["median_ms"])
         if eager and eager["status"] == "ok":
             assert r["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / r["median_ms"])
         if BACKENDS[name].compares_to_eager:
@@ -72,7 +75,7 @@ def export_available() -> bool:
 
 def test_quick_run_as_a_script_writes_the_schema(tmp_path):
     out = tmp_path / "results.json"
-    proc = run_script("--quick", "--out", str(out))
+    proc = run_script("--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     by_key = check_document(doc, tuple(BACKENDS), MODES, (1, 3))
@@ -80,17 +83,22 @@ def test_quick_run_as_a_script_writes_the_schema(tmp_path):
     for mode, b in product(MODES, (1, 3)):
         eager, floor = by_key[("eager", mode, b)], by_key[("frozen_clip", mode, b)]
         assert eager["status"] == floor["status"] == "ok"
-        assert eager["speedup_vs_eager"] == 1.0 and floor["overhead_vs_frozen_clip"] == 1.0
+        assert eager["speedup_vs_eager"] == 1.0 and floor["xclip"] == 1.0 and eager["baseline"] == "frozen_clip"
         assert eager["max_abs_diff_vs_fp32_eager"] <= 1e-4  # a float32 copy of the reference itself
         assert "--quick" in by_key[("torch_compile", mode, b)]["reason"]
         if not torch.cuda.is_available():
-            for name in ("triton", "cuda_graphs", "ort_cuda_fp32", "ort_cuda_fp16", "ort_tensorrt"):
+            for name in ("triton", "cuda_graphs", "frozen_clip_graphs", "ort_cuda_fp32", "ort_cuda_fp16",
+                         "ort_tensorrt", "frozen_clip_ort_cuda", "frozen_clip_ort_cuda_fp32"):
                 assert by_key[(name, mode, b)]["reason"].startswith("needs CUDA")
-        ort = by_key[("ort_cpu", mode, b)]
+        ort, frozen_ort = by_key[("ort_cpu", mode, b)], by_key[("frozen_clip_ort_cpu", mode, b)]
         if export_available():
-            assert ort["status"] == "ok" and ort["max_abs_diff_vs_fp32_eager"] <= 1e-3, ort
+            assert ort["status"] == frozen_ort["status"] == "ok" and ort["max_abs_diff_vs_fp32_eager"] <= 1e-3, ort
+            assert ort["baseline"] == "frozen_clip_ort_cpu"
+            assert ort["xclip"] == pytest.approx(ort["median_ms"] / frozen_ort["median_ms"])
         else:
             assert ort["reason"] == "export.onnx not available"
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 3, "NEARL per mode + one frozen CLIP, cached"
+    assert "estimated time" in proc.stderr and "interleaved" in proc.stderr
     for name in BACKENDS:
         assert name in proc.stdout, f"{name} missing from the table"
     assert "mode: bidirectional" in proc.stdout and "mode: text_cacheable" in proc.stdout
@@ -111,17 +119,60 @@ def test_subset_one_mode_more_classes_and_plot(tmp_path, capsys):
     assert "C=5" in capsys.readouterr().out
 
 
-def test_time_calls_excludes_warmup_and_rotates_inputs():
+def test_a_derived_onnx_precision_is_written_once_from_its_source_and_cached(tmp_path, monkeypatch):
+    """How a new ONNX runtime (say int8 from the fp32 file) plugs in: one ONNX_PRECISIONS entry."""
+    writes = []
+
+    def fp32(ctx, kind, path):
+        writes.append((kind, "fp32"))
+        path.write_bytes(f"{kind} {ctx.mode}".encode())
+
+    def reversed_(ctx, kind, path):  # derived from the fp32 file, as a quantiser would be
+        source = ctx.onnx_file(kind, "fp32")
+        writes.append((kind, "rev"))
+        path.write_bytes(source.read_bytes()[::-1])
+    monkeypatch.setitem(backends.ONNX_PRECISIONS, "fp32", fp32)
+    monkeypatch.setitem(backends.ONNX_PRECISIONS, "rev", reversed_)
+    master = latency.build_master(Namespace(seed=0, ckpt=None, preset="tiny", classes=None), "bidirectional")
+
+    def context():
+        return BenchContext(master=master, device=torch.device("cpu"), dtype=torch.float32, workdir=tmp_path,
+                            cache_dir=tmp_path / "cache")
+    ctx = context()
+    assert not ctx.onnx_cached("nearl", "rev")
+    path = ctx.onnx_file("nearl", "rev")
+    assert path.read_bytes() == b"lanoitceridib lraen" and "-rev-" in path.name
+    assert ctx.onnx_file("nearl", "rev") == path and ctx.onnx_cached("nearl", "rev") and ctx.onnx_cached("nearl", "fp32")
+    later = context()  # a later run with the same weights finds the files: nothing is written again
+    assert later.onnx_file("nearl", "rev") == path
+    frozen = later.onnx_file("frozen_clip", "rev")
+    assert frozen != path and frozen.read_bytes() == b"lanoitceridib pilc_nezorf"
+    assert writes == [("nearl", "fp32"), ("nearl", "rev"), ("frozen_clip", "fp32"), ("frozen_clip", "rev")]
+    master.set_classes(["a", "b", "c"])  # other classes: other files
+    assert not context().onnx_cached("nearl", "rev")
+
+
+def test_rounds_interleave_rotate_exclude_warmup_and_survive_a_failure():
     calls = []
     inputs = [torch.full((1,), float(i)) for i in range(3)]
-    memory = harness.PeakMemory(torch.device("cpu"))
-    timing = harness.time_calls(lambda x: calls.append(int(x)), inputs, warmup=2, iters=7,
-                                device=torch.device("cpu"), memory=memory)
-    assert len(timing.times_ms) == 7 and len(calls) == 9
-    assert calls == [i % 3 for i in range(9)], "each call takes the next input batch"
+
+    def fn(name):
+        def call(x):
+            calls.append((name, int(x)))
+            if name == "c" and len(calls) > 5:
+                raise MemoryError("out of memory")
+        return call
+    times, errors = harness.time_rounds({n: fn(n) for n in "abc"}, inputs, warmup=1, iters=4,
+                                        device=torch.device("cpu"))
+    assert list(times) == ["a", "b"] and all(len(t) == 4 for t in times.values())
+    assert isinstance(errors["c"], MemoryError)
+    # round r: every fn once on input r % 3, the order rotated by r; c raised in round 2 and sat out after
+    assert calls == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1), ("c", 2), ("a", 2), ("b", 2),
+                     ("a", 0), ("b", 0), ("b", 1), ("a", 1)]
     stats = harness.summarize([4.0, 1.0, 3.0, 2.0, 5.0], batch_size=8)
     assert (stats["median_ms"], stats["min_ms"], stats["mean_ms"]) == (3.0, 1.0, 3.0)
     assert stats["p90_ms"] == pytest.approx(4.6) and stats["p99_ms"] == pytest.approx(4.96)
+    assert stats["spread"] == pytest.approx(4.6 / 3)
     assert stats["images_per_s"] == pytest.approx(8 / 3e-3)
 
 

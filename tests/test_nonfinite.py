@@ -1,4 +1,4 @@
-"""NaN/Inf weights: refused by load/evaluate/predict/export and by save; a run whose loss or weights turn
+"""NaN/Inf weights: refused by load/evaluate/predict/export/info and by save; a run whose loss or weights turn
 non-finite stops with one clear line and keeps its last good checkpoint; export's verification says so."""
 import json
 
@@ -8,6 +8,7 @@ import torch
 import export.onnx as export_onnx
 import nearl_rt
 from export.onnx import ExportError, export_model
+from nearl_rt import __main__ as nearl_rt_main
 from nearl_rt import evaluate, predict, train
 from nearl_rt.cli import run_cli
 from nearl_rt.demo import DEMO_DATA
@@ -59,7 +60,8 @@ def test_clis_refuse_non_finite_checkpoints(good_checkpoint, tmp_path, capsys, p
     out_json, out_onnx = tmp_path / "eval.json", tmp_path / "bad.onnx"
     for module, argv in ((evaluate, [path, "--data", DEMO_DATA, "--json", out_json]),
                          (predict, [path, image, "--output", tmp_path / "p.csv"]),
-                         (export_onnx, [path, "-o", out_onnx])):
+                         (export_onnx, [path, "-o", out_onnx]),
+                         (nearl_rt_main, ["info", path])):
         rc, out, err = cli(module, argv, capsys)
         assert rc == 2, module.__name__
         assert err.count("\n") == 1 and "is NaN or Inf" in err, (module.__name__, err)

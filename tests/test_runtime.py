@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from export.preprocess import preprocess_batch
+from bench.decode import write_dicom
+from export.imaging import DEFAULT_POLICY
+from export.preprocess import preprocess_batch, preprocess_image
 from export.runtime import NearlSession
 from tests.export_cases import exported, tiny_model
 from tests.helpers import CLASSES
+from tests.test_imaging import linear, xray16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +77,25 @@ def test_real_xrays(pneumonia_npz):
     with torch.no_grad():
         probs = tiny_model("bidirectional").classify(torch.from_numpy(session.preprocess(images))).softmax(-1)
     assert [r[0][0] for r in session.predict(images)] == [CLASSES[i] for i in probs.argmax(1)]
+
+
+def test_high_bit_depth_arrays_and_files(tmp_path):
+    """uint16 and float arrays are accepted, mapped by the model's intensity policy (the default, min..max, for
+    this export) exactly as the same image's 16-bit PNG and DICOM are."""
+    session = NearlSession(exported("bidirectional"))
+    assert session.intensity == DEFAULT_POLICY
+    img = xray16(2)
+    as_float = (img / 65536).astype(np.float32)  # a power-of-two scale: the min..max mapping is exactly the same
+    Image.fromarray(img).save(tmp_path / "x.png")
+    write_dicom(tmp_path / "x.dcm", img)
+    grey = linear(img.astype(np.float64), float(img.min()), float(img.max()))
+    m = session.metadata
+    want = preprocess_image(Image.fromarray(grey).convert("RGB"), session.input_size[0], m["mean"], m["std"],
+                            m.get("interpolation", "bicubic"))
+    x = session.preprocess([img, as_float, img[:, :, None], tmp_path / "x.png", tmp_path / "x.dcm"])
+    for i in range(len(x)):
+        np.testing.assert_array_equal(x[i], want, err_msg=f"input {i}")
+    assert session.predict([as_float]) == session.predict([img])
 
 
 def test_bad_session_inputs(tmp_path):
