@@ -110,6 +110,7 @@ def cases(tmp_path_factory):
         if graph_of:
             shutil.copy(preprocess_graph_path(graph_of), preprocess_graph_path(bad / name))
     manifest = {"cuda_provider": "CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                "metadata": sessions["model"].metadata,  # what C++ metadata() must parse to
                 "model": str(models["model"]), "fixed_model": str(models["fixed_model"]), "decode": decode,
                 "classify": classify, "preprocessed": pre,
                 "bad": {"missing": str(d / "missing.onnx"), "not_onnx": str(bad / "text.onnx"),
