@@ -9,7 +9,7 @@ from PIL import Image
 from export.runtime import NearlSession
 from tests.cpp_build import cpp_build
 from tests.export_cases import exported_with_preprocess
-from tests.helpers import CLASSES
+from tests.helpers import CLASSES, TINY_PRESETS
 from tests.test_preprocess_graph import smooth_noisy
 
 
@@ -35,14 +35,15 @@ def assert_same(cpp: dict, python: list):
         np.testing.assert_allclose([p for _, p in cpp[i]], [p for _, p in row], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode,precision", [("bidirectional", "fp32"), ("text_cacheable", "fp32"),
-                                            ("text_cacheable", "int8_static")])
-def test_cpp_client_equals_nearl_session(client, mode, precision, tmp_path):
+@pytest.mark.parametrize("mode,preset,precision", [(m, p, "fp32") for p in TINY_PRESETS
+                                                   for m in ("bidirectional", "text_cacheable")]
+                         + [("text_cacheable", "tiny", "int8_static")])
+def test_cpp_client_equals_nearl_session(client, mode, preset, precision, tmp_path):
     """A raw float32 batch and PNG / JPEG images of other sizes (through the preprocessing graph) give the
     same top-k classes and probabilities as NearlSession (same onnxruntime library; 9 digits printed), for
     fp32 and int8 files alike (static int8: a dynamic one's results depend on how images are batched, see
     test_quantize.py::test_dynamic_int8_depends_on_the_batch_static_does_not)."""
-    path = exported_with_preprocess(mode, precision)
+    path = exported_with_preprocess(mode, preset=preset, precision=precision)
     session = NearlSession(path, providers=["CPUExecutionProvider"], preprocess="onnx")
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
     raw = tmp_path / "batch.f32"

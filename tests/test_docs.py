@@ -4,7 +4,9 @@ front page that keeps the set-up commands .ci/run greps for, and every option of
 is documented in docs/."""
 import argparse
 import importlib
+import importlib.util
 import re
+import shlex
 from pathlib import Path
 from unittest import mock
 
@@ -187,3 +189,44 @@ def test_option_check_catches_an_undocumented_option():
     docs = {"cli.md": "`python -m pkg.tool --out DIR --seed-file F`", "other.md": "--seed"}
     assert undocumented_options(docs, ("pkg.tool",), {"--out", "--seed"}) == (["cli.md"], ["--seed"])
     assert undocumented_options(docs, ("pkg.gone",), {"--x"}) == ([], ["--x"])
+
+
+# ------------------------------------------------------------------ README commands parse
+def python_commands(markdown: str):
+    """(module, arguments, options named in its comment) of every `python -m X ...` / `python bench/x.py ...`
+    line in the page's bash blocks (continuation lines joined)."""
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown, re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            command, _, comment = line.partition("#")
+            words = shlex.split(command)
+            if words[:2] == ["python", "-m"]:
+                module, args = words[2], words[3:]
+            elif words[:1] == ["python"] and len(words) > 1 and words[1].endswith(".py"):
+                module, args = words[1].removesuffix(".py").replace("/", "."), words[2:]
+            else:
+                continue
+            if module == "pytest":
+                continue
+            if importlib.util.find_spec(module).submodule_search_locations:  # a package: its __main__
+                module += ".__main__"
+            yield module, args, set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", comment))
+
+
+def test_every_readme_command_parses():
+    """Each README command line is accepted by its CLI's own parser (options, choices, required arguments),
+    and every option its comment mentions exists: the front page never shows a command that cannot run."""
+    found = list(python_commands((ROOT / "README.md").read_text(encoding="utf-8")))
+    assert {m for m, _, _ in found} >= {"nearl_rt.__main__", "nearl_rt.train", "export.onnx", "bench.latency"}
+    for module, args, mentioned in found:
+        parser = cli_parser(module)
+        if parser is None:
+            continue
+        parser.parse_args(args)  # exits 2 (or raises) on an unknown option, a bad choice, a missing argument
+        options = long_options(parser) | {o for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                                          for sub in a.choices.values() for o in long_options(sub)}
+        assert mentioned <= options, f"README: {module} has no {mentioned - options}"
+
+
+def test_readme_command_check_reads_continuations_and_comments():
+    page = "```bash\npython -m export.onnx a.pt \\\n    -o b.onnx   # --fp16, --opset\npython -m pytest -q\n```\n"
+    assert list(python_commands(page)) == [("export.onnx", ["a.pt", "-o", "b.onnx"], {"--fp16", "--opset"})]
