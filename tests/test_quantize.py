@@ -99,6 +99,19 @@ def test_dynamic_int8_depends_on_the_batch_static_does_not():
     assert np.abs(session.run(x)[1] - alone).max() > 1e-4
 
 
+def test_triton_repository_takes_an_int8_export(tmp_path):
+    """export.triton writes and checks a repository from an int8 file as from its fp32 source: same signature
+    (the int8 graph keeps the float32 images input and logits/probs outputs), the file copied unchanged."""
+    from export.triton import Options, check_model_dir, parse_config, write_repository
+    q = exported_int8("text_cacheable")
+    model_dir = write_repository(q, tmp_path / "repo", Options(gpu=False))
+    ref_dir = write_repository(exported("text_cacheable"), tmp_path / "ref", Options(gpu=False))
+    assert (model_dir / "1" / "model.onnx").read_bytes() == q.read_bytes()
+    check_model_dir(model_dir)
+    got, ref = parse_config(model_dir / "config.pbtxt"), parse_config(ref_dir / "config.pbtxt")
+    assert list(got.input) == list(ref.input) and list(got.output) == list(ref.output)
+
+
 def test_static_calibration_is_deterministic(tmp_path):
     calibration = ImageSet(random_images(24, 3))
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
