@@ -33,7 +33,9 @@ class OCA(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, group: torch.Tensor, backend: str) -> torch.Tensor:
         """x: [R, N, D] tokens; z: [G, M, d_s] synergy; group: [R] which z each sequence reads."""
-        k, v = z @ self.w_k, z @ self.w_v
+        r = self.w_k.shape[1]
+        kv = z @ kernels.derived("oca_kv", lambda wk, wv: torch.cat((wk, wv), 1), self.w_k, self.w_v)  # one matmul
+        k, v = kv[..., :r], kv[..., r:]
         return kernels.oca(x, group, k, v, self.w_q, self.w_o, self.scale, backend=backend, eps=self.eps,
                            orthogonal=self.orthogonal, keep_parallel=self.keep_parallel)
 
