@@ -49,7 +49,7 @@ class BidirectionalGraph(_Classifier):
         super().__init__(model)
         self.prompts: PromptBatch = model._trim(model.class_tokens)
         with torch.no_grad():
-            self.text_embed = model._text_embed(self.prompts)  # (prompt embeddings, causal mask)
+            self.text_embed = model._text_embed(self.prompts)  # (prompt embeddings, text attention mask)
 
     def forward(self, images: torch.Tensor):
         # The prompts are fixed: the trimmed prompts and their embeddings are constants (trimming reads

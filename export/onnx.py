@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fp16", action="store_true", help="float16 model; input and outputs stay float32")
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
-    parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    parser.add_argument("--pretrained", help="the backbone weights file or download folder on this machine (if it moved)")
     parser.add_argument("--preprocess", action="store_true",
                         help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
                              "(export/preprocess_graph.py; for C++ and other clients without Pillow)")

@@ -141,7 +141,7 @@ def load_classifier(path, *, pretrained=None, backend: str = "auto",
         head = (h["weight"].to(model.class_tokens.device), h["bias"].to(model.class_tokens.device))
     if method == "coop":
         ctx = extra.get("coop_context")
-        width = model.backbone.token_embedding.weight.shape[1]
+        width = model.text_tower.width
         if not (isinstance(ctx, torch.Tensor) and ctx.dim() == 2 and ctx.shape[1] == width):
             raise CheckpointError(f"{path} is a coop checkpoint without valid context vectors "
                                   f"(extra['coop_context'] [n, {width}])")

@@ -51,15 +51,16 @@ def init_context(model, n: int = DEFAULT_CONTEXT, seed: int = 0) -> PromptContex
     """The initial context for `model`'s text tower: "a photo of a"'s embeddings (n = 4) or N(0, 0.02²)."""
     if n < 1:
         raise NearlError(f"--coop-context must be >= 1, got {n}")
-    width = model.backbone.token_embedding.weight.shape[1]
+    embedding = model.text_tower.token_embedding.weight
+    width = embedding.shape[1]
     if n == DEFAULT_CONTEXT:
-        tokens = model.tokenize([INIT_TEXT])[0]
-        eot = int(tokens.argmax())
-        ids = tokens[1:eot]
+        tokens = model.tokenize([INIT_TEXT])
+        real = int(model.text_tower.prompts(tokens, trim=True).valid.sum())  # [SOT] words [EOT] (BERT: [CLS] .. [SEP])
+        ids = tokens[0, 1:real - 1]
         if len(ids) != n:
             raise NearlError(f"{INIT_TEXT!r} is {len(ids)} tokens for this tokenizer, not {n}")
         with torch.no_grad():
-            vectors = model.backbone.token_embedding.weight[ids.to(model.backbone.token_embedding.weight.device)]
+            vectors = embedding[ids.to(embedding.device)]
     else:
         vectors = torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.02
     return PromptContext(vectors.cpu())

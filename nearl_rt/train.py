@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fundus), a .txt file (one template per line) or a .json file (a list of templates, or "
                         "BiomedCoOp's {class: [prompts]})")
     p.add_argument("--preset", default="vit_b16", choices=sorted(nearl_rt.PRESETS))
-    p.add_argument("--pretrained", help="local open_clip / OpenAI CLIP weights file (default: random backbone)")
+    p.add_argument("--pretrained", help="local open_clip / OpenAI CLIP weights file, or a model download folder "
+                   "(BiomedCLIP: open_clip_config.json + weights + tokenizer files); default: random backbone")
     p.add_argument("--interaction", default="bidirectional", choices=["bidirectional", "text_cacheable"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--method", default="nearl", choices=METHODS)
@@ -418,8 +419,8 @@ def main(argv=None) -> int:
             templates = coop_template(args.coop_context)
         model.set_classes(ds.class_names, templates)
         trainable = {"nearl": model.num_trainable_parameters(), "zeroshot": 0,
-                     "coop": args.coop_context * model.backbone.token_embedding.weight.shape[1],
-                     "linear_probe": len(ds.class_names) * (model.backbone.visual.output_dim + 1)}[args.method]
+                     "coop": args.coop_context * model.text_tower.width,
+                     "linear_probe": len(ds.class_names) * (model.embed_dim + 1)}[args.method]
         if d.main:
             print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "
                   f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)

@@ -22,7 +22,7 @@ from nearl_rt.data import Preprocess
 from nearl_rt.linear_probe import select_c, softmax_head
 from nearl_rt.metrics import harmonic_mean
 from nearl_rt.prompts import TemplateError, load_templates, shipped_template_sets
-from tests.helpers import CLASSES, perturb_adapters, tiny, tiny_inputs
+from tests.helpers import CLASSES, TINY_PRESETS, perturb_adapters, tiny, tiny_inputs
 from tests.test_data import make_tree
 from tests.test_train_cli import _npz, cli
 
@@ -107,9 +107,11 @@ def test_template_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ CoOp
-def test_coop_starts_as_zero_shot_and_trains_only_its_context():
-    model = tiny("text_cacheable")
-    images, _ = tiny_inputs(batch=4)
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_coop_starts_as_zero_shot_and_trains_only_its_context(preset):
+    """Also on the BERT text tower, whose context goes through BertEmbeddings(inputs_embeds=...)."""
+    model = tiny("text_cacheable", preset)
+    images, _ = tiny_inputs(batch=4, preset=preset)
     model.set_classes(CLASSES, "a photo of a {}.")
     with torch.no_grad():
         zero_shot = model.classify(images)

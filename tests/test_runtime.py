@@ -15,7 +15,7 @@ from export.imaging import DEFAULT_POLICY
 from export.preprocess import preprocess_batch, preprocess_image
 from export.runtime import NearlSession
 from tests.export_cases import exported, tiny_model
-from tests.helpers import CLASSES
+from tests.helpers import CLASSES, TINY_PRESETS
 from tests.test_imaging import linear, xray16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +34,10 @@ def test_runtime_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])
-def test_predict_matches_model_classify(mode, tmp_path):
-    session = NearlSession(exported(mode))
+def test_predict_matches_model_classify(mode, preset, tmp_path):
+    session = NearlSession(exported(mode, preset=preset))
     assert session.class_names == CLASSES and session.providers == ["CPUExecutionProvider"]
     images = random_images(5, seed=1)
     paths = []
@@ -44,11 +45,11 @@ def test_predict_matches_model_classify(mode, tmp_path):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(im).save(paths[-1])
     mixed = [paths[0], Image.fromarray(images[1])] + images[2:]
-    cfg = tiny_model(mode).preprocess_cfg
+    cfg = tiny_model(mode, preset).preprocess_cfg
     x = preprocess_batch(images, cfg["size"][0], cfg["mean"], cfg["std"], cfg["interpolation"])
     np.testing.assert_array_equal(session.preprocess(mixed), x)
     with torch.no_grad():
-        probs = tiny_model(mode).classify(torch.from_numpy(x)).softmax(-1).numpy()
+        probs = tiny_model(mode, preset).classify(torch.from_numpy(x)).softmax(-1).numpy()
     got = session.predict(mixed, batch_size=2)  # 3 runs: 2 + 2 + 1
     assert [row[0][0] for row in got] == [CLASSES[i] for i in probs.argmax(1)]
     for row, p in zip(got, probs):
