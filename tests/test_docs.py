@@ -95,6 +95,12 @@ def test_link_checker_catches_broken_links(tmp_path):
                                                                   "../../outside.md", "gone.md"]
 
 
+def test_readme_links_every_docs_page():
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in relative_links(ROOT / "README.md")}
+    unlinked = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not unlinked, f"add a row to README.md's documentation table for docs/{', docs/'.join(unlinked)}"
+
+
 def test_readme_is_a_front_page_with_the_ci_commands():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 150, f"README.md has {len(lines)} lines; move reference material into docs/"
