@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nearl_rt.model import NearlCLIP, PromptBatch, TextStream
+from nearl_rt.prompts import pool_prompts
 
 
 def _check_model(model) -> None:
@@ -48,7 +49,7 @@ class BidirectionalGraph(_Classifier):
         super().__init__(model)
         self.prompts: PromptBatch = model._trim(model.class_tokens)
         with torch.no_grad():
-            self.text_embed = model._text_embed(self.prompts)  # (prompt embeddings, causal mask)
+            self.text_embed = model._text_embed(self.prompts)  # (prompt embeddings, text attention mask)
 
     def forward(self, images: torch.Tensor):
         # The prompts are fixed: the trimmed prompts and their embeddings are constants (trimming reads
@@ -56,7 +57,7 @@ class BidirectionalGraph(_Classifier):
         # whole token embedding table into the file).
         m = self.model
         img, txt = m._lockstep(images, self.prompts, *self.text_embed)
-        return self._outputs(m._logits_paired(img.float(), txt.float()))
+        return self._outputs(m._logits_paired(img.float(), pool_prompts(txt, m.prompt_pool).float()))
 
 
 class TextCacheableGraph(_Classifier):
@@ -66,11 +67,12 @@ class TextCacheableGraph(_Classifier):
         super().__init__(model)
         with torch.no_grad():
             self.text: TextStream = model.encode_text_stream(model.class_tokens)
+            self.class_features = pool_prompts(self.text.features, model.prompt_pool)  # prompt ensemble
 
     def forward(self, images: torch.Tensor):
         m = self.model
         img = m.encode_images(images, self.text)
-        return self._outputs(m._logits(img.float(), self.text.features.float()))
+        return self._outputs(m._logits(img.float(), self.class_features.float()))
 
 
 def export_module(model: NearlCLIP) -> nn.Module:

@@ -142,7 +142,8 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
     cfg = model.preprocess_cfg
     return {
         "class_names": json.dumps(list(model.class_names)),
-        "template": model.template,
+        "template": model.template or "",
+        "templates": json.dumps(model.templates),  # the prompt ensemble baked into the graph
         "interaction": model.interaction,
         "input_size": json.dumps(list(_input_size(model))),
         "mean": json.dumps([float(v) for v in cfg["mean"]]),
@@ -224,9 +225,28 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
     return result
 
 
-def main(argv=None) -> int:
-    from nearl_rt.backbone import sha256_file
+def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None, **options):
+    """Export a checkpoint's model (a NEARL model with class names, else ExportError) with its recorded
+    intensity policy and sha256; options go to export_model. Returns (path, model)."""
+    from export.hashing import sha256_file
     from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
+    extra = read_checkpoint(checkpoint).get("extra") or {}
+    method = extra.get("method", "nearl")
+    if method == "linear_probe":
+        raise ExportError(f"{checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
+                          f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
+    if method == "coop":
+        raise ExportError(f"{checkpoint} is a coop baseline: its learned prompt context is not exported. "
+                          f"Export a checkpoint trained with --method nearl")
+    model = load_checkpoint(checkpoint, pretrained=pretrained, backend="torch")
+    if not model.class_names:
+        raise ExportError(f"{checkpoint} stores no class names: set classes before saving the checkpoint")
+    path = export_model(model, out_path, checkpoint_sha256=sha256_file(checkpoint),
+                        intensity=resolve_policy(extra.get("intensity"), None, checkpoint), **options)
+    return path, model
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
     parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
@@ -234,27 +254,18 @@ def main(argv=None) -> int:
     parser.add_argument("--fp16", action="store_true", help="float16 model; input and outputs stay float32")
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
-    parser.add_argument("--pretrained", help="the backbone weights file on this machine (if it moved)")
+    parser.add_argument("--pretrained", help="the backbone weights file or download folder on this machine (if it moved)")
     parser.add_argument("--preprocess", action="store_true",
                         help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
                              "(export/preprocess_graph.py; for C++ and other clients without Pillow)")
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
-    extra = read_checkpoint(args.checkpoint).get("extra") or {}
-    method = extra.get("method", "nearl")
-    if method == "linear_probe":
-        raise ExportError(f"{args.checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
-                          f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
-    model = load_checkpoint(args.checkpoint, pretrained=args.pretrained, backend="torch")
-    if not model.class_names:
-        raise ExportError(f"{args.checkpoint} stores no class names: set classes before saving the checkpoint")
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(sys.stderr))
     log.propagate = False  # the exporter's libraries configure the root logger: print each line once
-    path = export_model(model, out, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
-                        batch_size=args.batch_size, checkpoint_sha256=sha256_file(args.checkpoint),
-                        intensity=resolve_policy(extra.get("intensity"), None, args.checkpoint))
+    path, model = export_checkpoint(args.checkpoint, out, pretrained=args.pretrained, opset=args.opset,
+                                    fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
           f"{len(model.class_names)} classes)")
     if args.preprocess:

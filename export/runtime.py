@@ -25,7 +25,7 @@ from export.imaging import Frame, IntensityPolicy, load_image, resolve_policy
 from export.preprocess import ImageLike, preprocess_batch
 
 METADATA_PREFIX = "nearl."
-_JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity")
+_JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity", "templates")
 PREPROCESS_KIND = "preprocess"  # nearl.kind of a preprocessing graph (export/preprocess_graph.py)
 
 

@@ -14,6 +14,7 @@ import os
 import torch
 
 from kernels.checks import OpInputError
+from kernels.derived import derived
 from kernels.oca import oca_reference
 from kernels.use_attention import use_attention_reference
 
@@ -60,5 +61,5 @@ def use_attention(q, x, t, t_valid, *params, heads: int, backend: str = "auto"):
     return use_attention_reference(q, x, t, t_valid, *params, heads=heads)
 
 
-__all__ = ["BACKENDS", "OpInputError", "oca", "oca_reference", "resolve_backend", "use_attention",
+__all__ = ["BACKENDS", "OpInputError", "derived", "oca", "oca_reference", "resolve_backend", "use_attention",
            "use_attention_reference"]

@@ -7,6 +7,16 @@ F + s * D_perp. The row block streams D in BLOCK_D-wide chunks (registers stay b
 pass 1 the LayerNorm statistics, pass 2 q = LN(F) W_q and, for the split, F W_o^T (<H, F> is
 p.V . F W_o^T, so H is never held whole), pass 3 writes F + s * (H - c F) chunk by chunk. The block
 (BLOCK_T x D) is read from HBM once; passes 2 and 3 re-read it from cache. The output is written once.
+Pass 1 (statistics) is software-pipelined (3 chunks in flight: triton_common.ln_stats), pass 3 too (2).
+
+Bytes and expected bandwidth (ViT-B/16 image rows at B = 64, 16-bit: 12,608 rows x 768): the minimum is
+the rows once in and once out, 2 x 19.4 MB. The plan (_plan) takes 64-row blocks with 8 warps there:
+256 programs at 124 registers and 56 KB of shared memory, 2 per SM on sm_90, 0.97 waves on 132 SMs
+(python -m kernels.resources). W_q and W_o in the activation dtype (98 KB) are re-read from L2 by every
+program, ~1x the token bytes, and passes 2-3 re-read the block from L2 (2x): ~2.5x the HBM bytes through
+L2, against ~6.7x for the 32-row fp32-weight blocks before. Expected (a design estimate, not measured on a
+GPU): 60-75 % of the device-to-device copy bandwidth at B = 64; small batches take 32/16-row blocks so
+that more SMs stream, and are latency-bound (a few microseconds).
 
 Backward (no atomics, deterministic):
   _oca_bwd_rows   recomputes the forward per row block (same chunked passes; every full-row reduction
@@ -20,6 +30,7 @@ Backward (no atomics, deterministic):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,8 +38,9 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_fused_tensors, check_oca_inputs
+from kernels.derived import derived
 from kernels.oca import LN_EPS
-from kernels.triton_common import compute_dtype, ln_stats, mm, pow2, rmax, row_tile, rsum
+from kernels.triton_common import cdiv, compute_dtype, ln_stats, mm, multiprocessor_count, pow2, rmax, row_tile, rsum
 
 
 @triton.jit
@@ -57,12 +69,12 @@ def _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+def _attend(q, g, k_ptr, v_ptr, M, R_RANK, KV_G, KV_M, qk_scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
             CDT: tl.constexpr):
-    """softmax(q k_g^T * scale) and p v_g for the M keys/values of group g."""
+    """softmax(q k_g^T * scale) and p v_g for the M keys/values of group g (strides KV_G, KV_M, 1)."""
     mk = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_R)
-    kv_offs = g * M * R_RANK + mk[:, None] * R_RANK + rk[None, :]
+    kv_offs = g * KV_G + mk[:, None] * KV_M + rk[None, :]
     kv_mask = (mk < M)[:, None] & (rk < R_RANK)[None, :]
     kk = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
     vv = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
@@ -74,7 +86,8 @@ def _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, qk_scale, ln_eps, eps,
+def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D, M, R_RANK, KV_G, KV_M, qk_scale,
+             ln_eps, eps,
              ORTHO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_R: tl.constexpr, CDT: tl.constexpr):
     rows, tok, rmask, g, base = _row_block(tl.program_id(0), tl.program_id(1), grp_ptr, N, D, BLOCK_T)
@@ -91,10 +104,10 @@ def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D,
         if ORTHO:
             x_wo += mm(x, _wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R), CDT)
             xx += rsum(x * x, 1)
-    p, pv, kk, vv = _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M, BLOCK_R, CDT)
+    p, pv, kk, vv = _attend(q, g, k_ptr, v_ptr, M, R_RANK, KV_G, KV_M, qk_scale, BLOCK_M, BLOCK_R, CDT)
     coef = rsum(pv * x_wo, 1) / (xx + eps)  # zero unless ORTHO
     s = tl.load(s_ptr).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=2):
         x, offs, xm, cols = row_tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         h = mm(pv, tl.trans(_wo_tile(wo_ptr, cols, D, R_RANK, BLOCK_R)), CDT)
         tl.store(out_ptr + offs, (x + s * (h - coef[:, None] * x)).to(out_ptr.dtype.element_ty), mask=xm)
@@ -103,7 +116,7 @@ def _oca_fwd(x_ptr, out_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr, N, D,
 @triton.jit
 def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, s_ptr,
                   mean_ptr, rstd_ptr, dq_ptr, pv_ptr, a_ptr, dstok_ptr, dk_ptr, dv_ptr,
-                  N, D, M, R_RANK, qk_scale, ln_eps, eps, ORTHO: tl.constexpr, DS_FULL_H: tl.constexpr,
+                  N, D, M, R_RANK, KV_G, KV_M, qk_scale, ln_eps, eps, ORTHO: tl.constexpr, DS_FULL_H: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_R: tl.constexpr, CDT: tl.constexpr):
     seq, tb = tl.program_id(0), tl.program_id(1)
@@ -132,7 +145,7 @@ def _oca_bwd_rows(x_ptr, go_ptr, dx_ptr, grp_ptr, k_ptr, v_ptr, wq_ptr, wo_ptr, 
             x_wo += mm(x, wo_t, CDT)
             gx += rsum(go * x, 1)
             xx += rsum(x * x, 1)
-    p, pv, kk, vv = _attend(q, g, k_ptr, v_ptr, M, R_RANK, qk_scale, BLOCK_M, BLOCK_R, CDT)
+    p, pv, kk, vv = _attend(q, g, k_ptr, v_ptr, M, R_RANK, KV_G, KV_M, qk_scale, BLOCK_M, BLOCK_R, CDT)
     s = tl.load(s_ptr).to(tl.float32)
     g_h = rsum(pv * g_wo, 1)  # <g, H>
     coef = rsum(pv * x_wo, 1) / (xx + eps)  # <H, F> / (<F, F> + eps); zero unless ORTHO
@@ -205,49 +218,57 @@ def _oca_bwd_weights(x_ptr, go_ptr, s_ptr, mean_ptr, rstd_ptr, dq_ptr, pv_ptr, a
     tl.store(dwo_ptr + base + rk[:, None] * D + cols[None, :], acc_o, mask=kmask[:, None] & cmask[None, :])
 
 
-def _meta(x, k, w_q):
-    R, N, D = x.shape
-    M, r = k.shape[1], w_q.shape[1]
-    block_t = pow2(min(N, 32))
-    # untuned (no GPU was at hand): at D = 768, r = 32, fp16, 32 x 64 tiles compile for sm_90 without
-    # register spills with 4 warps (forward) and with 48 bytes with 8 warps (backward rows); ptxas -v
-    return dict(BLOCK_T=block_t, BLOCK_D=min(64, pow2(D)), BLOCK_M=pow2(M), BLOCK_R=pow2(r),
-                CDT=compute_dtype(x.dtype), num_warps=4), \
-        (R, triton.cdiv(N, block_t))
+@functools.lru_cache(maxsize=4096)
+def _plan(R: int, N: int, D: int, M: int, r: int, dtype: torch.dtype, sms: int):
+    """Forward and backward block sizes, warps and grids for R sequences of N rows of width D.
+
+    Forward: the largest row block (64, 32, 16) whose grid still fills every SM once (B = 64 ViT-B/16
+    image rows: 64-row blocks, 256 programs, 2 per SM: one wave); small batches take small blocks so that
+    more SMs stream. Backward rows: at most 32 rows (its live set is twice the forward's)."""
+    fp32 = dtype == torch.float32
+    block_t = next((bt for bt in ((32,) if fp32 else (64, 32)) if R * cdiv(N, bt) >= sms), 16)
+    block_t = min(block_t, pow2(N))
+    common = dict(BLOCK_M=pow2(M), BLOCK_R=pow2(r), CDT=compute_dtype(dtype))
+    # fp32 (IEEE dots on CUDA cores) takes 32-wide D chunks and at most 32 rows: no register spill
+    fwd = dict(common, BLOCK_T=block_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)),
+               num_warps=8 if block_t >= (32 if fp32 else 64) else 4)
+    bwd_t = min(block_t, 32)
+    bwd = dict(common, BLOCK_T=bwd_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)), num_warps=8)  # fp32: no sm_80 spill
+    block_dc, weights_t = min(32 if fp32 else 64, pow2(D)), 32
+    d_chunks = cdiv(D, block_dc)
+    splits = max(1, min(cdiv(R * N, weights_t), cdiv(2 * sms, d_chunks)))  # token splits of the weight grads
+    return fwd, (R, cdiv(N, block_t)), bwd, (R, cdiv(N, bwd_t)), \
+        dict(BLOCK_T=weights_t, BLOCK_DC=block_dc, BLOCK_R=pow2(r), CDT=compute_dtype(dtype)), (d_chunks, splits)
 
 
-def _small_operands(x, *tensors):
-    """k, v, W_q, W_o in the activation dtype (what the kernels' matmuls round them to anyway): half the
-    cache traffic of fp32 weights re-read by every row block."""
-    return tuple(t.to(x.dtype).contiguous() for t in tensors)
-
-
-def _num_splits(tokens: int, d_chunks: int, block_t: int, device: torch.device) -> int:
-    """Token splits of the weight-gradient kernel: enough programs to fill the device, fixed per shape."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(triton.cdiv(tokens, block_t), triton.cdiv(2 * sms, d_chunks)))
+def _weights_as(x, w_q, w_o):
+    """W_q, W_o in the activation dtype (what the kernels' matmuls round them to anyway), cast once per
+    weight version: half the cache traffic of fp32 weights re-read by every row block."""
+    if w_q.dtype == x.dtype and w_o.dtype == x.dtype:
+        return w_q, w_o
+    return derived(("oca_weights", x.dtype), lambda a, b: (a.to(x.dtype).contiguous(), b.to(x.dtype).contiguous()),
+                   w_q, w_o)
 
 
 class OCAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, k, v, w_q, w_o, scale, eps, orthogonal, keep_parallel):
-        meta, grid = _meta(x, k, w_q)
         R, N, D = x.shape
-        qk_scale = 1.0 / math.sqrt(w_q.shape[1])
+        M, r = k.shape[1], w_q.shape[1]
+        plan = _plan(R, N, D, M, r, x.dtype, multiprocessor_count(x.device))
         out = torch.empty_like(x)
-        _oca_fwd[grid](x, out, group, *_small_operands(x, k, v, w_q, w_o), scale, N, D, k.shape[1], w_q.shape[1],
-                       qk_scale, LN_EPS, eps,
-                       ORTHO=orthogonal and keep_parallel == "drop", **meta)
+        _oca_fwd[plan[1]](x, out, group, k, v, *_weights_as(x, w_q, w_o), scale, N, D, M, r, k.stride(0),
+                          k.stride(1), 1.0 / math.sqrt(r), LN_EPS, eps,
+                          ORTHO=orthogonal and keep_parallel == "drop", **plan[0])
         ctx.save_for_backward(x, group, k, v, w_q, w_o, scale)
-        ctx.opts = (eps, orthogonal, keep_parallel)
+        ctx.opts = (eps, orthogonal, keep_parallel, plan)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, group, k, v, w_q, w_o, scale = ctx.saved_tensors
-        eps, orthogonal, keep_parallel = ctx.opts
+        eps, orthogonal, keep_parallel, (_, _, meta, grid, wmeta, wgrid) = ctx.opts
         grad_out = grad_out.contiguous()
-        meta, grid = _meta(x, k, w_q)
         R, N, D = x.shape
         (G, M, r), T = k.shape, R * N
         f32 = dict(device=x.device, dtype=torch.float32)
@@ -256,17 +277,14 @@ class OCAFunction(torch.autograd.Function):
         dq, pv = torch.empty(T, r, **f32), torch.empty(T, r, **f32)
         dk_part = torch.empty(R, grid[1], M, r, **f32)
         dv_part = torch.empty_like(dk_part)
-        _oca_bwd_rows[grid](x, grad_out, dx, group, *_small_operands(x, k, v, w_q, w_o), scale,
-                            mean, rstd, dq, pv, a, ds_tok, dk_part, dv_part, N, D, M, r, 1.0 / math.sqrt(r),
-                            LN_EPS, eps, ORTHO=orthogonal, DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad",
-                            **{**meta, "num_warps": 8})
-        block_dc, block_t = min(64, pow2(D)), 32
-        splits = _num_splits(T, triton.cdiv(D, block_dc), block_t, x.device)
+        _oca_bwd_rows[grid](x, grad_out, dx, group, k, v, *_weights_as(x, w_q, w_o), scale,
+                            mean, rstd, dq, pv, a, ds_tok, dk_part, dv_part, N, D, M, r, k.stride(0), k.stride(1),
+                            1.0 / math.sqrt(r), LN_EPS, eps, ORTHO=orthogonal,
+                            DS_FULL_H=(not orthogonal) or keep_parallel == "stopgrad", **meta)
+        splits = wgrid[1]
         dwq_part = torch.empty(splits, D, r, **f32)
         dwo_part = torch.empty(splits, r, D, **f32)
-        _oca_bwd_weights[(triton.cdiv(D, block_dc), splits)](
-            x, grad_out, scale, mean, rstd, dq, pv, a, dwq_part, dwo_part, T, D, r,
-            BLOCK_T=block_t, BLOCK_DC=block_dc, BLOCK_R=meta["BLOCK_R"], CDT=meta["CDT"])
+        _oca_bwd_weights[wgrid](x, grad_out, scale, mean, rstd, dq, pv, a, dwq_part, dwo_part, T, D, r, **wmeta)
         onehot = torch.nn.functional.one_hot(group.long(), G).to(torch.float32).t()  # [G, R]
         dk = (onehot @ dk_part.sum(1).view(R, M * r)).view(G, M, r)
         dv = (onehot @ dv_part.sum(1).view(R, M * r)).view(G, M, r)

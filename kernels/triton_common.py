@@ -1,5 +1,9 @@
-"""Helpers shared by the fused Triton ops: dtype mapping, block sizes, the matmul precision rule, reductions."""
+"""Helpers shared by the fused Triton ops: dtype mapping, block sizes, SM count, the matmul precision rule,
+reductions."""
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 import triton
@@ -14,8 +18,39 @@ def compute_dtype(dtype: torch.dtype):
 
 
 def pow2(n: int, lo: int = 16) -> int:
-    """Block size for a dimension of n: a power of two, at least `lo` (tl.dot needs 16)."""
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    """Block size for a dimension of n: a power of two, at least `lo` (tl.dot needs 16). Plain integer
+    math: triton.next_power_of_2 is a ConstexprFunction that costs microseconds per host call."""
+    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for fp32 folds (a no-op context for "meta" tensors, which autocast does not know)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
+# SMs the launch plans assume off-GPU: the interpreter (small, so tests exercise split paths) and
+# kernels/resources.py, which plans for the target architecture's SM count (set_planned_sms)
+_PLANNED_SMS = [4]
+
+
+def set_planned_sms(sms: int) -> None:
+    _PLANNED_SMS[0] = int(sms)
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (cached: the lookup runs for every launch plan), else the planned count."""
+    if device.type != "cuda":
+        return _PLANNED_SMS[0]
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -53,7 +88,7 @@ def ln_stats(x_ptr, rows, rmask, D, ln_eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.c
     """Per-row mean and 1/std over D in chunks (Chan's pairwise update: no E[x^2] - E[x]^2 cancellation)."""
     mean = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
     m2 = tl.full((BLOCK_T,), 0.0, dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=3):  # pipelined: cp.async keeps 3 chunks in flight
         x, offs, xm, cols = row_tile(x_ptr, rows, rmask, d0, D, BLOCK_D)
         n_c = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
         n_a = d0 * 1.0

@@ -9,20 +9,33 @@ every score of a row equally, so softmax ignores it and its gradient is exactly 
 autograd Function so that b_k (and q through it) get that exact zero gradient, as in the reference.
 
 All products keep fp32 accuracy (IEEE for fp32 keys; tf32x3 on tensor cores for fp16/bf16 keys, which
-tf32 holds exactly): the backward's dp = dO K^T must agree with delta = rowsum(dO * O) to fp32 rounding,
-else a softmax over one valid key, or the exactly-zero gradient of b_k, picks up noise.
+tf32 holds exactly). The backward computes delta = rowsum(dO * o~) with the same dot as dp = dO K^T, so
+that dp - delta is exactly zero where it must be (a softmax over one valid key, whose o~ is that key);
+computed apart (torch's sum against the kernel's dot) the two differ by fp32 rounding, which is noise there.
 
-Kernels (Flash-Decoding style, split over the key length, no atomics):
-  _use_fwd   grid (G, splits, query blocks) per key source (image keys, text keys): online softmax over
-             the split's key blocks, writes partial (max, sum, acc); torch combines all partials of
-             both sources in a fixed order.
-  _use_bwd   same grid: recomputes p from the saved log-sum-exp, writes dK per key (one slice per
-             reading group and query block) and per-split partial sums of dq~; torch sums them.
+Kernels (Flash-Decoding style, no atomics):
+  _use_fwd      grid (G, splits, query blocks): the W_k fold of the block's queries, an online softmax
+                over the concatenated key list [image keys ; text keys], and, when there is one split,
+                the W_v fold and the output (and, for training, o~ and the log-sum-exp). Splits over the
+                key length are used only when G x query blocks would leave more than half of the SMs
+                idle (B = 1, 8); each then writes partial (max, sum, acc) and
+  _use_combine  merges the splits in a fixed order and finishes as above (one launch, not ~10 aten ops).
+  _use_bwd      grid (G, splits, query blocks) per key source: recomputes p from the saved log-sum-exp,
+                writes dK per key (one slice per reading group and query block) and per-split partial
+                sums of dq~; torch sums them in a fixed order.
 The keys K = LN(X) W_dx^T, LN(T) W_dt^T come from kernels/ln_down_triton.py (fused forward: the tokens
-are read once, only d_s-wide keys are written; backward recomputed with PyTorch).
+are read once, only d_s-wide keys are written; backward recomputed with PyTorch). Constant text keys
+(the cached class prompts of text_cacheable) are projected once per weight version (kernels/derived.py).
+
+Bytes (ViT-B/16 at B = 64, 16-bit, own text of C = 2 prompts x 16 tokens): the keys, 64 x (197 + 32) x 128
+x 2 B = 3.8 MB, read once from HBM (the two 32-row query blocks of a group read them from L2), the
+queries and outputs (0.5 MB). 128 programs, 1 per SM (255 registers, 52 KB of shared memory): 0.97 waves.
+The op is latency-bound (expected a few microseconds; not measured on a GPU), so the design goal is one
+launch per layer and no split combine at B = 64, not a bandwidth fraction.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,11 +43,9 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_fused_tensors, check_use_inputs
-from kernels.triton_common import pow2, rmax, rsum
+from kernels.derived import derived
 from kernels.ln_down_triton import ln_down_triton
-
-BLOCK_K = 32
-
+from kernels.triton_common import cdiv, multiprocessor_count, no_autocast, pow2, rmax, rsum
 
 @triton.jit
 def _key_scores(k_ptr, valid_ptr, grp, kb, NK, DS, qs, scale, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -70,33 +81,120 @@ def _load_queries(q_ptr, g, qb, NQ, DS, BLOCK_Q: tl.constexpr, BLOCK_S: tl.const
 
 
 @triton.jit
-def _use_fwd(q_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, NQ, NK, DS, K_GROUP_STRIDE,
-             blocks_per_split, split_offset, total_splits, scale, HAS_MASK: tl.constexpr,
-             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr):
-    g, split, qb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    kg = g * K_GROUP_STRIDE  # 0 when every group reads the same (shared) text keys
-    qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, qb, NQ, DS, BLOCK_Q, BLOCK_S)
-    m_i = tl.full((BLOCK_Q,), -1e30, dtype=tl.float32)
-    l_i = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
-    acc = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
-    lo, hi = _split_blocks(split, blocks_per_split, NK, BLOCK_K)
-    for kb in range(lo, hi):
-        keys, kmask, sc = _key_scores(k_ptr, valid_ptr, kg, kb, NK, DS, qs, scale, HAS_MASK, BLOCK_K, BLOCK_S, PREC)
-        sc = tl.where(kmask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, rmax(sc, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + rsum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision=PREC)
-        m_i = m_new
-    part = (g * total_splits + split_offset + split) * NQ
-    tl.store(m_ptr + part + qi, m_i, mask=qmask)
-    tl.store(l_ptr + part + qi, l_i, mask=qmask)
-    tl.store(acc_ptr + part * DS + qoffs, acc, mask=q2)
+def _online(m_i, l_i, acc, keys, kmask, sc, PREC: tl.constexpr):
+    """One key block of the online softmax: running max, sum and p-weighted sum of keys."""
+    sc = tl.where(kmask[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, rmax(sc, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(sc - m_new[:, None])
+    return m_new, l_i * alpha + rsum(p, 1), acc * alpha[:, None] + tl.dot(p, keys, input_precision=PREC)
 
 
 @triton.jit
-def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr,
+def _head_cols(hh, DH, BLOCK_H: tl.constexpr):
+    """Columns of head hh within d_s, and which of the BLOCK_H lanes are real."""
+    j = tl.arange(0, BLOCK_H)
+    return hh * DH + j, j < DH
+
+
+@triton.jit
+def _fold_queries(q_ptr, wk_ptr, g, qi, qmask, M, DS, DH, HEADS, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """q~ rows (m, h) = W_k,h^T q_h of the block's query rows qi (row = m * HEADS + h), fp32 [BLOCK_Q, BLOCK_S]."""
+    m_i, h_i = qi // HEADS, qi % HEADS
+    cs = tl.arange(0, BLOCK_S)
+    qt = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
+    for hh in range(0, HEADS):
+        dcol, jm = _head_cols(hh, DH, BLOCK_H)
+        qh = tl.load(q_ptr + g * M * DS + m_i[:, None] * DS + dcol[None, :],
+                     mask=(qmask & (h_i == hh))[:, None] & jm[None, :], other=0.0).to(tl.float32)
+        wk = tl.load(wk_ptr + dcol[:, None] * DS + cs[None, :], mask=jm[:, None] & (cs < DS)[None, :], other=0.0)
+        qt += tl.dot(qh, wk, input_precision="ieee")
+    return qt
+
+
+@triton.jit
+def _finish(m_i, l_i, acc, g, qi, qmask, wv_ptr, bv_ptr, out_ptr, accn_ptr, lse_ptr, M, NQ, DS, DH, HEADS,
+            SAVE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Normalise o~ = acc / l and fold the value projection: o[m, head h] = W_v,h o~(m, h) + b_v,h, stored
+    in o's dtype; with SAVE also o~ and the log-sum-exp (fp32) for the backward."""
+    l_i = tl.where(qmask, l_i, 1.0)  # padding rows past NQ saw no key
+    accn = acc / l_i[:, None]
+    cs = tl.arange(0, BLOCK_S)
+    if SAVE:
+        q2 = qmask[:, None] & (cs < DS)[None, :]
+        tl.store(accn_ptr + g * NQ * DS + qi[:, None] * DS + cs[None, :], accn, mask=q2)
+        tl.store(lse_ptr + g * NQ + qi, m_i + tl.log(l_i), mask=qmask)
+    m_i, h_i = qi // HEADS, qi % HEADS
+    for hh in range(0, HEADS):
+        dcol, jm = _head_cols(hh, DH, BLOCK_H)
+        wv_t = tl.load(wv_ptr + dcol[None, :] * DS + cs[:, None], mask=(cs < DS)[:, None] & jm[None, :], other=0.0)
+        o = tl.dot(accn, wv_t, input_precision="ieee") + tl.load(bv_ptr + dcol, mask=jm, other=0.0)[None, :]
+        tl.store(out_ptr + g * M * DS + m_i[:, None] * DS + dcol[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=(qmask & (h_i == hh))[:, None] & jm[None, :])
+
+
+@triton.jit
+def _use_fwd(q_ptr, wk_ptr, kx_ptr, kt_ptr, valid_ptr, wv_ptr, bv_ptr, out_ptr, accn_ptr, lse_ptr,
+             m_ptr, l_ptr, part_ptr, M, NQ, DS, DH, HEADS, NX, NT, KT_GROUP_STRIDE, blocks_per_split, scale,
+             HAS_X: tl.constexpr, FINAL: tl.constexpr, SAVE: tl.constexpr, BLOCK_Q: tl.constexpr,
+             BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, PREC: tl.constexpr):
+    g, split, qb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    qi = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = qi < NQ
+    qs = _fold_queries(q_ptr, wk_ptr, g, qi, qmask, M, DS, DH, HEADS, BLOCK_Q, BLOCK_S, BLOCK_H)
+    m_i = tl.full((BLOCK_Q,), -1e30, dtype=tl.float32)
+    l_i = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
+    acc = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
+    # this split's blocks of the concatenated key list [image blocks ; text blocks]
+    nbx = (NX + BLOCK_K - 1) // BLOCK_K if HAS_X else 0
+    lo, hi = _split_blocks(split, blocks_per_split, nbx * BLOCK_K + NT, BLOCK_K)
+    if HAS_X:
+        for kb in range(lo, tl.minimum(hi, nbx)):
+            keys, kmask, sc = _key_scores(kx_ptr, valid_ptr, g, kb, NX, DS, qs, scale, False, BLOCK_K, BLOCK_S, PREC)
+            m_i, l_i, acc = _online(m_i, l_i, acc, keys, kmask, sc, PREC)
+    for kb in range(tl.maximum(lo, nbx) - nbx, hi - nbx):
+        keys, kmask, sc = _key_scores(kt_ptr, valid_ptr, g * KT_GROUP_STRIDE, kb, NT, DS, qs, scale, True, BLOCK_K,
+                                      BLOCK_S, PREC)
+        m_i, l_i, acc = _online(m_i, l_i, acc, keys, kmask, sc, PREC)
+    if FINAL:
+        _finish(m_i, l_i, acc, g, qi, qmask, wv_ptr, bv_ptr, out_ptr, accn_ptr, lse_ptr, M, NQ, DS, DH, HEADS,
+                SAVE, BLOCK_S, BLOCK_H)
+    else:  # partial (max, sum, acc) of this split; _use_combine merges the splits
+        cs = tl.arange(0, BLOCK_S)
+        part = (g * tl.num_programs(1) + split) * NQ
+        tl.store(m_ptr + part + qi, m_i, mask=qmask)
+        tl.store(l_ptr + part + qi, l_i, mask=qmask)
+        tl.store(part_ptr + (part + qi)[:, None] * DS + cs[None, :], acc, mask=qmask[:, None] & (cs < DS)[None, :])
+
+
+@triton.jit
+def _use_combine(wv_ptr, bv_ptr, out_ptr, accn_ptr, lse_ptr, m_ptr, l_ptr, part_ptr, M, NQ, DS, DH, HEADS, SPLITS,
+                 SAVE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Merge the splits' partials in a fixed order (a split that saw no valid key has m = -1e30, l = 0)."""
+    g, qb = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    qi = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = qi < NQ
+    cs = tl.arange(0, BLOCK_S)
+    q2 = qmask[:, None] & (cs < DS)[None, :]
+    m_i = tl.full((BLOCK_Q,), -1e30, dtype=tl.float32)
+    l_i = tl.full((BLOCK_Q,), 0.0, dtype=tl.float32)
+    acc = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
+    for s in range(0, SPLITS):
+        part = (g * SPLITS + s) * NQ + qi
+        m_s = tl.load(m_ptr + part, mask=qmask, other=-1e30)
+        m_new = tl.maximum(m_i, m_s)
+        a_old, a_s = tl.exp(m_i - m_new), tl.exp(m_s - m_new)
+        l_i = l_i * a_old + tl.load(l_ptr + part, mask=qmask, other=0.0) * a_s
+        acc = acc * a_old[:, None] + tl.load(part_ptr + part[:, None] * DS + cs[None, :], mask=q2, other=0.0) * \
+            a_s[:, None]
+        m_i = m_new
+    _finish(m_i, l_i, acc, g, qi, qmask, wv_ptr, bv_ptr, out_ptr, accn_ptr, lse_ptr, M, NQ, DS, DH, HEADS, SAVE,
+            BLOCK_S, BLOCK_H)
+
+
+@triton.jit
+def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, accn_ptr, dk_ptr, dq_ptr,
              NQ, NK, DS, K_GROUP_STRIDE, blocks_per_split, split_offset, total_splits, scale,
              HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
              PREC: tl.constexpr):
@@ -105,7 +203,11 @@ def _use_bwd(q_ptr, k_ptr, valid_ptr, lse_ptr, do_ptr, delta_ptr, dk_ptr, dq_ptr
     qi, qmask, qoffs, q2, qs = _load_queries(q_ptr, g, qb, NQ, DS, BLOCK_Q, BLOCK_S)
     do = tl.load(do_ptr + g * NQ * DS + qoffs, mask=q2, other=0.0)
     lse = tl.load(lse_ptr + g * NQ + qi, mask=qmask, other=0.0)
-    delta = tl.load(delta_ptr + g * NQ + qi, mask=qmask, other=0.0)
+    # delta = rowsum(dO * o~) by the same product as dp = dO K^T below (BLOCK_Q == BLOCK_K: one dot shape),
+    # so that dp - delta is exactly zero where it must be (a softmax over one valid key: o~ is that key)
+    accn = tl.load(accn_ptr + g * NQ * DS + qoffs, mask=q2, other=0.0)
+    rows = tl.arange(0, BLOCK_Q)
+    delta = rsum(tl.where(rows[:, None] == rows[None, :], tl.dot(do, tl.trans(accn), input_precision=PREC), 0.0), 1)
     dq = tl.full((BLOCK_Q, BLOCK_S), 0.0, dtype=tl.float32)
     dk_ptr += (g * tl.num_programs(2) + qb) * NK * DS  # one dK slice per (reading group, query block)
     lo, hi = _split_blocks(split, blocks_per_split, NK, BLOCK_K)
@@ -132,82 +234,121 @@ def _sources(kx, kt, t_valid):
     return out
 
 
-def _meta(NQ: int, DS: int, key_dtype: torch.dtype) -> dict:
-    """Block sizes and matmul precision: fp32 keys multiply in IEEE fp32; fp16/bf16 keys (exact in tf32)
-    on tensor cores with tf32x3, which keeps fp32-level accuracy for the fp32 queries and probabilities.
-    Untuned (no GPU at hand); by ptxas -v for sm_90 at d_s = 128, 64 query rows spill ~0.5 KB with tf32x3,
-    and IEEE fp32 needs 32-row query blocks to stay near 1 KB."""
-    fp32 = key_dtype == torch.float32
-    return dict(BLOCK_Q=min(32 if fp32 else 64, pow2(NQ)), BLOCK_K=BLOCK_K, BLOCK_S=pow2(DS), num_warps=8,
-                PREC="ieee" if fp32 else "tf32x3")
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(G: int, NQ: int, DS: int, DH: int, NX: int, NT: int, fp32_keys: bool, sms: int):
+    """Forward block sizes, grid and splits. 32 query rows x 16 keys x 8 warps: no register spill for
+    sm_90/sm_80 at d_s = 128 (python -m kernels.resources). Splits over the key length only when the
+    G x query-block programs would leave more than half the SMs idle (B >= 33 ViT-B/16 images need none)."""
+    meta = dict(BLOCK_Q=min(32, pow2(NQ)), BLOCK_K=16, BLOCK_S=pow2(DS), BLOCK_H=pow2(DH), num_warps=8,
+                PREC="ieee" if fp32_keys else "tf32x3")
+    nqb = cdiv(NQ, meta["BLOCK_Q"])
+    nblocks = cdiv(NX, meta["BLOCK_K"]) + cdiv(NT, meta["BLOCK_K"])
+    splits = 1 if 2 * G * nqb >= sms else min(nblocks, cdiv(sms, G * nqb))
+    per = cdiv(nblocks, splits)
+    return meta, per, (G, cdiv(nblocks, per), nqb)
 
 
-def _split_plan(G: int, sources, device: torch.device):
-    """Blocks per split for each source: split the key length only when G alone cannot fill the device."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(G: int, NQ: int, DS: int, key_lengths: tuple, fp32_keys: bool, sms: int):
+    """Backward block sizes and, per key source, (blocks per split, splits). 16 query rows, 16 keys and 8
+    warps: the three tf32x3 / IEEE products of a key block stay within shared memory and registers without
+    spill (python -m kernels.resources; 32-key blocks spill 8 B for 16-bit keys, and the 64-row blocks used
+    before needed 304 KB of shared memory). BLOCK_Q == BLOCK_K: _use_bwd's delta and dp are one dot shape."""
+    meta = dict(BLOCK_Q=16, BLOCK_K=16, BLOCK_S=pow2(DS), num_warps=8,
+                PREC="ieee" if fp32_keys else "tf32x3")
     plan = []
-    for keys, _, _ in sources:
-        nblocks = triton.cdiv(keys.shape[1], BLOCK_K)
-        splits = max(1, min(nblocks, triton.cdiv(2 * sms, G)))
-        per = triton.cdiv(nblocks, splits)
-        plan.append((per, triton.cdiv(nblocks, per)))
-    return plan
+    for nk in key_lengths:
+        nblocks = cdiv(nk, meta["BLOCK_K"])
+        per = cdiv(nblocks, max(1, min(nblocks, cdiv(2 * sms, G))))
+        plan.append((per, cdiv(nblocks, per)))
+    return meta, cdiv(NQ, meta["BLOCK_Q"]), plan
+
+
+def _fp32_projections(w_k, w_v, b_v):
+    """W_k, W_v, b_v in fp32 (the folded projections keep fp32 accuracy), cast once per weight version."""
+    return derived("use_fp32", lambda *w: tuple(p.float().contiguous() for p in w), w_k, w_v, b_v)
+
+
+def _fold_queries_torch(q, w_k, heads):
+    """q~ [G, M*heads, d_s], rows (m, h): the kernels' query fold (_fold_queries), for the backward."""
+    G, M, ds = q.shape
+    return torch.einsum("gmhd,hde->gmhe", q.view(G, M, heads, ds // heads), w_k.view(heads, ds // heads, ds)) \
+        .reshape(G, M * heads, ds)
 
 
 class USEAttentionFunction(torch.autograd.Function):
-    """o~ = softmax(q~ K^T * scale + beta) K over image keys kx (may be None) and masked text keys kt.
-
-    beta [G, NQ] is a per-row score offset: it does not change the result and gets a zero gradient.
-    """
+    """o = W_v-fold of softmax(q~ K^T * scale) K over image keys kx (may be None) and masked text keys kt,
+    with q~ the W_k-fold of q (module docstring); every product in fp32 accuracy."""
 
     @staticmethod
-    def forward(ctx, qt, beta, kx, kt, t_valid, scale):
-        G, NQ, DS = qt.shape
-        sources = _sources(kx, kt, t_valid)
-        plan = _split_plan(G, sources, qt.device)
-        total = sum(n for _, n in plan)
-        f32 = dict(device=qt.device, dtype=torch.float32)
-        m, l = torch.empty(G, total, NQ, **f32), torch.empty(G, total, NQ, **f32)
-        acc = torch.empty(G, total, NQ, DS, **f32)
-        meta = _meta(NQ, DS, kt.dtype)
-        offset = 0
-        for (keys, valid, stride), (per, n) in zip(sources, plan):
-            _use_fwd[(G, n, triton.cdiv(NQ, meta["BLOCK_Q"]))](
-                qt, keys, valid if valid is not None else keys, m, l, acc, NQ, keys.shape[1], DS, stride, per,
-                offset, total, scale, HAS_MASK=valid is not None, **meta)
-            offset += n
-        # combine the splits (fixed order): a split that saw no valid key has m = -1e30 and weight 0
-        m_max = m.amax(1, keepdim=True)
-        w = torch.exp(m - m_max)
-        l_sum = (w * l).sum(1)
-        out = (w.unsqueeze(-1) * acc).sum(1) / l_sum.unsqueeze(-1)
-        lse = m_max.squeeze(1) + torch.log(l_sum)
-        ctx.save_for_backward(qt, beta, kx, kt, t_valid, out, lse)
-        ctx.scale, ctx.plan, ctx.meta = scale, plan, meta
+    def forward(ctx, q, kx, kt, t_valid, w_k, b_k, w_v, b_v, heads):
+        G, M, DS = q.shape
+        DH, NQ = DS // heads, M * heads
+        NX = 0 if kx is None else kx.shape[1]
+        NT = kt.shape[1]
+        fp32_keys = kt.dtype == torch.float32
+        meta, per, grid = _fwd_plan(G, NQ, DS, DH, NX, NT, fp32_keys, multiprocessor_count(q.device))
+        wk, wv, bv = _fp32_projections(w_k, w_v, b_v)
+        out = torch.empty_like(q)
+        save = any(ctx.needs_input_grad)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        accn, lse = (torch.empty(G, NQ, DS, **f32), torch.empty(G, NQ, **f32)) if save else (out, out)
+        splits = grid[1]
+        parts = (torch.empty(G, splits, NQ, **f32), torch.empty(G, splits, NQ, **f32),
+                 torch.empty(G, splits, NQ, DS, **f32)) if splits > 1 else (out, out, out)
+        _use_fwd[grid](q, wk, kt if kx is None else kx, kt, t_valid, wv, bv, out, accn, lse, *parts, M, NQ, DS, DH,
+                       heads, NX, NT, 1 if kt.shape[0] > 1 else 0, per, 1.0 / math.sqrt(DH), HAS_X=kx is not None,
+                       FINAL=splits == 1, SAVE=save, **meta)
+        if splits > 1:
+            _use_combine[(G, grid[2])](wv, bv, out, accn, lse, *parts, M, NQ, DS, DH, heads, splits, SAVE=save,
+                                       BLOCK_Q=meta["BLOCK_Q"], BLOCK_S=meta["BLOCK_S"], BLOCK_H=meta["BLOCK_H"],
+                                       num_warps=meta["num_warps"])
+        if save:
+            ctx.save_for_backward(q, kx, kt, t_valid, w_k, b_k, w_v, accn, lse)
+            ctx.heads = heads
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qt, beta, kx, kt, t_valid, out, lse = ctx.saved_tensors
-        G, NQ, DS = qt.shape
-        grad_out = grad_out.contiguous()
-        delta = (grad_out * out).sum(-1)
+        q, kx, kt, t_valid, w_k, b_k, w_v, accn, lse = ctx.saved_tensors
+        heads = ctx.heads
+        G, M, DS = q.shape
+        DH, NQ = DS // heads, M * heads
+        wk, wv = w_k.float(), w_v.float()
+        go = grad_out.float().view(G, M, heads, DH)
+        acc4 = accn.view(G, M, heads, DS)
+        dacc = torch.einsum("gmhd,hde->gmhe", go, wv.view(heads, DH, DS)).reshape(G, NQ, DS).contiguous()
+        d_wv = torch.einsum("gmhd,gmhe->hde", go, acc4).reshape(DS, DS)
+        d_bv = go.sum((0, 1)).reshape(DS)
+        qt = _fold_queries_torch(q.float(), wk, heads).contiguous()
         sources = _sources(kx, kt, t_valid)
-        total = sum(n for _, n in ctx.plan)
-        f32 = dict(device=qt.device, dtype=torch.float32)
+        meta, nqb, plan = _bwd_plan(G, NQ, DS, tuple(k.shape[1] for k, _, _ in sources), kt.dtype == torch.float32,
+                                    multiprocessor_count(q.device))
+        total = sum(n for _, n in plan)
+        f32 = dict(device=q.device, dtype=torch.float32)
         dq_part = torch.empty(G, total, NQ, DS, **f32)
         dkeys, offset = [], 0
-        for (keys, valid, stride), (per, n) in zip(sources, ctx.plan):
-            nqb = triton.cdiv(NQ, ctx.meta["BLOCK_Q"])
+        for (keys, valid, stride), (per, n) in zip(sources, plan):
             dk = torch.empty(G, nqb, keys.shape[1], DS, **f32)  # per reading group and query block
-            _use_bwd[(G, n, nqb)](qt, keys, valid if valid is not None else keys, lse, grad_out, delta, dk, dq_part, NQ,
-                             keys.shape[1], DS, stride, per, offset, total, ctx.scale,
-                             HAS_MASK=valid is not None, **ctx.meta)
+            _use_bwd[(G, n, nqb)](qt, keys, valid if valid is not None else keys, lse, dacc, accn, dk, dq_part, NQ,
+                                  keys.shape[1], DS, stride, per, offset, total, 1.0 / math.sqrt(DH),
+                                  HAS_MASK=valid is not None, **meta)
             offset += n
             dk = dk.sum(1)
             dkeys.append((dk if stride else dk.sum(0, keepdim=True)).to(keys.dtype))
+        dqt = dq_part.sum(1).view(G, M, heads, DS)
+        dq = torch.einsum("gmhe,hde->gmhd", dqt, wk.view(heads, DH, DS)).reshape(G, M, DS)
+        d_wk = torch.einsum("gmhd,gmhe->hde", q.float().view(G, M, heads, DH), dqt).reshape(DS, DS)
         dkx = dkeys[0] if kx is not None else None
-        return dq_part.sum(1), torch.zeros_like(beta), dkx, dkeys[-1], None, None
+        # b_k shifts every score of a query row equally: softmax ignores it, its gradient is exactly zero
+        return (dq.to(q.dtype), dkx, dkeys[-1], None, d_wk.to(w_k.dtype), torch.zeros_like(b_k), d_wv.to(w_v.dtype),
+                d_bv.to(w_v.dtype), None)
+
+
+def _text_keys(t, ln_t_w, ln_t_b, w_dt, dtype):
+    """Down-projected text keys; constant text tokens (cached class prompts, no gradient) are projected
+    once per tensor and weight version (kernels/derived.py), not at every layer of every forward."""
+    return derived(("use_text_keys", dtype), lambda *a: ln_down_triton(*a, out_dtype=dtype), t, ln_t_w, ln_t_b, w_dt)
 
 
 def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v,
@@ -216,14 +357,7 @@ def use_attention_triton(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b,
     check_use_inputs(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v,
                      heads, need_contiguous=True)
     check_fused_tensors(q, x, t, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_dt, w_k, b_k, w_v, b_v)
-    G, M, ds = q.shape
-    dh = ds // heads
-    kt = ln_down_triton(t, ln_t_w, ln_t_b, w_dt).to(q.dtype).contiguous()
-    kx = None if x is None else ln_down_triton(x, ln_x_w, ln_x_b, w_dx).to(q.dtype).contiguous()
-    with torch.autocast(q.device.type, enabled=False):  # the folded projections stay fp32 under autocast
-        qh = q.float().view(G, M, heads, dh)
-        qt = torch.einsum("gmhd,hde->ghme", qh, w_k.float().view(heads, dh, ds)).reshape(G, heads * M, ds)
-        beta = torch.einsum("gmhd,hd->ghm", qh, b_k.float().view(heads, dh)).reshape(G, heads * M)
-        acc = USEAttentionFunction.apply(qt.contiguous(), beta.contiguous(), kx, kt, t_valid, 1.0 / math.sqrt(dh))
-        o = torch.einsum("ghme,hde->gmhd", acc.view(G, heads, M, ds), w_v.float().view(heads, dh, ds))
-        return (o + b_v.float().view(heads, dh)).reshape(G, M, ds).to(q.dtype)
+    kt = _text_keys(t, ln_t_w, ln_t_b, w_dt, q.dtype)
+    kx = None if x is None else ln_down_triton(x, ln_x_w, ln_x_b, w_dx, out_dtype=q.dtype)
+    with no_autocast(q.device):  # the folded projections stay fp32 under autocast
+        return USEAttentionFunction.apply(q, kx, kt, t_valid, w_k, b_k, w_v, b_v, heads)

@@ -17,8 +17,10 @@ def build_model(preset="vit_b16", *, interaction: str = "bidirectional", backend
                 pretrained: Optional[str] = None, backbone_init_seed: int = 0, **overrides) -> NearlCLIP:
     """Build NEARL-CLIP on a frozen open_clip backbone.
 
-    preset: "vit_b16" (the paper's default), "vit_b32", "tiny" (CPU tests), or a NearlConfig.
-    pretrained: path to a local open_clip / OpenAI CLIP weights file; None = random backbone
+    preset: "vit_b16" (the paper's default), "vit_b32", "biomedclip", "tiny" / "tiny_bert" (CPU
+    tests), or a NearlConfig.
+    pretrained: a local open_clip / OpenAI CLIP weights file, or a model download folder (BiomedCLIP:
+    open_clip_config.json + open_clip_pytorch_model.bin + tokenizer files); None = random backbone
     (warns: accuracy is then meaningless), drawn from `backbone_init_seed` on a private RNG so a
     checkpoint rebuilds it exactly. Nothing is ever downloaded.
     overrides: any NearlConfig field, e.g. oca_rank=16, orthogonal=False.

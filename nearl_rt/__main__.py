@@ -34,6 +34,7 @@ def main(argv=None) -> int:
         "config": payload["config"].to_dict(),
         "class_names": payload["class_names"],
         "template": payload.get("template"),
+        "templates": payload.get("templates"),
         "backbone": payload["backbone"],
         "intensity": str(resolve_policy((payload.get("extra") or {}).get("intensity"), None, args.checkpoint)),
         "adapter_parameters": sum(t.numel() for t in payload["adapter"].values()),

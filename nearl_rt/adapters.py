@@ -33,7 +33,9 @@ class OCA(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, group: torch.Tensor, backend: str) -> torch.Tensor:
         """x: [R, N, D] tokens; z: [G, M, d_s] synergy; group: [R] which z each sequence reads."""
-        k, v = z @ self.w_k, z @ self.w_v
+        r = self.w_k.shape[1]
+        kv = z @ kernels.derived("oca_kv", lambda wk, wv: torch.cat((wk, wv), 1), self.w_k, self.w_v)  # one matmul
+        k, v = kv[..., :r], kv[..., r:]
         return kernels.oca(x, group, k, v, self.w_q, self.w_o, self.scale, backend=backend, eps=self.eps,
                            orthogonal=self.orthogonal, keep_parallel=self.keep_parallel)
 
@@ -93,16 +95,16 @@ def build_adapters(config: NearlConfig, vision_width: int, text_width: int, laye
 
 
 def expected_adapter_shapes(config: NearlConfig) -> dict[str, tuple]:
-    """Adapter tensor shapes for `config`, from the backbone's open_clip config alone (no weights built)."""
-    import open_clip
-    from nearl_rt.backbone import register_model_configs
-    register_model_configs()
-    cfg = open_clip.get_model_config(config.backbone)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model {config.backbone!r}")
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    """Adapter tensor shapes for `config`, from its backbone's architecture alone (built on the meta device)."""
+    from nearl_rt.backbone import meta_backbone
+    from nearl_rt.errors import BackboneError
+    from nearl_rt.towers import build_towers
+    try:
+        vision, text = build_towers(meta_backbone(config.backbone), config.backbone)
+    except BackboneError as e:
+        raise ValueError(str(e)) from None
     with torch.device("meta"):
-        mods = build_adapters(config, vision["width"], text["width"], vision["layers"])
+        mods = build_adapters(config, vision.width, text.width, len(vision.blocks))
     return {f"{name}.{k}": tuple(v.shape) for name, m in mods.items() for k, v in m.state_dict().items()}
 
 

@@ -16,7 +16,7 @@ import torch
 
 from nearl_rt.adapters import expected_adapter_shapes, state_mismatch
 from nearl_rt.atomic import atomic_output
-from nearl_rt.backbone import sha256_file
+from nearl_rt.backbone import sha256_file, weights_file
 from nearl_rt.config import NearlConfig
 from nearl_rt.errors import CheckpointError
 
@@ -49,6 +49,7 @@ def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
         "config": model.config.to_dict(),
         "class_names": list(model.class_names),
         "template": model.template,
+        "templates": model.templates,  # a template, an ensemble list or per-class prompts (plain values)
         "backbone": dataclasses.asdict(ident),
         "adapter": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()},
         "extra": dict(extra or {}),
@@ -71,7 +72,8 @@ def read_checkpoint(path) -> dict:
             raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; nearl-rt "
                                   f"refuses to unpickle them (unsafe). It is not a nearl-rt checkpoint") from None
         raise CheckpointError(f"{path} is not a nearl-rt checkpoint (unreadable: {e})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    # IndexError / KeyError: torch's legacy unpickler on bytes that are no pickle (an empty stack, an unknown memo)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path} is damaged or truncated, or not a nearl-rt checkpoint "
                               f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -106,17 +108,18 @@ def _resolve_pretrained(path, backbone: dict, pretrained) -> Optional[str]:
     if want is None:
         return None  # trained on a random-init backbone: rebuild it the same way
     candidates = [pretrained] if pretrained is not None else [backbone.get("path")]
-    for cand in candidates:
-        if cand is not None and os.path.isfile(cand):
-            got = sha256_file(cand)
+    for cand in candidates:  # a weights file, or a download folder holding one
+        if cand is not None and os.path.exists(cand):
+            got = sha256_file(weights_file(cand))
             if got != want:
                 raise CheckpointError(f"backbone weights {cand} (sha256 {got[:12]}…) are not the ones {path} was "
                                       f"trained on (sha256 {want[:12]}…); pass pretrained= the original file")
             return os.fspath(cand)
         if cand is not None and pretrained is not None:
-            raise CheckpointError(f"backbone weights file not found: {cand}")
+            raise CheckpointError(f"backbone weights file or folder not found: {cand}")
     raise CheckpointError(f"{path} was trained on {backbone.get('name')} weights with sha256 {want[:12]}… "
-                          f"(originally {backbone.get('path')}); pass pretrained=PATH to that file on this machine")
+                          f"(originally {backbone.get('path')}); pass pretrained=PATH to that file (or download folder) "
+                          f"on this machine")
 
 
 def load_checkpoint(path, *, pretrained=None, backend: str = "auto", interaction: Optional[str] = None):
@@ -139,7 +142,7 @@ def load_checkpoint(path, *, pretrained=None, backend: str = "auto", interaction
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}. The checkpoint's weights are for a different preset or config") from None
     if payload["class_names"]:
-        model.set_classes(payload["class_names"], payload["template"] or "a photo of {}.")
+        model.set_classes(payload["class_names"], payload.get("templates") or payload["template"] or "a photo of {}.")
     return model
 
 

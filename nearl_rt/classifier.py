@@ -1,5 +1,6 @@
-"""A trained run's classifier, whatever the method: NEARL adapters, zero-shot CLIP, or a linear probe on
-frozen image features. Shared by training (validation), evaluation and prediction."""
+"""A trained run's classifier, whatever the method: NEARL adapters, zero-shot CLIP, CoOp's learned prompt
+context, or a linear probe on frozen image features. Shared by training (validation), evaluation and
+prediction."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
+from nearl_rt.coop import PromptContext, attach_context, coop_template
 from nearl_rt.data import DataError, Preprocess, Split, load_images
 from nearl_rt.errors import CheckpointError
 
-METHODS = ("nearl", "zeroshot", "linear_probe")
+METHODS = ("nearl", "zeroshot", "linear_probe", "coop")
 
 
 def resolve_device(arg: str) -> torch.device:
@@ -40,13 +42,17 @@ def frozen_image_features(model, images: torch.Tensor) -> torch.Tensor:
 
 
 class Classifier:
-    """logits(images) for a NEARL-CLIP model; `head` = (weight [C, E], bias [C]) makes it a linear probe."""
+    """logits(images) for a NEARL-CLIP model; `head` = (weight [C, E], bias [C]) makes it a linear probe;
+    a model with a `prompt_context` (nearl_rt.coop) is a CoOp classifier."""
 
     def __init__(self, model, method: str = "nearl", head: Optional[tuple] = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
         if (method == "linear_probe") != (head is not None):
             raise ValueError("a linear_probe classifier needs its head (weight, bias); other methods take none")
+        if (method == "coop") != (model.prompt_context is not None):
+            raise ValueError("a coop classifier needs a model with a prompt_context (nearl_rt.coop.attach_context); "
+                             "other methods have none")
         self.model, self.method, self.head = model, method, head
 
     @property
@@ -56,6 +62,17 @@ class Classifier:
     @property
     def device(self) -> torch.device:
         return self.model.class_tokens.device
+
+    def set_classes(self, class_names: Sequence[str]) -> None:
+        """Score another class set (base/novel, cross-dataset) with the run's prompts or CoOp context."""
+        names = list(class_names)
+        if names == self.class_names:
+            return
+        if self.head is not None:
+            raise DataError(f"a linear_probe head scores only the classes it was fitted on {self.class_names}; "
+                            f"it cannot score {names}")
+        template = coop_template(self.model.prompt_context.length) if self.method == "coop" else self.model.templates
+        self.model.set_classes(names, template)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device)
@@ -86,6 +103,8 @@ class Classifier:
         extra = {"method": self.method}
         if self.head is not None:
             extra["linear_head"] = {"weight": self.head[0].detach().cpu(), "bias": self.head[1].detach().cpu()}
+        if self.method == "coop":
+            extra["coop_context"] = self.model.prompt_context.ctx.detach().cpu().clone()
         return extra
 
 
@@ -120,11 +139,12 @@ def load_classifier(path, *, pretrained=None, backend: str = "auto",
             raise CheckpointError(f"{path} is a linear_probe checkpoint without a valid linear_head "
                                   f"(weight [C, E], bias [C] for its {len(model.class_names)} classes)")
         head = (h["weight"].to(model.class_tokens.device), h["bias"].to(model.class_tokens.device))
+    if method == "coop":
+        ctx = extra.get("coop_context")
+        width = model.text_tower.width
+        if not (isinstance(ctx, torch.Tensor) and ctx.dim() == 2 and ctx.shape[1] == width):
+            raise CheckpointError(f"{path} is a coop checkpoint without valid context vectors "
+                                  f"(extra['coop_context'] [n, {width}])")
+        attach_context(model, PromptContext(ctx))
     return Classifier(model, method, head), extra
 
-
-def check_classes(classifier: Classifier, dataset_classes: Sequence[str], data_path) -> None:
-    """The dataset's labels index the checkpoint's classes: the counts must match."""
-    if len(dataset_classes) != len(classifier.class_names):
-        raise DataError(f"{data_path} has {len(dataset_classes)} classes {list(dataset_classes)} but the checkpoint "
-                        f"was trained on {len(classifier.class_names)} {classifier.class_names}")

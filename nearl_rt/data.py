@@ -284,9 +284,19 @@ class Preprocess:
 
 
 def parse_classes(text: Optional[str]) -> Optional[list]:
-    """`--classes "normal,pneumonia"` -> ['normal', 'pneumonia']."""
+    """`--classes "normal,pneumonia"` -> ['normal', 'pneumonia']; a `.txt` class-name file -> one name per
+    line in label order (blank lines and `#` comments skipped)."""
     if text is None:
         return None
+    if text.endswith(".txt"):
+        path = Path(text)
+        if not path.is_file():
+            raise DataError(f"class-name file not found: {path}")
+        names = [line.strip() for line in path.read_text().splitlines()]
+        names = [n for n in names if n and not n.startswith("#")]
+        if not names or len(set(names)) != len(names):
+            raise DataError(f"{path} must list unique class names, one per line in label order")
+        return names
     names = [c.strip() for c in text.split(",")]
     if not all(names) or len(set(names)) != len(names):
         raise DataError(f"--classes {text!r} must be comma-separated, non-empty, unique class names")

@@ -1,37 +1,34 @@
-"""Classification metrics in NumPy: accuracy, balanced accuracy, macro-F1, one-vs-rest AUC, per-class
-accuracy, confusion matrix; and mean ± std over runs."""
+"""Classification metrics from scikit-learn: accuracy, balanced accuracy, macro-F1, one-vs-rest AUC,
+per-class accuracy, confusion matrix; mean ± std over runs; the harmonic mean of base and novel scores."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from sklearn import metrics as skm
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """cm[i, j] = number of images of true class i predicted as class j."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (labels, preds), 1)
-    return cm
+    """cm[i, j] = number of images of true class i predicted as class j (every class gets a row)."""
+    return skm.confusion_matrix(labels, preds, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties count 1/2); NaN when one class is absent."""
-    positive = positive.astype(bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (ties count 1/2); NaN when one class is absent."""
+    positive = np.asarray(positive).astype(bool)
+    if positive.all() or not positive.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    # average rank over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(skm.roc_auc_score(positive, scores))
 
 
 def classification_metrics(labels, probs, class_names) -> dict:
-    """All metrics for integer labels [N] and class probabilities [N, C]."""
+    """All metrics for integer labels [N] and class probabilities [N, C].
+
+    Balanced accuracy averages the recall of the classes present in `labels`; macro-F1 averages over the
+    classes present in the labels or the predictions (scikit-learn's conventions); the AUC is the
+    one-vs-rest macro average over the classes that have both positives and negatives."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     num_classes = len(class_names)
     if probs.ndim != 2 or probs.shape != (len(labels), num_classes):
@@ -40,19 +37,14 @@ def classification_metrics(labels, probs, class_names) -> dict:
         raise ValueError("no images to evaluate")
     preds = probs.argmax(axis=1)
     cm = confusion_matrix(labels, preds, num_classes)
-    support, predicted, correct = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
-    present = support > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(present, correct / np.maximum(support, 1), np.nan)
-        precision = np.where(predicted > 0, correct / np.maximum(predicted, 1), 0.0)
-        f1 = np.where(precision + np.nan_to_num(recall) > 0,
-                      2 * precision * np.nan_to_num(recall) / (precision + np.nan_to_num(recall)), 0.0)
+    support = cm.sum(axis=1)
+    recall = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
     aucs = [binary_auc(labels == c, probs[:, c]) for c in range(num_classes)]
     return {
         "num_images": int(len(labels)),
-        "accuracy": float(correct.sum() / len(labels)),
-        "balanced_accuracy": float(np.nanmean(recall)),
-        "macro_f1": float(f1[present | (predicted > 0)].mean()),  # classes seen in labels or predictions
+        "accuracy": float(skm.accuracy_score(labels, preds)),
+        "balanced_accuracy": _balanced_accuracy(labels, preds),
+        "macro_f1": float(skm.f1_score(labels, preds, average="macro", zero_division=0)),
         "auc": float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan"),
         "per_class_accuracy": {n: (None if np.isnan(r) else float(r)) for n, r in zip(class_names, recall)},
         "per_class_auc": {n: (None if np.isnan(a) else a) for n, a in zip(class_names, aucs)},
@@ -61,10 +53,26 @@ def classification_metrics(labels, probs, class_names) -> dict:
     }
 
 
-def aggregate(results: list) -> dict:
+def _balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": expected, they count as errors
+        warnings.simplefilter("ignore", UserWarning)
+        return float(skm.balanced_accuracy_score(labels, preds))
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b), the base-to-novel summary (CoCoOp); 0 when both are 0."""
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def mean_std(values) -> dict:
+    """Mean and sample (ddof=1) std; std 0 for a single value."""
+    vals = np.asarray(values, dtype=np.float64)
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+
+
+def aggregate(results: list, keys=SUMMARY_KEYS) -> dict:
     """Mean and (sample, ddof=1) std of the summary metrics over several runs."""
     out = {"runs": len(results)}
-    for key in SUMMARY_KEYS:
-        vals = np.asarray([r[key] for r in results], dtype=np.float64)
-        out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    for key in keys:
+        out[key] = mean_std([r[key] for r in results])
     return out

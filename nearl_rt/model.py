@@ -1,5 +1,8 @@
 """NEARL-CLIP: a frozen open_clip CLIP plus USEformer and an OCA after every layer of both towers.
 
+The towers are reached through nearl_rt.towers (open_clip or timm ViT; CLIP or BERT text), so the
+loops below are written once for every supported backbone.
+
 Lock-step forward (per layer l):
     X = VisionBlock_l(X);  T = TextBlock_l(T)            frozen
     Z = USE_step(Z, X, T, l)                             per image
@@ -22,8 +25,10 @@ import kernels
 from nearl_rt.adapters import build_adapters, count_parameters, state_mismatch
 from nearl_rt.backbone import BackboneIdentity
 from nearl_rt.config import NearlConfig
-from nearl_rt.errors import BackboneError
+from nearl_rt.prompts import DEFAULT_TEMPLATE, Templates, class_prompts, normalise_templates, pool_prompts, \
+    pooling_matrix
 from nearl_rt.tokenizer import tokenize
+from nearl_rt.towers import PromptBatch, build_towers
 
 
 @dataclass
@@ -35,44 +40,28 @@ class TextStream:
     valid: torch.Tensor               # [1, C*n] bool, False at padding
 
 
-@dataclass
-class PromptBatch:
-    tokens: torch.Tensor    # [C, n] prompt tokens trimmed to the longest EOT + 1
-    eot: torch.Tensor       # [C] position of each prompt's EOT
-    valid: torch.Tensor     # [C, n] bool, False after the EOT
-
-
 class NearlCLIP(nn.Module):
     """The NEARL-CLIP model; build it with `nearl_rt.build_model`."""
 
     def __init__(self, config: NearlConfig, backbone: nn.Module, identity: BackboneIdentity, backend: str = "auto"):
         super().__init__()
-        for attr in ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final", "attn_mask"):
-            if not hasattr(backbone, attr):
-                raise BackboneError(f"backbone {identity.name} is not an open_clip CLIP with a built-in text tower "
-                                    f"(missing `{attr}`); NEARL-CLIP supports open_clip ViT CLIP models")
-        if backbone.text_pool_type not in ("argmax", "eos"):
-            raise BackboneError(f"text pooling {backbone.text_pool_type!r} is not supported (argmax or eos)")
         if backend not in kernels.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; use one of {kernels.BACKENDS}")
         self.config = config
         self.backend = backend
         self.backbone = backbone.requires_grad_(False).eval()
         self.backbone_identity = identity
-        self.vision_blocks = list(backbone.visual.transformer.resblocks)
-        self.text_blocks = list(backbone.transformer.resblocks)
-        if len(self.vision_blocks) != len(self.text_blocks):
-            raise BackboneError(f"{identity.name} has {len(self.vision_blocks)} vision and {len(self.text_blocks)} "
-                                f"text layers; NEARL-CLIP's lock-step forward needs the same depth")
-        if not (backbone.visual.transformer.batch_first and backbone.transformer.batch_first):
-            raise BackboneError("open_clip transformers must run batch_first")
-        layers = len(self.vision_blocks)
-        vw, tw = backbone.visual.transformer.width, backbone.transformer.width
+        # plain objects, not submodules: they only reach into self.backbone's towers
+        self.vision_tower, self.text_tower = build_towers(self.backbone, identity.name)
+        layers = len(self.vision_tower.blocks)
+        vw, tw = self.vision_tower.width, self.text_tower.width
         adapters = build_adapters(config, vw, tw, layers)
         self.use, self.oca_v, self.oca_t = adapters["use"], adapters["oca_v"], adapters["oca_t"]
         self.class_names: list[str] = []
-        self.template: Optional[str] = None
+        self.templates: Optional[Templates] = None  # a template, an ensemble list, or per-class prompts
         self.register_buffer("class_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("prompt_pool", None, persistent=False)  # [C, P] prompt ensemble averaging
+        self.prompt_context: Optional[nn.Module] = None  # CoOp's learned context (nearl_rt.coop)
         self._text_cache: Optional[tuple] = None
         self._class_prompts: Optional[tuple] = None
         self.trim_prompts = True  # False pads prompts to the full context (same result, slower)
@@ -83,12 +72,24 @@ class NearlCLIP(nn.Module):
         return self.config.interaction
 
     @property
+    def template(self) -> Optional[str]:
+        """The single prompt template, or the first of an ensemble list (None for per-class prompts)."""
+        t = self.templates
+        return t if isinstance(t, str) else t[0] if isinstance(t, list) else None
+
+    @property
     def prompts(self) -> list[str]:
-        return [self.template.format(c) for c in self.class_names] if self.template else []
+        """Every prompt, class by class (several per class with an ensemble)."""
+        return [p for ps in class_prompts(self.class_names, self.templates) for p in ps] if self.class_names else []
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.visual.conv1.weight.dtype
+        return self.vision_tower.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        """Width E of the joint image-text embedding (the features' size)."""
+        return self.text_tower.output_dim
 
     @property
     def preprocess_cfg(self) -> dict:
@@ -124,19 +125,24 @@ class NearlCLIP(nn.Module):
 
     # ---------------------------------------------------------------------------------- classes
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return tokenize(texts, self.backbone_identity.name)
+        return tokenize(texts, self.backbone_identity)
 
-    def set_classes(self, class_names: Sequence[str], template: str = "a photo of {}.") -> None:
-        """Fix the classes `classify` scores: one prompt per class, `template.format(name)`."""
+    def set_classes(self, class_names: Sequence[str], template: Templates = DEFAULT_TEMPLATE) -> None:
+        """Fix the classes `classify` scores (any class set). `template`: one template with '{}', a list of
+        templates (prompt ensemble) or {class: [prompts]}; with several prompts per class the class text
+        feature is the normalised mean of its prompts' features (nearl_rt.prompts)."""
         if isinstance(class_names, str) or not class_names:
             raise ValueError("class_names must be a non-empty list of strings, e.g. ['normal', 'pneumonia']")
         names = [str(c) for c in class_names]
         if any(not c.strip() for c in names) or len(set(names)) != len(names):
             raise ValueError(f"class names must be non-empty and unique, got {names}")
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {template!r}")
-        self.class_names, self.template = names, template
-        self.class_tokens = self.tokenize(self.prompts).to(self.class_tokens.device)
+        templates = normalise_templates(template)
+        per_class = class_prompts(names, templates)
+        self.class_names, self.templates = names, templates
+        device = self.class_tokens.device
+        self.class_tokens = self.tokenize([p for ps in per_class for p in ps]).to(device)
+        pool = pooling_matrix([len(ps) for ps in per_class])
+        self.prompt_pool = None if pool is None else pool.to(device)
         self._text_cache = self._class_prompts = None
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,7 @@ class NearlCLIP(nn.Module):
             raise RuntimeError("no classes set: call model.set_classes(['class a', 'class b', ...]) first")
         if self.interaction == "text_cacheable" and not torch.is_grad_enabled():
             return self._logits(self.encode_images(images, self.cached_text_stream()),
-                                self._text_cache[1].features)
+                                pool_prompts(self._text_cache[1].features, self.prompt_pool))
         return self(images, self.class_tokens)
 
     def cuda_graph(self, batch_sizes: Sequence[int] = (1, 8, 64)):
@@ -155,7 +161,8 @@ class NearlCLIP(nn.Module):
 
     def cached_text_stream(self) -> TextStream:
         """The class text stream, recomputed only when the classes, adapter weights, device or dtype change."""
-        key = (self.class_tokens.data_ptr(), self.dtype, tuple((p.data_ptr(), p._version) for p in self.adapter_parameters()))
+        params = self.adapter_parameters() + (list(self.prompt_context.parameters()) if self.prompt_context is not None else [])
+        key = (self.class_tokens.data_ptr(), self.dtype, tuple((p.data_ptr(), p._version) for p in params))
         if self._text_cache is None or self._text_cache[0] != key:
             with torch.no_grad():
                 self._text_cache = (key, self.encode_text_stream(self.class_tokens))
@@ -163,15 +170,18 @@ class NearlCLIP(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] (preprocessed), tokens [C, context] -> logits [B, C]."""
+        """images [B, 3, H, W] (preprocessed), tokens [C, context] -> logits [B, C]. Passed the class prompts
+        (`model.class_tokens`) of a prompt ensemble, the logits are per class (prompts averaged)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [C, context_length] (from nearl_rt.tokenize), got {tuple(tokens.shape)}")
+        pool = self.prompt_pool if tokens is self.class_tokens else None
         if self.interaction == "text_cacheable":
             text = self.encode_text_stream(tokens)
-            return self._logits(self.encode_images(images, text), text.features)
-        return self._logits_paired(*self._bidirectional(images, tokens))
+            return self._logits(self.encode_images(images, text), pool_prompts(text.features, pool))
+        img, txt = self._bidirectional(images, tokens)
+        return self._logits_paired(img, pool_prompts(txt, pool))
 
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features: image [B, E] and text [B, C, E] (prompt c as scored against image b)."""
@@ -190,8 +200,8 @@ class NearlCLIP(nn.Module):
         return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
 
     def _prompts(self, tokens: torch.Tensor) -> PromptBatch:
-        """Trim prompts to the longest EOT + 1. For the class prompts the result is cached: trimming reads
-        the EOT positions back to the host, which would stall the GPU (and break CUDA-graph capture)."""
+        """Trim prompts to the longest real prompt. For the class prompts the result is cached: trimming
+        reads positions back to the host, which would stall the GPU (and break CUDA-graph capture)."""
         if tokens is not self.class_tokens:
             return self._trim(tokens)
         key = (tokens.data_ptr(), tokens.device, self.trim_prompts)
@@ -200,36 +210,23 @@ class NearlCLIP(nn.Module):
         return self._class_prompts[1]
 
     def _trim(self, tokens: torch.Tensor) -> PromptBatch:
-        bb = self.backbone
-        if bb.text_pool_type == "argmax":
-            eot = tokens.argmax(dim=-1)
-        else:
-            eot = (tokens == bb.text_eos_id).int().argmax(dim=-1)
-        n = int(eot.max()) + 1 if self.trim_prompts else tokens.shape[1]
-        valid = torch.arange(n, device=tokens.device)[None, :] <= eot[:, None]
-        return PromptBatch(tokens=tokens[:, :n], eot=eot, valid=valid)
+        text = self.text_tower
+        lo, hi = (int(v) for v in torch.aminmax(tokens))
+        if tokens.shape[1] > text.context_length or lo < 0 or hi >= text.vocab_size:
+            raise ValueError(f"tokens [C, {tokens.shape[1]}] with ids {lo}..{hi} do not fit {self.backbone_identity.name}'s "
+                             f"text tower (at most {text.context_length} tokens, ids < {text.vocab_size}); "
+                             f"tokenize with model.tokenize(texts)")
+        return text.prompts(tokens, self.trim_prompts)
 
     def _text_embed(self, p: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        bb = self.backbone
-        n = p.tokens.shape[1]
-        x = bb.token_embedding(p.tokens).to(self.dtype) + bb.positional_embedding[:n].to(self.dtype)
-        return x, bb.attn_mask[:n, :n].to(self.dtype)
+        """Prompt embeddings [C, n, Dt] and the text tower's attention mask for them."""
+        return self.text_tower.embed(p, self.dtype, self.prompt_context)
 
-    def _text_features(self, t: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        pooled = bb.ln_final(t[torch.arange(t.shape[0], device=t.device), eot])
-        pooled = bb.text_projection(pooled) if isinstance(bb.text_projection, nn.Linear) else pooled @ bb.text_projection
-        return F.normalize(pooled, dim=-1)
-
-    def _image_embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.visual._embeds(images.to(self.dtype))
+    def _text_features(self, t: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_tower.features(t, pool), dim=-1)
 
     def _image_features(self, x: torch.Tensor) -> torch.Tensor:
-        visual = self.backbone.visual
-        pooled, _ = visual._pool(x)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(self.vision_tower.features(x), dim=-1)
 
     def _bidirectional(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers in lock-step; text row b*C + c is prompt c scored against image b."""
@@ -237,25 +234,27 @@ class NearlCLIP(nn.Module):
         return self._lockstep(images, p, *self._text_embed(p))
 
     def _lockstep(self, images: torch.Tensor, p: PromptBatch, t: torch.Tensor, mask: torch.Tensor):
-        """_bidirectional on trimmed prompts `p` whose embeddings `t` and causal `mask` are given."""
-        x = self._image_embed(images)
+        """_bidirectional on trimmed prompts `p` whose embeddings `t` and attention `mask` are given."""
+        vision, text = self.vision_tower, self.text_tower
+        x = vision.embed(images)
         B, (C, n) = x.shape[0], p.tokens.shape
         z = self.use.initial(B)
         image_group = torch.arange(B, device=x.device)
         text_group = image_group.repeat_interleave(C)
         valid_shared = p.valid.reshape(1, C * n)
         valid_per_image = valid_shared.expand(B, -1).contiguous()
-        for layer, (vblock, tblock) in enumerate(zip(self.vision_blocks, self.text_blocks)):
-            x = vblock(x)
-            t = tblock(t, attn_mask=mask)
+        for layer in range(len(vision.blocks)):
+            x = vision.block(layer, x)
+            t = text.block(layer, t, mask)
             if t.shape[0] == C:  # prompts are identical across images until the first OCA
                 z = self.use.step(z, layer, x, t.reshape(1, C * n, -1), valid_shared, self.backend)
                 t = t.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * C, n, -1)
+                mask = text.repeat_mask(mask, B)
             else:
                 z = self.use.step(z, layer, x, t.reshape(B, C * n, -1), valid_per_image, self.backend)
             x = self.oca_v[layer](x, z, image_group, self.backend)
             t = self.oca_t[layer](t, z, text_group, self.backend)
-        txt = self._text_features(t, p.eot.repeat(B)).view(B, C, -1)
+        txt = self._text_features(t, p.pool.repeat(B)).view(B, C, -1)
         return self._image_features(x), txt
 
     def encode_text_stream(self, tokens: torch.Tensor) -> TextStream:
@@ -267,20 +266,20 @@ class NearlCLIP(nn.Module):
         zt = self.use.initial(1)
         group = torch.zeros(C, dtype=torch.long, device=t.device)
         layer_tokens = []
-        for layer, tblock in enumerate(self.text_blocks):
-            t = tblock(t, attn_mask=mask)
+        for layer in range(len(self.text_tower.blocks)):
+            t = self.text_tower.block(layer, t, mask)
             layer_tokens.append(t.reshape(1, C * n, -1))
             zt = self.use.step(zt, layer, None, layer_tokens[-1], valid, self.backend)
             t = self.oca_t[layer](t, zt, group, self.backend)
-        return TextStream(features=self._text_features(t, p.eot), layer_tokens=layer_tokens, valid=valid)
+        return TextStream(features=self._text_features(t, p.pool), layer_tokens=layer_tokens, valid=valid)
 
     def encode_images(self, images: torch.Tensor, text: TextStream) -> torch.Tensor:
         """text_cacheable: image features [B, E] (normalised); the USEformer reads image + class prompts."""
-        x = self._image_embed(images)
+        x = self.vision_tower.embed(images)
         z = self.use.initial(x.shape[0])
         group = torch.arange(x.shape[0], device=x.device)
-        for layer, vblock in enumerate(self.vision_blocks):
-            x = vblock(x)
+        for layer in range(len(self.vision_tower.blocks)):
+            x = self.vision_tower.block(layer, x)
             z = self.use.step(z, layer, x, text.layer_tokens[layer], text.valid, self.backend)
             x = self.oca_v[layer](x, z, group, self.backend)
         return self._image_features(x)

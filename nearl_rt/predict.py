@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     add_image_arguments(p, training=False)
-    p.add_argument("--pretrained", help="the backbone weights file, if it moved since training")
+    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default="auto")
     return p

@@ -28,20 +28,27 @@ from tqdm import tqdm
 import nearl_rt
 from nearl_rt.atomic import atomic_output
 from nearl_rt.checkpoint import non_finite_tensor
-from nearl_rt.classifier import METHODS, Classifier, frozen_image_features, resolve_device
+from nearl_rt.classifier import METHODS, Classifier, resolve_device
+from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.cli import run_cli
+from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
 from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
                            read_dataset, skip_summary)
 from nearl_rt.errors import NearlError
+from nearl_rt.linear_probe import fit_linear_probe
+from nearl_rt.prompts import load_templates
 from nearl_rt.sampling import sample_shots
 
 # Settings that define a run: --resume refuses to continue a run with different ones.
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
-            "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames")
+            "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames", "templates", "coop_context", "base_to_novel",
+            "base_classes", "novel_classes")
 # What runs recorded before a key existed did (they resume under it).
-RUN_KEY_DEFAULTS = {"intensity": "minmax", "dicom_voi": "file", "frames": "refuse"}
+RUN_KEY_DEFAULTS = {"intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
+                    "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None}
 STATE = "train_state.pt"
+EPOCH_METHODS = ("nearl", "coop")  # trained for --epochs; the others are fitted in one step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,18 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to (default: the JSON's folder)")
     p.add_argument("--classes", help="comma-separated class names (default: from the data, or MedMNIST's names)")
     p.add_argument("--template", default="a medical image showing {}.", help="prompt template, one '{}'")
+    p.add_argument("--templates", metavar="NAME|FILE",
+                   help="prompt ensemble instead of --template: a shipped set (xray, ct, mri, histology, dermoscopy, "
+                        "fundus), a .txt file (one template per line) or a .json file (a list of templates, or "
+                        "BiomedCoOp's {class: [prompts]})")
     p.add_argument("--preset", default="vit_b16", choices=sorted(nearl_rt.PRESETS))
-    p.add_argument("--pretrained", help="local open_clip / OpenAI CLIP weights file (default: random backbone)")
+    p.add_argument("--pretrained", help="local open_clip / OpenAI CLIP weights file, or a model download folder "
+                   "(BiomedCLIP: open_clip_config.json + weights + tokenizer files); default: random backbone")
     p.add_argument("--interaction", default="bidirectional", choices=["bidirectional", "text_cacheable"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--method", default="nearl", choices=METHODS)
+    p.add_argument("--coop-context", type=int, default=DEFAULT_CONTEXT,
+                   help="coop: number of learned context vectors (4 starts from 'a photo of a')")
+    p.add_argument("--base-to-novel", action="store_true",
+                   help="train on the base classes only (the first half in the dataset's class order)")
+    p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
+    p.add_argument("--novel-classes", help="comma-separated novel classes (default: all other classes)")
     p.add_argument("--shots", type=int, required=True, help="K training images per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01, help="also the linear probe's L2 strength")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="optimizer weight decay (the linear probe picks its L2 strength on the validation shots)")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they change anatomy)")
@@ -188,13 +207,21 @@ def set_rng_state(state: dict) -> None:
 def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
     """Read the data, drop unreadable images if asked, draw the K shots, decode the chosen images."""
     ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=args.frames)
+    class_split = {}
+    if args.base_to_novel or args.base_classes is not None:
+        base, novel = split_base_novel(ds.class_names, parse_classes(args.base_classes),
+                                       parse_classes(args.novel_classes))
+        ds = restrict(ds, base)  # training and validation see base-class images only
+        class_split = {"base_classes": base, "novel_classes": novel}
+    elif args.novel_classes is not None:
+        raise NearlError("--novel-classes needs --base-to-novel or --base-classes")
     skipped = []
     if args.skip_bad_images:  # check every candidate first, so the shots are drawn among readable images
         for name in {"train", "val", "all"} & set(ds.splits):
             _, ok, bad = load_images(ds.splits[name], skip_bad=True, intensity=args.policy)
             ds.splits[name] = ds.splits[name].subset(ok)
             skipped += bad
-    shots = sample_shots(ds, args.shots, args.seed)
+    shots = {**sample_shots(ds, args.shots, args.seed), **class_split}
     train_split, val_split = ds.split(shots["train_split"]), ds.split(shots["val_split"])
     shots["train_images"] = [train_split.describe(i) for i in shots["train"]]
     shots["val_images"] = [val_split.describe(i) for i in shots["val"]]
@@ -212,27 +239,6 @@ def evaluate_batches(classifier: Classifier, images: torch.Tensor, labels: np.nd
         logits = torch.cat([classifier.logits(images[i:i + batch]).float() for i in range(0, len(images), batch)])
     target = torch.from_numpy(labels).to(logits.device)
     return {"loss": F.cross_entropy(logits, target).item(), "accuracy": (logits.argmax(-1) == target).float().mean().item()}
-
-
-def fit_linear_probe(model, images: torch.Tensor, labels: np.ndarray, l2: float) -> tuple:
-    """Multinomial logistic regression on frozen, normalised image features (L-BFGS in float64)."""
-    with torch.no_grad():
-        feats = torch.cat([frozen_image_features(model, images[i:i + 64]) for i in range(0, len(images), 64)])
-    feats = feats.double().cpu()
-    target = torch.from_numpy(labels)
-    weight = torch.zeros(len(model.class_names), feats.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(len(model.class_names), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(feats @ weight.t() + bias, target) + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    device = model.class_tokens.device
-    return weight.detach().float().to(device), bias.detach().float().to(device)
 
 
 def all_finite(loss: torch.Tensor, d: Dist) -> bool:
@@ -261,7 +267,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         raise NearlError(f"--batch-size {args.batch_size} is smaller than the {d.world} processes; raise it")
     steps_per_epoch = math.ceil(n / args.batch_size)
     total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
-    params = model.adapter_parameters()
+    params = trainable_parameters(model)
     if args.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -269,6 +275,9 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
     start_epoch, best = 0, None
     if resume_state is not None:
         model.load_adapter_state_dict(resume_state["adapter"])
+        if model.prompt_context is not None:
+            with torch.no_grad():
+                model.prompt_context.ctx.copy_(resume_state["context"])
         opt.load_state_dict(resume_state["optimizer"])
         set_rng_state(resume_state["rng"])
         start_epoch, best = resume_state["epoch"], resume_state["best"]
@@ -276,7 +285,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
-    classifier = Classifier(model)
+    classifier = Classifier(model, args.method)
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
@@ -319,7 +328,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             dist.all_reduce(stats)
             loss_sum, correct, seen = stats[0].item(), int(stats[1]), int(stats[2])
         train_time = time.perf_counter() - t0
-        bad = non_finite_tensor(model.adapter_state_dict())
+        bad = non_finite_tensor({**model.adapter_state_dict(), **({} if model.prompt_context is None else
+                                                                  {"coop context": model.prompt_context.ctx})})
         if bad:
             raise diverged(out, epoch, f"adapter tensor {bad} became NaN or Inf")
         val_metrics = evaluate_batches(classifier, val_x, val_y)
@@ -330,8 +340,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         if improved:
             best = {"epoch": epoch + 1, "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"]}
         if d.main:
-            extra = {"method": "nearl", "intensity": args.policy.to_dict(), "epoch": epoch + 1, "seed": args.seed,
-                     "shots": args.shots,
+            extra = {**classifier.checkpoint_extra(), **args.class_split, "intensity": args.policy.to_dict(),
+                     "epoch": epoch + 1, "seed": args.seed, "shots": args.shots,
                      "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"]}
             nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
             if improved:
@@ -340,6 +350,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             write_log(out / "metrics.jsonl", log)
             state = {"epoch": epoch + 1, "best": best,
                      "adapter": {k: v.detach().cpu() for k, v in model.adapter_state_dict().items()},
+                     **({} if model.prompt_context is None else {"context": model.prompt_context.ctx.detach().cpu()}),
                      "optimizer": opt.state_dict(), "rng": rng_state()}
             with atomic_output(out / STATE) as tmp:
                 torch.save(state, tmp)
@@ -348,19 +359,27 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         d.barrier()
 
 
+def trainable_parameters(model) -> list:
+    """What the optimizer moves: NEARL's adapters, or CoOp's context vectors."""
+    return model.adapter_parameters() if model.prompt_context is None else list(model.prompt_context.parameters())
+
+
 def train_baseline(args, model, train, val, out: Path) -> None:
-    """zeroshot (no training) or linear_probe (logistic regression on frozen features): one step, no epochs."""
+    """zeroshot (no training) or linear_probe (logistic regression on frozen features, its L2 strength
+    chosen on the validation shots): one step, no epochs."""
     preprocess = Preprocess(model.preprocess_cfg, intensity=args.policy)
     device = model.class_tokens.device
-    head = None
+    head, probe = None, {}
     model.eval()
+    val_x = preprocess.eval(val[0]).to(device)
     if args.method == "linear_probe":
-        head = fit_linear_probe(model, preprocess.eval(train[0]).to(device), train[1], args.weight_decay)
+        head, probe = fit_linear_probe(model, preprocess.eval(train[0]).to(device), train[1], val_x, val[1])
+        print(f"linear_probe: C = {probe['C']:.3g} (best of {probe['fits']} on the validation shots)")
     classifier = Classifier(model, args.method, head)
-    val_metrics = evaluate_batches(classifier, preprocess.eval(val[0]).to(device), val[1])
-    extra = {**classifier.checkpoint_extra(), "intensity": args.policy.to_dict(), "epoch": 0, "seed": args.seed,
-             "shots": args.shots,
-             "val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
+    val_metrics = evaluate_batches(classifier, val_x, val[1])
+    extra = {**classifier.checkpoint_extra(), **args.class_split, "intensity": args.policy.to_dict(), "epoch": 0,
+             "seed": args.seed, "shots": args.shots, "val_accuracy": val_metrics["accuracy"],
+             "val_loss": val_metrics["loss"], **({"linear_probe_C": probe["C"]} if probe else {})}
     nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
     nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
     write_log(out / "metrics.jsonl", [{"epoch": 0, "val_loss": val_metrics["loss"],
@@ -378,27 +397,37 @@ def main(argv=None) -> int:
         raise NearlError(f"--stop-after must be >= 1, got {args.stop_after}")
     args.policy = intensity_from_args(args)  # stored in every checkpoint's extra: evaluate / predict / export reuse it
     out = Path(args.out)
+    if args.method == "coop" and args.templates:
+        raise NearlError("--method coop learns its own prompt context; --templates does not apply to it")
+    templates = load_templates(args.templates) if args.templates else args.template
     settings = {k: getattr(args, k) for k in RUN_KEYS}
     settings["data"] = os.path.abspath(args.data)
     d = Dist(args.device)
     try:
         resuming = check_out_dir(out, settings, args.resume)
         ds, shots, train, val, skipped = prepare_data(args)
+        args.class_split = {k: shots[k] for k in ("base_classes", "novel_classes") if k in shots}
         if skipped:
             print(skip_summary(skipped), file=sys.stderr)
         torch.manual_seed(args.seed)  # adapter initialisation
-        model = nearl_rt.build_model(args.preset, interaction=args.interaction, backend=args.backend,
+        # coop has no adapters (they stay at their zero update): its text never depends on the image
+        interaction = "text_cacheable" if args.method == "coop" else args.interaction
+        model = nearl_rt.build_model(args.preset, interaction=interaction, backend=args.backend,
                                      pretrained=args.pretrained).to(d.device)
-        model.set_classes(ds.class_names, args.template)
-        trainable = model.num_trainable_parameters() if args.method == "nearl" else (
-            0 if args.method == "zeroshot" else len(ds.class_names) * (model.backbone.visual.output_dim + 1))
+        if args.method == "coop":
+            attach_context(model, init_context(model, args.coop_context, args.seed))
+            templates = coop_template(args.coop_context)
+        model.set_classes(ds.class_names, templates)
+        trainable = {"nearl": model.num_trainable_parameters(), "zeroshot": 0,
+                     "coop": args.coop_context * model.text_tower.width,
+                     "linear_probe": len(ds.class_names) * (model.embed_dim + 1)}[args.method]
         if d.main:
             print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "
                   f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)
         resume_state = None
         if resuming:
             resume_state = load_state(out / STATE)
-            if resume_state["epoch"] >= args.epochs or args.method != "nearl":
+            if resume_state["epoch"] >= args.epochs or args.method not in EPOCH_METHODS:
                 print(f"{out} is complete ({args.epochs} epochs); nothing to do")
                 return 0
             print(f"resuming {out} after epoch {resume_state['epoch']}")
@@ -411,7 +440,7 @@ def main(argv=None) -> int:
                 write_json(out / "run.json", settings)
                 write_json(out / "shots.json", shots)
             log = read_log(out / "metrics.jsonl", resume_state["epoch"] if resume_state else 0)
-            if args.method == "nearl":
+            if args.method in EPOCH_METHODS:
                 train_nearl(args, d, model, train, val, out, resume_state, log)
             elif d.main:
                 train_baseline(args, model, train, val, out)

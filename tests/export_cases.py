@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,25 +20,40 @@ _DIR = Path(tempfile.mkdtemp(prefix="nearl-export-tests-"))
 atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_model(interaction: str):
+def _cached_by_full_arguments(fn):
+    """lru_cache keyed on the arguments with defaults filled in: f(x) and f(x, preset="tiny") share one entry
+    (two entries would export the same file twice)."""
+    signature = inspect.signature(fn)
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return cached(*bound.args)
+    return call
+
+
+@_cached_by_full_arguments
+def tiny_model(interaction: str, preset: str = "tiny"):
     """A tiny model with non-trivial adapters (an untrained one is the frozen backbone) and classes."""
-    model = perturb_adapters(tiny(interaction, backend="torch"), seed=3).eval()
+    model = perturb_adapters(tiny(interaction, preset, backend="torch"), seed=3).eval()
     model.set_classes(CLASSES, TEMPLATE)
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@_cached_by_full_arguments
 def exported(interaction: str, fp16: bool = False, batch_size="dynamic", optimize: bool = False,
-             opset=None) -> Path:
-    name = f"{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}.onnx"
-    return export_model(tiny_model(interaction), _DIR / name, fp16=fp16, batch_size=batch_size, optimize=optimize,
-                        opset=opset, checkpoint_sha256="ab" * 32)
+             opset=None, preset: str = "tiny") -> Path:
+    name = f"{preset}-{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}.onnx"
+    return export_model(tiny_model(interaction, preset), _DIR / name, fp16=fp16, batch_size=batch_size,
+                        optimize=optimize, opset=opset, checkpoint_sha256="ab" * 32)
 
 
-@functools.lru_cache(maxsize=None)
-def exported_with_preprocess(interaction: str, **kwargs) -> Path:
-    """exported(interaction, **kwargs) plus its preprocessing graph next to it (model.preprocess.onnx)."""
-    path = exported(interaction, **kwargs)
+@_cached_by_full_arguments
+def exported_with_preprocess(interaction: str, fp16: bool = False, batch_size="dynamic", optimize: bool = False,
+                             opset=None, preset: str = "tiny") -> Path:
+    """exported(...) plus its preprocessing graph next to it (model.preprocess.onnx)."""
+    path = exported(interaction, fp16, batch_size, optimize, opset, preset)
     export_preprocess_graph(path, probs_atol=TINY_PREPROCESS_PROBS_ATOL)
     return path

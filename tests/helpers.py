@@ -5,18 +5,48 @@ import torch.nn.functional as F
 import nearl_rt
 
 CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe", "a nodule"]
+# the two tiny backbones: open_clip ViT + CLIP text, timm ViT + Hugging Face BERT text (BiomedCLIP's kind)
+TINY_PRESETS = ["tiny", "tiny_bert"]
 
 
-def perturb_adapters(model, seed: int = 0, scale: float = 0.5):
-    """Give every adapter parameter a non-trivial random value (an untrained model is the identity)."""
+def perturb_adapters(model, seed: int = 0, scale: float = 0.5, noise: float = 0.1):
+    """Give every adapter parameter a non-trivial random value (an untrained model is the identity):
+    OCA scales `scale`, everything else + noise * N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.adapter_state_dict().items():
             if name.endswith("scale"):
                 p.fill_(scale)
             else:
-                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+                p.add_(noise * torch.randn(p.shape, generator=g).to(p.dtype))
     return model
+
+
+def oca_update_stats(model, images, tokens) -> list:
+    """One forward; per OCA call (every layer, both towers): (width, max |cos(F' - F, F)| over tokens,
+    mean |F' - F| / |F|), computed in float64."""
+    seen = []
+
+    def hook(module, args, out):
+        x = args[0].double()
+        upd = out.double() - x
+        cos = (upd * x).sum(-1) / (upd.norm(dim=-1) * x.norm(dim=-1))
+        seen.append((x.shape[-1], cos.abs().max().item(), (upd.norm(dim=-1) / x.norm(dim=-1)).mean().item()))
+
+    handles = [m.register_forward_hook(hook) for m in list(model.oca_v) + list(model.oca_t)]
+    try:
+        with torch.no_grad():
+            model(images, tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def assert_orthogonal(seen) -> None:
+    for width, cos, rel in seen:
+        assert rel > 1e-3, "the update must be non-trivial for the check to mean anything"
+        assert cos < 1e-4, f"width {width}: |cos(update, token)| = {cos}"
 
 
 def frozen_clip_logits(backbone, images, tokens):
@@ -25,10 +55,10 @@ def frozen_clip_logits(backbone, images, tokens):
     return backbone.logit_scale.exp() * img @ txt.t()
 
 
-def tiny(interaction="bidirectional", **kw):
-    return nearl_rt.build_model("tiny", interaction=interaction, **kw)
+def tiny(interaction="bidirectional", preset="tiny", **kw):
+    return nearl_rt.build_model(preset, interaction=interaction, **kw)
 
 
-def tiny_inputs(batch=3, classes=CLASSES, seed=1):
+def tiny_inputs(batch=3, classes=CLASSES, seed=1, preset="tiny"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, 32, 32, generator=g), nearl_rt.tokenize(classes, "nearl-tiny")
+    return torch.randn(batch, 3, 32, 32, generator=g), nearl_rt.tokenize(classes, nearl_rt.PRESETS[preset].backbone)

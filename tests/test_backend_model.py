@@ -7,14 +7,14 @@ import torch
 
 import kernels.oca_triton
 import kernels.use_attention_triton
-from tests.helpers import perturb_adapters, tiny, tiny_inputs
+from tests.helpers import TINY_PRESETS, perturb_adapters, tiny, tiny_inputs
 from tests.test_kernels_oca import DEVICE
 
 
-def logits_and_grads(interaction, backend):
+def logits_and_grads(interaction, backend, preset):
     torch.manual_seed(0)
-    model = perturb_adapters(tiny(interaction, backend=backend)).to(DEVICE)
-    images, tokens = (t.to(DEVICE) for t in tiny_inputs())
+    model = perturb_adapters(tiny(interaction, preset, backend=backend)).to(DEVICE)
+    images, tokens = (t.to(DEVICE) for t in tiny_inputs(preset=preset))
     logits = model(images, tokens)
     (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -27,13 +27,15 @@ def spy(monkeypatch, module, name):
     return calls
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("interaction", ["bidirectional", "text_cacheable"])
-def test_triton_backend_equals_torch_backend(interaction, monkeypatch):
+def test_triton_backend_equals_torch_backend(interaction, preset, monkeypatch):
+    """tiny_bert: BERT's key-padding mask reaches the USE kernel as the text `valid` mask."""
     monkeypatch.delenv("NEARL_RT_BACKEND", raising=False)
-    ref_logits, ref_grads = logits_and_grads(interaction, "torch")
+    ref_logits, ref_grads = logits_and_grads(interaction, "torch", preset)
     oca_calls = spy(monkeypatch, kernels.oca_triton, "oca_triton")
     use_calls = spy(monkeypatch, kernels.use_attention_triton, "use_attention_triton")
-    logits, grads = logits_and_grads(interaction, "triton")
+    logits, grads = logits_and_grads(interaction, "triton", preset)
     assert oca_calls and use_calls, "backend='triton' did not run the fused ops"
     # both fp32: only the summation order differs, through two layers of both towers
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)

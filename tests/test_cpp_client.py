@@ -9,7 +9,7 @@ from PIL import Image
 from export.runtime import NearlSession
 from tests.cpp_build import cpp_build
 from tests.export_cases import exported_with_preprocess
-from tests.helpers import CLASSES
+from tests.helpers import CLASSES, TINY_PRESETS
 from tests.test_preprocess_graph import smooth_noisy
 
 
@@ -35,11 +35,12 @@ def assert_same(cpp: dict, python: list):
         np.testing.assert_allclose([p for _, p in cpp[i]], [p for _, p in row], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])
-def test_cpp_client_equals_nearl_session(client, mode, tmp_path):
+def test_cpp_client_equals_nearl_session(client, mode, preset, tmp_path):
     """A raw float32 batch and PNG / JPEG images of other sizes (through the preprocessing graph) give the
     same top-k classes and probabilities as NearlSession (same onnxruntime library; 9 digits printed)."""
-    path = exported_with_preprocess(mode)
+    path = exported_with_preprocess(mode, preset=preset)
     session = NearlSession(path, providers=["CPUExecutionProvider"], preprocess="onnx")
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
     raw = tmp_path / "batch.f32"

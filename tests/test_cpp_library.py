@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import onnxruntime
@@ -109,6 +110,7 @@ def cases(tmp_path_factory):
         if graph_of:
             shutil.copy(preprocess_graph_path(graph_of), preprocess_graph_path(bad / name))
     manifest = {"cuda_provider": "CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                "metadata": sessions["model"].metadata,  # what C++ metadata() must parse to
                 "model": str(models["model"]), "fixed_model": str(models["fixed_model"]), "decode": decode,
                 "classify": classify, "preprocessed": pre,
                 "bad": {"missing": str(d / "missing.onnx"), "not_onnx": str(bad / "text.onnx"),
@@ -147,3 +149,23 @@ def test_installed_package_consumer(cases, tmp_path):
         index, name, prob = line.rsplit(" ", 1)[0].split(" ", 1) + [line.rsplit(" ", 1)[1]]
         assert int(index) == i and name == row[0][0] and abs(float(prob) - row[0][1]) <= 1e-6, line
     assert lines[-1].startswith(f"{len(files) - 1} error ") and "CMYK JPEGs are not supported" in lines[-1]
+
+
+def test_cmake_names_missing_onnxruntime(tmp_path):
+    """Configuring cpp/ without onnxruntime stops with the one message saying what is missing and how to fix it."""
+    cpp_build()  # skips where cmake / the compiler / the headers are missing
+    include = subprocess.run(["bash", str(CPP / "fetch_ort_headers.sh")], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_wheel = tmp_path / "python-without-site"  # this Python, without its site-packages (so no onnxruntime)
+    no_wheel.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    no_wheel.chmod(0o755)
+    for i, (flags, message) in enumerate((
+            ([f"-DORT_INCLUDE_DIR={empty}"], f"onnxruntime headers not found in {empty}: run cpp/fetch_ort_headers.sh"),
+            ([f"-DONNXRUNTIME_ROOT={empty}"], f"ONNXRUNTIME_ROOT={empty} holds no onnxruntime_cxx_api.h"),
+            ([f"-DORT_INCLUDE_DIR={include}", f"-DPython3_EXECUTABLE={no_wheel}"],
+             "onnxruntime library not found: no onnxruntime wheel for Python"))):
+        proc = subprocess.run(["cmake", "-S", str(CPP), "-B", str(tmp_path / f"build{i}"), *flags],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and message in " ".join(proc.stderr.split()), proc.stderr

@@ -4,7 +4,9 @@ front page that keeps the set-up commands .ci/run greps for, and every option of
 is documented in docs/."""
 import argparse
 import importlib
+import importlib.util
 import re
+import shlex
 from pathlib import Path
 from unittest import mock
 
@@ -93,6 +95,12 @@ def test_link_checker_catches_broken_links(tmp_path):
                                                                   "../../outside.md", "gone.md"]
 
 
+def test_readme_links_every_docs_page():
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in relative_links(ROOT / "README.md")}
+    unlinked = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not unlinked, f"add a row to README.md's documentation table for docs/{', docs/'.join(unlinked)}"
+
+
 def test_readme_is_a_front_page_with_the_ci_commands():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 150, f"README.md has {len(lines)} lines; move reference material into docs/"
@@ -120,8 +128,16 @@ def cli_modules(root: Path) -> list:
     return names
 
 
-def cli_parser(module: str) -> argparse.ArgumentParser:
-    """The parser `module.main` builds, caught when it parses (nothing of the command runs)."""
+def cli_parser(module: str):
+    """The parser `module.main` builds, caught when it parses (nothing of the command runs); None when the
+    module needs an optional package this environment lacks (its import fails on a module outside the
+    repository)."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (ROOT / (e.name or "").split(".")[0]).exists():
+            raise
+        return None
     caught = []
 
     def catch(self, *args, **kwargs):
@@ -164,7 +180,8 @@ def test_every_cli_option_is_documented():
     assert {"nearl_rt.train", "nearl_rt.__main__", "export.onnx", "bench.latency"} <= set(modules)
     problems = []
     for module in modules:
-        for names, options in commands(module, cli_parser(module)):
+        parser = cli_parser(module)
+        for names, options in commands(module, parser) if parser is not None else ():
             pages, missing = undocumented_options(docs, names, options)
             if not pages:
                 problems.append(f"no page in docs/ names {names[0]} (add it to docs/cli.md)")
@@ -178,3 +195,44 @@ def test_option_check_catches_an_undocumented_option():
     docs = {"cli.md": "`python -m pkg.tool --out DIR --seed-file F`", "other.md": "--seed"}
     assert undocumented_options(docs, ("pkg.tool",), {"--out", "--seed"}) == (["cli.md"], ["--seed"])
     assert undocumented_options(docs, ("pkg.gone",), {"--x"}) == ([], ["--x"])
+
+
+# ------------------------------------------------------------------ README commands parse
+def python_commands(markdown: str):
+    """(module, arguments, options named in its comment) of every `python -m X ...` / `python bench/x.py ...`
+    line in the page's bash blocks (continuation lines joined)."""
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown, re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            command, _, comment = line.partition("#")
+            words = shlex.split(command)
+            if words[:2] == ["python", "-m"]:
+                module, args = words[2], words[3:]
+            elif words[:1] == ["python"] and len(words) > 1 and words[1].endswith(".py"):
+                module, args = words[1].removesuffix(".py").replace("/", "."), words[2:]
+            else:
+                continue
+            if module == "pytest":
+                continue
+            if importlib.util.find_spec(module).submodule_search_locations:  # a package: its __main__
+                module += ".__main__"
+            yield module, args, set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", comment))
+
+
+def test_every_readme_command_parses():
+    """Each README command line is accepted by its CLI's own parser (options, choices, required arguments),
+    and every option its comment mentions exists: the front page never shows a command that cannot run."""
+    found = list(python_commands((ROOT / "README.md").read_text(encoding="utf-8")))
+    assert {m for m, _, _ in found} >= {"nearl_rt.__main__", "nearl_rt.train", "export.onnx", "bench.latency"}
+    for module, args, mentioned in found:
+        parser = cli_parser(module)
+        if parser is None:
+            continue
+        parser.parse_args(args)  # exits 2 (or raises) on an unknown option, a bad choice, a missing argument
+        options = long_options(parser) | {o for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                                          for sub in a.choices.values() for o in long_options(sub)}
+        assert mentioned <= options, f"README: {module} has no {mentioned - options}"
+
+
+def test_readme_command_check_reads_continuations_and_comments():
+    page = "```bash\npython -m export.onnx a.pt \\\n    -o b.onnx   # --fp16, --opset\npython -m pytest -q\n```\n"
+    assert list(python_commands(page)) == [("export.onnx", ["a.pt", "-o", "b.onnx"], {"--fp16", "--opset"})]

@@ -15,7 +15,7 @@ import nearl_rt
 from export.onnx import ExportError, export_model, read_metadata
 from nearl_rt.cli import run_cli
 from tests.export_cases import TEMPLATE, exported, tiny_model
-from tests.helpers import CLASSES
+from tests.helpers import CLASSES, TINY_PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ["bidirectional", "text_cacheable"]
@@ -27,11 +27,13 @@ def ort_logits(path, images: torch.Tensor):
     return torch.from_numpy(logits), torch.from_numpy(probs)
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("mode", MODES)
-def test_ort_matches_pytorch_fp32(mode):
+def test_ort_matches_pytorch_fp32(mode, preset):
     """Batch 1 and an odd batch, fresh inputs (not the ones the export verified on). Both sides are
-    float32; they differ only in summation order, ~1e-6 per op, far inside 1e-4 on logits of ~10."""
-    model, path = tiny_model(mode), exported(mode)
+    float32; they differ only in summation order, ~1e-6 per op, far inside 1e-4 on logits of ~10.
+    tiny_bert: the timm ViT and BERT layers with their key-padding mask, as BiomedCLIP exports."""
+    model, path = tiny_model(mode, preset), exported(mode, preset=preset)
     for batch in (1, 5):
         images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(100 + batch))
         with torch.no_grad():

@@ -1,5 +1,7 @@
 """export.imaging: DICOM (pydicom's bundled test files), 16-bit / float images, the intensity policy, frames,
 and every bad input (one clear message naming the file)."""
+import argparse
+import json
 import warnings
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from bench.decode import write_dicom
 from export.imaging import (DEFAULT_POLICY, Frame, ImageError, IntensityMismatchWarning, IntensityPolicy,
                             count_frames, expand_frames, load_image, resolve_policy, scale_to_uint8)
 from export.preprocess import preprocess_batch
-from nearl_rt.data import Split, load_images, skip_summary
+from nearl_rt.data import DataError, Split, intensity_from_args, load_images, read_dataset, skip_summary
 
 CFG = dict(size=32, mean=(0.48, 0.45, 0.40), std=(0.26, 0.26, 0.27))
 
@@ -200,6 +202,73 @@ def test_same_image_as_array_png_tiff_dicom_gives_the_same_model_input(tmp_path)
         assert np.isfinite(x).all() and x.std() > 0.1
         for i in range(1, len(sources)):
             np.testing.assert_array_equal(x[i], x[0], err_msg=f"{sources[i]} with {policy}")
+
+
+def test_32bit_float_and_big_endian_files_read_like_the_array(tmp_path):
+    """Pillow modes I;16B (big-endian TIFF), I (int32 TIFF) and F (float32 TIFF) hold the same values as the
+    uint16 array, so every policy that does not depend on the type's range gives the same pixels."""
+    img = xray16(5)
+    files = {"I;16B": (img.astype(">u2"), "be16.tif"), "I": (img.astype(np.int32), "i32.tif"),
+             "F": (img.astype(np.float32), "f32.tif")}
+    for mode, (arr, name) in files.items():
+        Image.fromarray(arr).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode == mode
+    for policy in (None, IntensityPolicy.parse("percentile:1,99"), IntensityPolicy.parse("window:2000,3000")):
+        want = pixels(img, policy)
+        assert len(np.unique(want)) > 100
+        for mode, (_, name) in files.items():
+            np.testing.assert_array_equal(pixels(tmp_path / name, policy), want, err_msg=f"{mode} with {policy}")
+    # under "full" the type's own range applies: int32 -2^31..2^31-1, and float values beyond 0..1 are refused
+    np.testing.assert_array_equal(grey(tmp_path / "i32.tif", IntensityPolicy.parse("full")),
+                                  linear(img.astype(np.float64), -2.0 ** 31, 2.0 ** 31 - 1))
+    with pytest.raises(ImageError, match=r"f32\.tif has values .* outside its type's range 0\.\.1"):
+        load_image(tmp_path / "f32.tif", IntensityPolicy.parse("full"))
+
+
+def test_split_json_lists_dicom_and_16bit_files(tmp_path):
+    """A BiomedCoOp split JSON may name DICOM (with or without an extension, multi-frame with frames="each")
+    and 16-bit PNG files: they decode to what load_image gives for the arrays they hold."""
+    imgs = [xray16(s) for s in range(5)]
+    write_dicom(tmp_path / "ct.dcm", imgs[0], RescaleSlope=2, RescaleIntercept=-1024)
+    write_dicom(tmp_path / "export_0001", imgs[1])
+    Image.fromarray(imgs[2]).save(tmp_path / "cxr.png")
+    write_dicom(tmp_path / "cine.dcm", np.stack(imgs[3:]))
+    spec = {"train": [["ct.dcm", 0, "clear"], ["export_0001", 1, "lesion"], ["cxr.png", 1, "lesion"]],
+            "test": [["cine.dcm", 0, "clear"]]}
+    (tmp_path / "split.json").write_text(json.dumps(spec))
+    ds = read_dataset(tmp_path / "split.json", frames="each")
+    assert ds.class_names == ["clear", "lesion"] and len(ds.splits["test"]) == 2
+    assert ds.splits["test"].labels.tolist() == [0, 0]
+    images, kept, skipped = load_images(ds.splits["train"])
+    assert kept.tolist() == [0, 1, 2] and not skipped
+    for im, arr in zip(images, imgs[:3]):  # minmax is affine-invariant: the rescale does not change pixels
+        np.testing.assert_array_equal(np.asarray(im), pixels(arr))
+    frames, _, _ = load_images(ds.splits["test"])
+    for im, arr in zip(frames, imgs[3:]):
+        np.testing.assert_array_equal(np.asarray(im), pixels(arr))
+    with pytest.raises(DataError, match=r"cine\.dcm holds 2 frames; .*--frames each"):
+        load_images(read_dataset(tmp_path / "split.json").splits["test"])
+
+
+def test_evaluate_and_predict_options_resolve_against_the_checkpoint():
+    """evaluate / predict: no option -> the checkpoint's policy; --dicom-voi alone replaces only its part;
+    anything that differs from training warns. Old checkpoints (no record) read as the default."""
+    stored = IntensityPolicy.parse("window:40,400").to_dict()
+
+    def opts(intensity=None, dicom_voi=None):
+        return argparse.Namespace(intensity=intensity, dicom_voi=dicom_voi)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntensityMismatchWarning)
+        assert intensity_from_args(opts(), stored, "c.pt") == IntensityPolicy.parse("window:40,400")
+        assert intensity_from_args(opts("window:40,400"), stored, "c.pt") == IntensityPolicy.parse("window:40,400")
+        assert intensity_from_args(opts(), None, "old.pt") == DEFAULT_POLICY
+    with pytest.warns(IntensityMismatchWarning, match="c.pt was trained with intensity policy window:40,400"):
+        got = intensity_from_args(opts(dicom_voi="policy"), stored, "c.pt")
+    assert got == IntensityPolicy.parse("window:40,400", dicom_voi="policy")
+    with pytest.warns(IntensityMismatchWarning):
+        assert intensity_from_args(opts("minmax"), stored, "c.pt") == DEFAULT_POLICY
+    with pytest.raises(DataError, match="--intensity window:1 .*takes 2"):
+        intensity_from_args(opts("window:1"), stored, "c.pt")
 
 
 def test_policies_map_as_documented():

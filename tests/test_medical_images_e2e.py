@@ -69,6 +69,12 @@ def test_train_export_session_equals_predict(tmp_path, capsys):
     # a multi-frame file without --frames each: one clear line naming it
     rc, _, err = cli(predict, [run, data / "clear" / "cine.dcm"], capsys)
     assert rc == 2 and "cine.dcm holds 2 frames" in err and "--frames each" in err
+    # a damaged DICOM among good files: one line naming it, and no output file half-written
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes((data / "clear" / "c.dcm").read_bytes()[:-700])
+    rc, _, err = cli(predict, [run, data / "clear" / "a.png", cut, "--output", tmp_path / "bad.json"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "cut.dcm: truncated or damaged" in err, err
+    assert not (tmp_path / "bad.json").exists()
     # another policy than training's warns, and changes what the model sees
     with pytest.warns(IntensityMismatchWarning, match="percentile:1,99"):
         other = NearlSession(onnx_path, intensity=IntensityPolicy.parse("minmax"))

@@ -3,16 +3,19 @@ import pytest
 import torch
 
 import nearl_rt
-from tests.helpers import CLASSES, frozen_clip_logits, perturb_adapters, tiny, tiny_inputs
+from tests.helpers import (CLASSES, TINY_PRESETS, assert_orthogonal, frozen_clip_logits, oca_update_stats,
+                           perturb_adapters, tiny, tiny_inputs)
 
 MODES = ["bidirectional", "text_cacheable"]
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("zero_init", ["scale", "out_proj"])
-def test_untrained_model_equals_frozen_clip_tiny(mode, zero_init):
-    model = tiny(mode, zero_init=zero_init)
-    images, tokens = tiny_inputs(batch=5)
+def test_untrained_model_equals_frozen_clip_tiny(mode, zero_init, preset):
+    """The frozen model's own encode_image / encode_text (open_clip CLIP, or TimmModel + HFTextEncoder)."""
+    model = tiny(mode, preset, zero_init=zero_init)
+    images, tokens = tiny_inputs(batch=5, preset=preset)
     with torch.no_grad():
         ours, ref = model(images, tokens), frozen_clip_logits(model.backbone, images, tokens)
     assert ours.shape == (5, len(CLASSES))
@@ -34,22 +37,9 @@ def test_untrained_vit_b16_equals_frozen_clip(mode):
 def test_vit_b16_update_is_orthogonal_to_each_token():
     """At the real widths (768 image, 512 text), per token, cos(F' - F, F) ~ 0."""
     model = perturb_adapters(nearl_rt.build_model("vit_b16"), scale=1.0)
-    seen = []
-
-    def hook(module, args, out):
-        x = args[0].double()
-        upd = out.double() - x
-        cos = (upd * x).sum(-1) / (upd.norm(dim=-1) * x.norm(dim=-1))
-        seen.append((x.shape[-1], cos.abs().max().item(), (upd.norm(dim=-1) / x.norm(dim=-1)).mean().item()))
-
-    for m in list(model.oca_v) + list(model.oca_t):
-        m.register_forward_hook(hook)
-    with torch.no_grad():
-        model(torch.randn(1, 3, 224, 224), nearl_rt.tokenize(["normal", "pneumonia"]))
+    seen = oca_update_stats(model, torch.randn(1, 3, 224, 224), nearl_rt.tokenize(["normal", "pneumonia"]))
     assert {w for w, _, _ in seen} == {768, 512} and len(seen) == 24
-    for width, cos, rel in seen:
-        assert rel > 1e-3, "the update must be non-trivial for the check to mean anything"
-        assert cos < 1e-4, f"width {width}: |cos(update, token)| = {cos}"
+    assert_orthogonal(seen)
 
 
 def test_ablation_orthogonal_false_is_not_orthogonal():
@@ -72,13 +62,14 @@ def test_vit_b16_trainable_parameter_count():
     assert sum(p.numel() for p in model.backbone.parameters()) > 140_000_000
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("mode", MODES)
-def test_backbone_frozen_and_every_adapter_parameter_trains(mode):
-    model = tiny(mode)
+def test_backbone_frozen_and_every_adapter_parameter_trains(mode, preset):
+    model = tiny(mode, preset)
     model.train()
     assert not model.backbone.training
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    images, tokens = tiny_inputs(batch=4)
+    images, tokens = tiny_inputs(batch=4, preset=preset)
     labels = torch.tensor([0, 1, 2, 1])
     opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-2, weight_decay=0.1)
     got_grad = {name: False for name, _ in model.named_parameters() if _.requires_grad}
@@ -97,15 +88,17 @@ def test_backbone_frozen_and_every_adapter_parameter_trains(mode):
         assert torch.equal(v, before[k]), f"backbone tensor {k} changed"
 
 
+@pytest.mark.parametrize("preset, context", [("tiny", 77), ("tiny_bert", 64)])
 @pytest.mark.parametrize("mode", MODES)
-def test_trimmed_prompts_equal_full_context(mode):
-    model = perturb_adapters(tiny(mode))
-    images, tokens = tiny_inputs()
+def test_trimmed_prompts_equal_full_context(mode, preset, context):
+    """Exact through the causal mask (CLIP) or the key-padding mask of every layer (BERT)."""
+    model = perturb_adapters(tiny(mode, preset))
+    images, tokens = tiny_inputs(preset=preset)
     with torch.no_grad():
         trimmed = model(images, tokens)
         model.trim_prompts = False
         full = model(images, tokens)
-    assert model._prompts(tokens).tokens.shape[1] == tokens.shape[1] == 77
+    assert model._prompts(tokens).tokens.shape[1] == tokens.shape[1] == context
     model.trim_prompts = True
     assert model._prompts(tokens).tokens.shape[1] < 20
     torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-5)

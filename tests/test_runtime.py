@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from export.preprocess import preprocess_batch
+from bench.decode import write_dicom
+from export.imaging import DEFAULT_POLICY
+from export.preprocess import preprocess_batch, preprocess_image
 from export.runtime import NearlSession
 from tests.export_cases import exported, tiny_model
-from tests.helpers import CLASSES
+from tests.helpers import CLASSES, TINY_PRESETS
+from tests.test_imaging import linear, xray16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +34,10 @@ def test_runtime_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])
-def test_predict_matches_model_classify(mode, tmp_path):
-    session = NearlSession(exported(mode))
+def test_predict_matches_model_classify(mode, preset, tmp_path):
+    session = NearlSession(exported(mode, preset=preset))
     assert session.class_names == CLASSES and session.providers == ["CPUExecutionProvider"]
     images = random_images(5, seed=1)
     paths = []
@@ -41,11 +45,11 @@ def test_predict_matches_model_classify(mode, tmp_path):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(im).save(paths[-1])
     mixed = [paths[0], Image.fromarray(images[1])] + images[2:]
-    cfg = tiny_model(mode).preprocess_cfg
+    cfg = tiny_model(mode, preset).preprocess_cfg
     x = preprocess_batch(images, cfg["size"][0], cfg["mean"], cfg["std"], cfg["interpolation"])
     np.testing.assert_array_equal(session.preprocess(mixed), x)
     with torch.no_grad():
-        probs = tiny_model(mode).classify(torch.from_numpy(x)).softmax(-1).numpy()
+        probs = tiny_model(mode, preset).classify(torch.from_numpy(x)).softmax(-1).numpy()
     got = session.predict(mixed, batch_size=2)  # 3 runs: 2 + 2 + 1
     assert [row[0][0] for row in got] == [CLASSES[i] for i in probs.argmax(1)]
     for row, p in zip(got, probs):
@@ -74,6 +78,25 @@ def test_real_xrays(pneumonia_npz):
     with torch.no_grad():
         probs = tiny_model("bidirectional").classify(torch.from_numpy(session.preprocess(images))).softmax(-1)
     assert [r[0][0] for r in session.predict(images)] == [CLASSES[i] for i in probs.argmax(1)]
+
+
+def test_high_bit_depth_arrays_and_files(tmp_path):
+    """uint16 and float arrays are accepted, mapped by the model's intensity policy (the default, min..max, for
+    this export) exactly as the same image's 16-bit PNG and DICOM are."""
+    session = NearlSession(exported("bidirectional"))
+    assert session.intensity == DEFAULT_POLICY
+    img = xray16(2)
+    as_float = (img / 65536).astype(np.float32)  # a power-of-two scale: the min..max mapping is exactly the same
+    Image.fromarray(img).save(tmp_path / "x.png")
+    write_dicom(tmp_path / "x.dcm", img)
+    grey = linear(img.astype(np.float64), float(img.min()), float(img.max()))
+    m = session.metadata
+    want = preprocess_image(Image.fromarray(grey).convert("RGB"), session.input_size[0], m["mean"], m["std"],
+                            m.get("interpolation", "bicubic"))
+    x = session.preprocess([img, as_float, img[:, :, None], tmp_path / "x.png", tmp_path / "x.dcm"])
+    for i in range(len(x)):
+        np.testing.assert_array_equal(x[i], want, err_msg=f"input {i}")
+    assert session.predict([as_float]) == session.predict([img])
 
 
 def test_bad_session_inputs(tmp_path):

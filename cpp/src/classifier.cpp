@@ -16,7 +16,7 @@ constexpr const char* kPrefix = "nearl.";
 constexpr const char* kCpu = "CPUExecutionProvider";
 constexpr const char* kCuda = "CUDAExecutionProvider";
 // nearl.* values stored as JSON (export/runtime.py decode_metadata), and those every model has.
-const char* const kJsonKeys[] = {"class_names", "input_size", "mean", "std", "intensity"};
+const char* const kJsonKeys[] = {"class_names", "input_size", "mean", "std", "intensity", "templates"};
 const char* const kRequiredKeys[] = {"class_names", "input_size", "mean", "std"};
 
 // One environment per process, alive as long as any session (onnxruntime requires it to outlive them).

@@ -84,7 +84,8 @@ void classify_parity(const nlohmann::json& cases) {
   }
   check(models.at("fixed_model").fixed_batch() == 2 && models.at("model").fixed_batch() == 0, "fixed_batch()");
   check(models.at("model").has_preprocess() && models.at("model").provider() == "CPUExecutionProvider", "provider");
-  check(models.at("model").metadata()["class_names"].size() == models.at("model").class_names().size(), "metadata");
+  check(models.at("model").metadata() == cases["metadata"], "metadata() != NearlSession.metadata: " +
+                                                               models.at("model").metadata().dump());
   for (auto& [key, model] : models) {
     std::vector<nearl::Image> images;
     std::vector<std::vector<float>> expected;

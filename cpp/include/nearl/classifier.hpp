@@ -60,7 +60,7 @@ class Classifier {
   Classifier& operator=(const Classifier&) = delete;
 
   const std::vector<std::string>& class_names() const;
-  // All nearl.* metadata of the classifier (prefix stripped; class_names, input_size, mean, std as JSON).
+  // All nearl.* metadata of the classifier, prefix stripped, JSON-encoded values decoded (= NearlSession.metadata).
   const nlohmann::json& metadata() const;
   int input_size() const;             // S: the classifier takes float32 [batch, 3, S, S]
   std::size_t fixed_batch() const;    // 0 = dynamic batch; else inputs are padded to it

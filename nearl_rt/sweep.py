@@ -1,0 +1,293 @@
+"""`python -m nearl_rt.sweep`: the K-shot protocol. Every (method, K, seed) is trained as a normal run
+directory, evaluated on the test split, and summarised.
+
+    python -m nearl_rt.sweep --data DATA --methods nearl,linear_probe,zeroshot,coop --shots 1,2,4,8,16 \\
+        --seeds 0,1,2 --out DIR [--base-to-novel] [train options, e.g. --preset vit_b16 --epochs 20]
+
+DIR receives runs/<method>_k<K>_s<seed>/ (a `python -m nearl_rt.train` run directory plus eval.json),
+results.json (every run's settings and metrics, and mean ± std per method and K), results.md (one table
+per metric, the best mean per column in bold) and accuracy_vs_shots.png (one line per method with a ±std
+band; accuracy and macro-F1, or base-to-novel harmonic mean and novel accuracy). Rerunning the same
+command resumes: a finished run (it has eval.json) is skipped, an interrupted one continues from its last
+epoch. Options after the sweep's own are passed to every `train` run unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from export.imaging import resolve_policy
+from nearl_rt import train
+from nearl_rt.atomic import atomic_output
+from nearl_rt.checkpoint import read_checkpoint
+from nearl_rt.classifier import METHODS, load_classifier, resolve_device
+from nearl_rt.classsets import restrict, split_base_novel
+from nearl_rt.cli import run_cli
+from nearl_rt.data import parse_classes, read_dataset
+from nearl_rt.errors import NearlError, RandomBackboneWarning
+from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier
+from nearl_rt.metrics import SUMMARY_KEYS, mean_std
+from nearl_rt.sampling import sample_shots
+
+# Options the sweep sets for every run itself.
+OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
+                     "--classes", "--base-to-novel", "--base-classes", "--novel-classes")
+PLOT = {False: ("accuracy", "macro_f1"), True: ("hm_accuracy", "novel_accuracy")}
+LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy", "auc": "AUC",
+          "hm_accuracy": "harmonic mean (base, novel accuracy)", "novel_accuracy": "novel accuracy",
+          "base_accuracy": "base accuracy"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nearl_rt.sweep", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
+    p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
+    p.add_argument("--classes", help="comma-separated class names (default: from the data)")
+    p.add_argument("--methods", default="nearl,linear_probe,zeroshot,coop", help=f"comma-separated, of {METHODS}")
+    p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--base-to-novel", action="store_true", help="train on base classes, score base / novel / HM")
+    p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
+    p.add_argument("--novel-classes", help="comma-separated novel classes (default: the other classes)")
+    p.add_argument("--split", default="test", help="split every run is evaluated on")
+    p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate a fixed class-balanced subset of N images")
+    p.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs of this invocation (rerun to go on)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (also passed to train)")
+    return p
+
+
+def _int_list(text: str, name: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise NearlError(f"--{name} {text!r} must be comma-separated integers, e.g. 1,2,4") from None
+    if len(set(values)) != len(values):
+        raise NearlError(f"--{name} {text!r} repeats a value")
+    return values
+
+
+def parse_grid(args) -> tuple[list, list, list]:
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or len(set(methods)) != len(methods):
+        raise NearlError(f"--methods {args.methods!r}: unknown or repeated method {unknown or methods}; "
+                         f"use some of {', '.join(METHODS)}")
+    shots, seeds = _int_list(args.shots, "shots"), _int_list(args.seeds, "seeds")
+    if min(shots) < 1:
+        raise NearlError(f"--shots {args.shots!r}: every K must be >= 1")
+    return methods, sorted(shots), seeds
+
+
+def check_train_options(rest: list) -> argparse.Namespace:
+    """The pass-through options must be train's, and not ones the sweep sets itself; returns them parsed."""
+    own = [a for a in rest if a.split("=")[0] in OWN_TRAIN_OPTIONS]
+    if own:
+        raise NearlError(f"{own[0].split('=')[0]} is set by the sweep for every run; use --methods / --shots / "
+                         f"--seeds / --out / --data of the sweep instead")
+    parser = train.build_parser()
+    parser.exit_on_error = False
+    try:
+        train_args, unknown = parser.parse_known_args(["--data", "-", "--shots", "1", "--out", "-", *rest])
+    except argparse.ArgumentError as e:
+        raise NearlError(f"train option {e}") from None
+    if unknown:
+        raise NearlError(f"unrecognised option(s) {' '.join(unknown)} (neither the sweep's nor python -m "
+                         f"nearl_rt.train's)")
+    return train_args
+
+
+def check_sweep_dir(out: Path, settings: dict) -> None:
+    """A sweep directory is reused only by the same sweep settings (the grid may grow)."""
+    file = out / "sweep.json"
+    if file.is_file():
+        stored = json.loads(file.read_text())
+        differ = [f"{k}: {stored.get(k)!r} vs now {v!r}" for k, v in settings.items() if stored.get(k) != v]
+        if differ:
+            raise NearlError(f"--out {out} holds a sweep with other settings ({'; '.join(differ)}); choose a new --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise NearlError(f"--out {out} exists and is not a sweep directory (no sweep.json); choose a new --out")
+
+
+def run_name(method: str, shots: int, seed: int) -> str:
+    return f"{method}_k{shots}_s{seed}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def summarise(runs: list, keys) -> dict:
+    """{method: {K: {key: {mean, std}, "runs": n}}} over the seeds."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r["metrics"])
+    return {method: {k: {"runs": len(ms), **{key: mean_std([m[key] for m in ms]) for key in keys}}
+                     for k, ms in sorted(per_k.items(), key=lambda kv: int(kv[0]))}
+            for method, per_k in out.items()}
+
+
+def markdown(summary: dict, methods: list, shots: list, keys, header: str) -> str:
+    lines = [header, ""]
+    for key in keys:
+        lines += [f"### {LABELS.get(key, key)}", "", "| method | " + " | ".join(f"K={k}" for k in shots) + " |",
+                  "|---|" + "---|" * len(shots)]
+        best = {}
+        for k in shots:
+            means = [summary[m][str(k)][key]["mean"] for m in methods if str(k) in summary.get(m, {})]
+            best[k] = max(means) if means else None
+        for m in methods:
+            cells = []
+            for k in shots:
+                cell = summary.get(m, {}).get(str(k))
+                if cell is None:
+                    cells.append("—")
+                    continue
+                text = f"{cell[key]['mean']:.4f} ± {cell[key]['std']:.4f}"
+                cells.append(f"**{text}**" if math.isclose(cell[key]["mean"], best[k]) else text)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, methods: list, shots: list, keys, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2))
+    for ax, key in zip(axes, keys):
+        for m in methods:
+            ks = [k for k in shots if str(k) in summary.get(m, {})]
+            if not ks:
+                continue
+            mean = np.array([summary[m][str(k)][key]["mean"] for k in ks])
+            std = np.array([summary[m][str(k)][key]["std"] for k in ks])
+            line, = ax.plot(ks, mean, marker="o", label=m)
+            ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.set_xlabel("shots per class (K)")
+        ax.set_ylabel(LABELS.get(key, key))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_results(out: Path, settings: dict, runs: list, methods: list, shots: list, b2n: bool, total: int) -> None:
+    keys = B2N_KEYS if b2n else SUMMARY_KEYS
+    summary = summarise(runs, keys)
+    with atomic_output(out / "results.json") as tmp:
+        tmp.write_text(json.dumps({"settings": settings, "runs": runs, "summary": summary}, indent=1) + "\n")
+    random_backbone = any(r.get("random_backbone") for r in runs)
+    note = " — random backbone weights: a pipeline check, not an accuracy claim" if random_backbone else ""
+    seeds = sorted({r["seed"] for r in runs})
+    header = (f"## K-shot sweep on {settings['data']}{note}\n\n{len(runs)} of {total} runs; mean ± std over seeds "
+              f"{seeds} on the {settings['split']} split"
+              + (f" ({settings['eval_limit']}-image class-balanced subset)" if settings["eval_limit"] else "")
+              + "; **bold**: the best mean per column.")
+    table_keys = ("base_accuracy", "novel_accuracy", "hm_accuracy", "hm_macro_f1") if b2n else SUMMARY_KEYS
+    with atomic_output(out / "results.md") as tmp:
+        tmp.write_text(markdown(summary, methods, shots, table_keys, header))
+    if runs:
+        title = f"{Path(settings['data']).name}: {', '.join(methods)}{note}"
+        plot(summary, methods, shots, PLOT[b2n], out / "accuracy_vs_shots.png", title)
+
+
+def evaluate_run(run_dir: Path, ds, args, b2n: bool, device) -> dict:
+    classifier, extra = load_classifier(run_dir, device=device)
+    return evaluate_classifier(classifier, extra, ds, args.split, base_to_novel=b2n,
+                               base=parse_classes(args.base_classes), novel=parse_classes(args.novel_classes),
+                               limit=args.eval_limit, intensity=resolve_policy(extra.get("intensity"), None, run_dir))
+
+
+def main(argv=None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    methods, shots, seeds = parse_grid(args)
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise NearlError(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    if args.max_runs is not None and args.max_runs < 1:
+        raise NearlError(f"--max-runs must be >= 1, got {args.max_runs}")
+    train_args = check_train_options(rest)
+    b2n = args.base_to_novel or args.base_classes is not None
+    if b2n and "linear_probe" in methods:
+        raise NearlError("--methods linear_probe cannot run --base-to-novel: its head scores only the classes it was "
+                         "fitted on (use nearl, zeroshot or coop)")
+    out = Path(args.out)
+    settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
+                "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
+                "split": args.split, "eval_limit": args.eval_limit, "train_options": rest}
+    check_sweep_dir(out, settings)
+    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames)
+    ds.split(args.split)  # the evaluation split exists
+    train_ds = ds
+    if b2n:
+        base, _ = split_base_novel(ds.class_names, parse_classes(args.base_classes), parse_classes(args.novel_classes))
+        train_ds = restrict(ds, base)
+    for seed in seeds:  # K above a class's count fails now, not after hours of runs
+        sample_shots(train_ds, shots[-1], seed)
+    device = resolve_device(args.device)
+    warnings.filterwarnings("once", category=RandomBackboneWarning)  # not once per run
+    train.make_output_dir(out / "runs")
+    with atomic_output(out / "sweep.json") as tmp:
+        tmp.write_text(json.dumps(settings, indent=1) + "\n")
+
+    grid = [(m, k, s) for m in methods for k in shots for s in seeds]
+    runs, executed, started = [], 0, time.perf_counter()
+    for i, (method, k, seed) in enumerate(grid, 1):
+        run_dir = out / "runs" / run_name(method, k, seed)
+        eval_file = run_dir / "eval.json"
+        if eval_file.is_file():
+            record = json.loads(eval_file.read_text())
+            print(f"[{i}/{len(grid)}] {run_dir.name}: finished earlier, skipped", flush=True)
+        else:
+            if args.max_runs is not None and executed >= args.max_runs:
+                print(f"stopping after {executed} run(s) (--max-runs); rerun the same command to continue", flush=True)
+                break
+            t0 = time.perf_counter()
+            resume = (run_dir / "run.json").is_file()
+            print(f"[{i}/{len(grid)}] {run_dir.name}: {'resuming' if resume else 'training'}", flush=True)
+            argv_train = ["--data", args.data, "--method", method, "--shots", str(k), "--seed", str(seed),
+                          "--out", str(run_dir), "--device", args.device, *rest]
+            for flag, value in (("--image-root", args.image_root), ("--classes", args.classes),
+                                ("--base-classes", args.base_classes), ("--novel-classes", args.novel_classes)):
+                if value is not None:
+                    argv_train += [flag, value]
+            argv_train += ["--base-to-novel"] * b2n + ["--resume"] * resume
+            train.main(argv_train)
+            metrics = evaluate_run(run_dir, ds, args, b2n, device)
+            ckpt = read_checkpoint(run_dir / "best.pt")
+            record = {"method": method, "shots": k, "seed": seed, "run_dir": str(run_dir),
+                      "val_accuracy": (ckpt.get("extra") or {}).get("val_accuracy"),
+                      "random_backbone": ckpt["backbone"].get("sha256") is None,
+                      "wall_s": time.perf_counter() - t0, "metrics": metrics}
+            with atomic_output(eval_file) as tmp:
+                tmp.write_text(json.dumps(record, indent=1) + "\n")
+            executed += 1
+            per_run = (time.perf_counter() - started) / executed
+            remaining = sum(1 for m, kk, s in grid[i:] if not (out / "runs" / run_name(m, kk, s) / "eval.json").is_file())
+            key = "hm_accuracy" if b2n else "accuracy"
+            print(f"[{i}/{len(grid)}] {run_dir.name}: {key} {metrics[key]:.4f} in {_duration(record['wall_s'])}; "
+                  f"{i} of {len(grid)} runs done, ETA {_duration(per_run * remaining)}", flush=True)
+        runs.append(record)
+    write_results(out, settings, runs, methods, shots, b2n, len(grid))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'accuracy_vs_shots.png'} "
+          f"({len(runs)} of {len(grid)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="python -m nearl_rt.sweep"))
