@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             model = nearl_rt.build_model(preset, interaction=mode, backend="torch").to(device, dtype).eval()
             model.set_classes(["normal", "pneumonia"])
-            layers = len(model.vision_blocks)
+            layers = len(model.vision_tower.blocks)
             size = model.preprocess_cfg["size"]
             size = (size, size) if isinstance(size, int) else tuple(size)
             for b in batch_sizes:
