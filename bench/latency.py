@@ -50,7 +50,7 @@ INPUT_ROTATION = 4  # distinct input batches cycled through the iterations
 DEFAULTS = {  # (warmup, iters, batch sizes)
     "quick": (1, 3, (1, 3)),
     "cuda": (10, 100, (1, 8, 64)),
-    "cpu": (1, 10, (1, 8)),  # the default CPU run fits in ~5 minutes on 2 cores
+    "cpu": (1, 10, (1, 8)),  # the default CPU run: 120 s on 2 cores (bench/RESULTS.md)
 }
 
 
@@ -229,7 +229,10 @@ def run_benchmark(args, progress, say) -> tuple[list[dict], int]:
                                 for b in args.batch_sizes]
                     progress.update(len(args.batch_sizes))
             if mode_index == 0:
-                say(_estimate(args, len(modes), len(live), reference_s, len(exports)))
+                left_out = len(args.backends) - len(live)
+                plan = f"runs {', '.join(live) or 'nothing'}"
+                plan += f" ({left_out} left out here, each with its reason in the table)" if left_out else ""
+                say(f"{plan}; {_estimate(args, len(modes), len(live), reference_s, len(exports))}")
             for name, backend in list(live.items()):
                 progress.set_postfix_str(f"{mode} setup {name}")
                 try:
@@ -258,7 +261,7 @@ def _estimate(args, modes: int, backends: int, reference_s: dict, exports: int) 
     """Rough run time: every backend costs about what the eager reference's first call did."""
     rounds = 2 + args.warmup + args.iters  # first call, warm-up, timed rounds, memory call
     seconds = modes * backends * rounds * sum(reference_s.values())
-    text = f"estimated time: ~{max(1, round(seconds / 60))} min for the timing"
+    text = f"estimated time: ~{f'{seconds:.0f} s' if seconds < 90 else f'{round(seconds / 60)} min'} for the timing"
     if exports:
         text += (f", plus {exports} ONNX export(s) for this mode (about 1-3 min each on a CPU; "
                  f"{'kept in ' + str(args.cache_dir) if not args.no_cache else 'not kept: --no-cache'})")
@@ -396,9 +399,9 @@ def main(argv=None) -> int:
     def say(text):
         tqdm.write(f"{PROG}: {text}", file=sys.stderr)
     say(f"{args.preset if args.ckpt is None else args.ckpt} on {args.device} ({args.dtype}), modes "
-        f"{', '.join(modes)}, B = {', '.join(map(str, args.batch_sizes))}: each backend that can run here "
-        f"({', '.join(args.backends)}) gets 1 first call, {args.warmup} warm-up and {args.iters} timed rounds, "
-        f"interleaved")
+        f"{', '.join(modes)}, B = {', '.join(map(str, args.batch_sizes))}: each of the backends asked "
+        f"({', '.join(args.backends)}) that can run here gets 1 first call, {args.warmup} warm-up and "
+        f"{args.iters} timed rounds, interleaved")
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
         records, num_classes = run_benchmark(args, progress, say)
     weights = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset}, random weights"

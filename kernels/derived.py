@@ -9,8 +9,7 @@ entry, and an entry dies with its sources (weak references).
 
 Autograd: while gradients are recorded and a source requires grad, fn runs every call (a cached result
 would tie the graph of one forward to the next); inference and frozen tensors use the cache. Under
-torch.compile / torch.export (ONNX export) fn is traced every call: the sources are fake tensors there,
-with no storage to key on, and the traced graph computes the derived tensor itself.
+torch.export / torch.compile (the ONNX export traces the model) fn is traced into the graph, uncached.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ def _state(t: torch.Tensor):
 def derived(name, fn, *sources: torch.Tensor):
     """fn(*sources), cached on `name` (any hashable) and the sources' versions (see the module docstring)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
-        return fn(*sources)
+        return fn(*sources)  # tracing (torch.export / compile): fake tensors have no storage to key on
     key = (name, torch.is_inference_mode_enabled(), *map(id, sources))
     state = tuple(map(_state, sources))
     hit = _CACHE.get(key)
