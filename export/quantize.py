@@ -223,13 +223,9 @@ def verify_int8(fp32_path, int8_path, images: ImageSet, gates: Gates) -> dict:
 
 
 def _set_quant_metadata(proto: onnx.ModelProto, source_meta: dict, info: dict) -> None:
-    values = dict(source_meta, precision="int8", quantization=json.dumps(info, sort_keys=True))
-    keep = [p for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in values.items():
-        proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
-    proto.producer_name, proto.doc_string = "nearl-rt", "NEARL-CLIP classifier (int8): images -> logits, probs"
+    from export.onnx import _set_metadata
+    _set_metadata(proto, dict(source_meta, precision="int8", quantization=json.dumps(info, sort_keys=True)))
+    proto.doc_string = "NEARL-CLIP classifier (int8): images -> logits, probs"
 
 
 def images_from_dataset(data, class_names: Sequence[str], preprocess_cfg: dict, *, split: Optional[str] = None,
