@@ -192,6 +192,15 @@ def _optimize_offline(path: Path) -> None:
     onnx.save(proto, str(path))
 
 
+def _float32_error_bound(module, images: torch.Tensor, ref32: np.ndarray) -> float:
+    """Twice PyTorch's own float32 error on the logits, measured against a float64 copy of the model
+    (flash-attention's rule). Deep random-weight towers (full-size BiomedCLIP) are ill-conditioned enough that
+    float32 PyTorch itself is ~1e-3 off: onnxruntime is then judged against that, not against TOLERANCE."""
+    model64 = copy.deepcopy(module.model).double()
+    ref64 = model64.classify(images.double().to(model64.class_tokens.device)).cpu().numpy()
+    return 2.0 * float(np.abs(ref32 - ref64).max())
+
+
 def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] = None, seed: int = 0) -> dict:
     """onnx.checker, then onnxruntime CPU vs the float32 PyTorch `module` (an export.graph module) on
     fresh random inputs: batch 1 and 3 (or the fixed batch). Returns {batch: {"logits": d, "probs": d}}
@@ -219,6 +228,8 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
                                   f"was not written")
             diff = {name: float(np.abs(a - b).max()) for name, a, b in zip(("logits", "probs"), got, ref)}
             tol = atol + rtol * float(np.abs(ref[0]).max())
+            if diff["logits"] > tol and not fp16:
+                tol = max(tol, _float32_error_bound(module, images, ref[0]))
             if diff["logits"] > tol:
                 raise ExportError(f"onnxruntime disagrees with PyTorch at batch {batch}: max |diff| of the logits "
                                   f"{diff['logits']:.3g} > tolerance {tol:.3g}; the file was not written")
