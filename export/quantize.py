@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 import onnx
 
+from export.hashing import sha256_file
 from export.imaging import DEFAULT_POLICY, IntensityPolicy
 from export.runtime import METADATA_PREFIX
 from nearl_rt.atomic import atomic_output
@@ -130,12 +131,12 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
     info = {"method": method, "weights": "int8, per tensor, symmetric",
             "activations": "uint8, dynamic per call" if method == "dynamic" else "uint8, calibrated (MinMax)",
             "quantized_ops": list(QUANTIZED_OPS),
-            "source_sha256": hashlib.sha256(fp32_path.read_bytes()).hexdigest()}
+            "source_sha256": sha256_file(fp32_path)}
     if calibration is not None and method == "static":
         info["calibration"] = {"source": calibration.source, "count": int(len(calibration.images)),
                                "method": "MinMax", "images_sha256": calibration.fingerprint()}
     with atomic_output(out_path) as tmp:
-        info["fp32_nodes"] = quantize_graph(fp32_path, tmp, method=method, calibration=calibration)
+        info["fp32_nodes"] = quantize_graph(fp32_path, tmp, method=method, calibration=calibration, graph=proto)
         report = verify_int8(fp32_path, tmp, verification, gates)
         info["verification"] = report
         q = onnx.load(str(tmp))
@@ -144,12 +145,14 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
     return report
 
 
-def quantize_graph(src, dst, *, method: str = "dynamic", calibration: Optional[ImageSet] = None) -> list[str]:
+def quantize_graph(src, dst, *, method: str = "dynamic", calibration: Optional[ImageSet] = None,
+                   graph: Optional[onnx.ModelProto] = None) -> list[str]:
     """The quantisation alone, no checks, verification or metadata: the graph at `src` (any ONNX file with
     an `images` input and a `logits` output) with its weight MatMul / Gemm / Conv in int8, fp32_matmuls kept
     float32, written to `dst`. Returns the float32 nodes' names. quantize() builds on it; bench/latency.py
-    quantises frozen CLIP with it, so both int8 rows are made the same way."""
-    excluded = fp32_matmuls(onnx.load(str(src), load_external_data=False))
+    quantises frozen CLIP with it, so both int8 rows are made the same way. `graph`: src already loaded (not
+    read a second time)."""
+    excluded = fp32_matmuls(graph if graph is not None else onnx.load(str(src)))
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing" noise
