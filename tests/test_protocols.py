@@ -12,9 +12,9 @@ from sklearn.linear_model import LogisticRegression
 
 import nearl_rt
 import nearl_rt.data
-import export.onnx as export_onnx
-from export.graph import export_module
-from export.onnx import export_model
+import nearl_rt.export.onnx as export_onnx
+from nearl_rt.export.graph import export_module
+from nearl_rt.export.onnx import export_model
 from nearl_rt import evaluate, predict, sweep, train
 from nearl_rt.classifier import load_classifier
 from nearl_rt.coop import attach_context, coop_template, init_context

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 import nearl_rt
 from nearl_rt import evaluate, predict, train
 from nearl_rt.classifier import frozen_image_features
-from nearl_rt.cli import run_cli
+from nearl_rt.core.cli import run_cli
 from nearl_rt.data import Preprocess
 from nearl_rt.sampling import balanced_subset
 from tests.helpers import frozen_clip_logits

@@ -22,18 +22,18 @@ from typing import Callable, Optional
 
 import torch
 
-import kernels
-from bench.frozen_clip import FrozenClip as FrozenClipModule
-from bench.frozen_clip import export_frozen_clip
-from nearl_rt.atomic import atomic_output
+from nearl_rt import kernels
+from nearl_rt.bench.frozen_clip import FrozenClip as FrozenClipModule
+from nearl_rt.bench.frozen_clip import export_frozen_clip
+from nearl_rt.core.atomic import atomic_output
 from nearl_rt.cuda_graph import GraphedForward
 from nearl_rt.model import NearlCLIP
 
 Runner = Callable[[torch.Tensor], object]
 ROOT = Path(__file__).resolve().parents[1]
 # the code an exported file depends on: a change to any of these makes the cached exports stale
-EXPORT_SOURCES = ("export/onnx.py", "export/graph.py", "export/quantize.py", "bench/frozen_clip.py",
-                  "nearl_rt/model.py", "nearl_rt/adapters.py", "kernels/oca.py", "kernels/use_attention.py")
+EXPORT_SOURCES = ("nearl_rt/export/onnx.py", "nearl_rt/export/graph.py", "nearl_rt/export/quantize.py", "nearl_rt/bench/frozen_clip.py",
+                  "nearl_rt/model.py", "nearl_rt/adapters.py", "nearl_rt/kernels/oca.py", "nearl_rt/kernels/use_attention.py")
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _export(ctx: BenchContext, kind: str, path: Path, *, fp16: bool) -> None:
     if kind == "frozen_clip":
         export_frozen_clip(ctx.master, path, fp16=fp16)
     else:
-        from export.onnx import export_model
+        from nearl_rt.export.onnx import export_model
         export_model(ctx.master, path, fp16=fp16, batch_size="dynamic", verify=False,
                      checkpoint_sha256=ctx.checkpoint_sha256)
 
@@ -97,9 +97,9 @@ def _export(ctx: BenchContext, kind: str, path: Path, *, fp16: bool) -> None:
 # How each ONNX precision is written (ctx, kind, path): one entry per precision, shared by a NEARL backend
 # and its frozen-CLIP twin. A precision derived from another reads it with ctx.onnx_file(kind, "fp32").
 def _quantize(ctx: BenchContext, kind: str, path: Path) -> None:
-    """The fp32 file in dynamic int8, as `export.onnx --int8` quantises it (export.quantize.quantize_graph:
-    the same nodes for NEARL and its frozen CLIP; the export's verification is export.quantize's test)."""
-    from export.quantize import quantize_graph
+    """The fp32 file in dynamic int8, as `export.onnx --int8` quantises it (nearl_rt.export.quantize.quantize_graph:
+    the same nodes for NEARL and its frozen CLIP; the export's verification is nearl_rt.export.quantize's test)."""
+    from nearl_rt.export.quantize import quantize_graph
     with atomic_output(path) as tmp:
         quantize_graph(ctx.onnx_file(kind, "fp32"), tmp)
 
@@ -246,7 +246,7 @@ class CudaGraphs(Eager):
 
 
 class _Ort(Backend):
-    """onnxruntime on the ONNX file that export.onnx.export_model (or bench.frozen_clip) writes from the master."""
+    """onnxruntime on the ONNX file that export.onnx.export_model (or nearl_rt.bench.frozen_clip) writes from the master."""
 
     provider = ""
     onnx_precision = "fp32"  # a key of ONNX_PRECISIONS
@@ -269,9 +269,9 @@ class _Ort(Backend):
             return False, (f"onnxruntime {ort.__version__} has no {self.provider} (available: "
                            f"{', '.join(ort.get_available_providers())})")
         try:
-            import export.onnx  # noqa: F401
+            import nearl_rt.export.onnx  # noqa: F401
         except ImportError as e:
-            if isinstance(e, ModuleNotFoundError) and e.name in ("export.onnx", "export"):
+            if isinstance(e, ModuleNotFoundError) and e.name in ("nearl_rt.export.onnx", "export"):
                 return False, "export.onnx not available"
             return False, f"export.onnx cannot be imported: {e}"
         if not (ctx.quick or self.name in ctx.explicit or ctx.onnx_cached(self.onnx_kind, self.onnx_precision)):
@@ -366,7 +366,7 @@ class OrtTensorRT(OrtCudaFp32):
 
 
 class _FrozenOrt:
-    """The frozen-CLIP twin of an onnxruntime backend: the same session settings on bench.frozen_clip's export."""
+    """The frozen-CLIP twin of an onnxruntime backend: the same session settings on nearl_rt.bench.frozen_clip's export."""
 
     onnx_kind = "frozen_clip"
     compares_to_eager = False

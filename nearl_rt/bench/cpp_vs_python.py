@@ -1,4 +1,4 @@
-"""`python bench/cpp_vs_python.py MODEL.onnx`: the C++ library (cpp/, nearl_bench) vs NearlSession on the
+"""`python -m nearl_rt.bench.cpp_vs_python MODEL.onnx`: the C++ library (cpp/, nearl_bench) vs NearlSession on the
 same exported model and CPU, interleaved round by round: milliseconds per image for decode + preprocess
 of one JPEG (C++: libjpeg-turbo + the preprocessing graph; Python: Pillow decode + Pillow resize, and
 Pillow decode + the graph) and for the classifier at batch sizes 1 and 8. MODEL needs its
@@ -15,13 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from export.runtime import NearlSession  # noqa: E402
+from nearl_rt.core.session import NearlSession
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +43,7 @@ def test_image(path: Path, height: int, width: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/cpp_vs_python.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="nearl_rt/bench/cpp_vs_python.py", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="an exported classifier with its .preprocess.onnx")
     parser.add_argument("--bench", default=str(ROOT / "build" / "cpp" / "nearl_bench"), help="nearl_bench binary")
     parser.add_argument("--image-size", default="768x1024", help="HxW of the test JPEG")

@@ -1,4 +1,4 @@
-"""`python bench/decode.py`: decode time per image (export.imaging.load_image: file -> the model's RGB
+"""`python -m nearl_rt.bench.decode`: decode time per image (nearl_rt.core.imaging.load_image: file -> the model's RGB
 pixels) for an 8-bit PNG, a 16-bit PNG, a 16-bit TIFF and 16-bit DICOMs (uncompressed, RLE, and JPEG
 Lossless / JPEG 2000 lossless when python-gdcm can encode them), all of one synthetic X-ray-like image.
 Rounds interleave the kinds (a noisy machine slows them alike); the median per kind is printed as a
@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.imaging import load_image  # noqa: E402
+from nearl_rt.core.imaging import load_image
 
 
 def xray(size: int, seed: int = 0) -> np.ndarray:
@@ -108,7 +107,7 @@ def make_files(folder: Path, size: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/decode.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nearl_rt.bench.decode", description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=2048, help="image side in pixels (default 2048, a chest X-ray)")
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Export time, file size and onnxruntime CPU latency vs PyTorch eager for NEARL-CLIP ONNX files.
 
-    python bench/export_latency.py --preset vit_b16 --opsets 18 23 --batch-sizes 1 8 --iters 5
+    python -m nearl_rt.bench.export_latency --preset vit_b16 --opsets 18 23 --batch-sizes 1 8 --iters 5
 
 For each interaction mode and opset: export (verified) and time it, then time ORT CPU and PyTorch CPU
 eager (reference ops) on the same inputs; prints a table and writes JSON (--out). Random backbone weights
@@ -17,15 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
+import onnxruntime as ort
+import torch
 
-import nearl_rt  # noqa: E402
-from export.onnx import export_model  # noqa: E402
-from export.runtime import NearlSession  # noqa: E402
+import nearl_rt
+from nearl_rt.export.onnx import export_model
+from nearl_rt.core.session import NearlSession
 
 
 def paired_median_ms(fns, iters: int) -> list[float]:

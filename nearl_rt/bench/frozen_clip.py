@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nearl_rt.atomic import atomic_output
+from nearl_rt.core.atomic import atomic_output
 from nearl_rt.model import NearlCLIP
 
 
@@ -32,7 +32,7 @@ class FrozenClip(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
-        return m._logits(F.normalize(m.backbone.encode_image(images.to(m.dtype)), dim=-1), self.text)
+        return m.scaled_logits(F.normalize(m.backbone.encode_image(images.to(m.dtype)), dim=-1), self.text)
 
 
 class _FrozenClipGraph(FrozenClip):
@@ -43,10 +43,10 @@ class _FrozenClipGraph(FrozenClip):
 
 def export_frozen_clip(model: NearlCLIP, out_path, *, fp16: bool = False) -> Path:
     """Write `model`'s frozen CLIP (no adapters) as ONNX to `out_path`, atomically."""
-    from export.onnx import DEFAULT_OPSET, _to_onnx  # the NEARL exporter itself: same settings, same ops
+    from nearl_rt.export.onnx import DEFAULT_OPSET, trace_to_onnx  # the NEARL exporter itself: same settings, same ops
     model = copy.deepcopy(model).float()
     module = _FrozenClipGraph(model.half() if fp16 else model).eval()
     out_path = Path(out_path)
     with atomic_output(out_path) as tmp:
-        onnx.save(_to_onnx(module, DEFAULT_OPSET, None), tmp)
+        onnx.save(trace_to_onnx(module, DEFAULT_OPSET, None), tmp)
     return out_path

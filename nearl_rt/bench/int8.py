@@ -1,10 +1,10 @@
 """Exported ONNX files side by side on onnxruntime CPU: size, latency and how far each moves the first one's
 probabilities (an fp32 export against its int8 versions, say).
 
-    python bench/int8.py ckpt.onnx ckpt.int8.onnx ckpt.static.onnx --batch-sizes 1 8 --iters 10
+    python -m nearl_rt.bench.int8 ckpt.onnx ckpt.int8.onnx ckpt.static.onnx --batch-sizes 1 8 --iters 10
 
-Every file is served through export.runtime.NearlSession (the Python serving path). Per batch size the
-files are timed in interleaved rounds (bench.harness.time_rounds: the order rotates each round, so load
+Every file is served through nearl_rt.NearlSession (the Python serving path). Per batch size the
+files are timed in interleaved rounds (nearl_rt.bench.harness.time_rounds: the order rotates each round, so load
 from other processes hits all alike) on the same random inputs; `speedup` is the first file's median over
 each file's. The inputs are random, so `max|dprob|` and `top-1 agree` measure numerical closeness, not
 accuracy: score accuracy with `python -m nearl_rt.evaluate FILE --data DATA` (docs/int8.md).
@@ -16,22 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench.harness import machine_info, summarize, time_rounds  # noqa: E402
-from nearl_rt.errors import NearlError  # noqa: E402
+from nearl_rt.bench.harness import machine_info, summarize, time_rounds
+from nearl_rt.core.errors import NearlError
 
-PROG = "python bench/int8.py"
+PROG = "python -m nearl_rt.bench.int8"
 
 
 def _session(path: Path, threads: int):
     import onnxruntime as ort
 
-    from export.runtime import NearlSession
+    from nearl_rt.core.session import NearlSession
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return NearlSession(path, providers=["CPUExecutionProvider"], session_options=options)
@@ -99,7 +97,7 @@ def main(argv=None) -> int:
     rows = compare(args.files, args.batch_sizes, iters=args.iters, warmup=args.warmup, threads=args.threads)
     print(format_table(rows))
     if args.out:
-        from nearl_rt.atomic import atomic_output
+        from nearl_rt.core.atomic import atomic_output
         with atomic_output(Path(args.out)) as tmp:
             tmp.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "threads": args.threads,
                                        "rows": rows}, indent=1))
@@ -107,5 +105,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from nearl_rt.cli import run_cli
+    from nearl_rt.core.cli import run_cli
     sys.exit(run_cli(main, prog=PROG))

@@ -1,7 +1,7 @@
 """Fused ops vs the eager PyTorch reference vs torch.compile(reference), forward and forward+backward.
 
-    python bench/kernels.py --out bench/kernels.json            # CUDA, ViT-B/16 shapes, B in {1, 8, 64}
-    python bench/kernels.py --smoke --out /tmp/kernels.json     # tiny shapes; on CPU via the Triton interpreter
+    python -m nearl_rt.bench.kernels --out bench/kernels.json            # CUDA, ViT-B/16 shapes, B in {1, 8, 64}
+    python -m nearl_rt.bench.kernels --smoke --out /tmp/kernels.json     # tiny shapes; on CPU via the Triton interpreter
 
 What is timed is the kernels, not the Python wrappers around them: on CUDA each measurement captures
 one CUDA graph of N calls, call i on its own input set i, with N sets together larger than the L2
@@ -30,12 +30,9 @@ import statistics
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/kernels.py` from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SCHEMA = "nearl-rt-bench-kernels/2"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -51,7 +48,7 @@ def oca_case(B, rows, width, dtype, device, *, text, seed):
     rnd = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
     S = B * C if text else B
     group = (torch.arange(B, device=device).repeat_interleave(C) if text else torch.arange(B, device=device))
-    args = dict(x=rnd(S, rows, width), group=group, k=rnd(B, M, R), v=rnd(B, M, R),  # kernels.oca's order
+    args = dict(x=rnd(S, rows, width), group=group, k=rnd(B, M, R), v=rnd(B, M, R),  # nearl_rt.kernels.oca's order
                 w_q=rnd(width, R) / width ** 0.5, w_o=rnd(R, width) / R ** 0.5,
                 scale=torch.tensor(0.5, device=device, dtype=dtype))
     token_bytes = args["x"].numel() * args["x"].element_size()
@@ -98,7 +95,7 @@ def cases(batches, smoke):
 
 
 def implementations(op_name, compile_ref):
-    import kernels
+    from nearl_rt import kernels
     if op_name.startswith("oca"):
         ref, fused = kernels.oca_reference, partial(kernels.oca, backend="triton")
     else:
@@ -237,7 +234,7 @@ def _reason(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/kernels.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="nearl_rt/bench/kernels.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/kernels.json", help="JSON results path (rewritten after every case)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 8, 1])
@@ -251,7 +248,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         raise ValueError("the kernel benchmark needs a CUDA GPU; run with --smoke for a CPU check of the script")
-    from nearl_rt.atomic import atomic_output
+    from nearl_rt.core.atomic import atomic_output
 
     t_start = time.perf_counter()
     device = torch.device("cuda" if cuda else "cpu")
@@ -262,7 +259,7 @@ def main(argv=None) -> int:
     if cuda:
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2
     copy = copy_gbps(device, reps, args.smoke)
-    command = " ".join(["python bench/kernels.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m nearl_rt.bench.kernels", *(argv if argv is not None else sys.argv[1:])])
     doc = dict(schema=SCHEMA, command=command, device=torch.cuda.get_device_name() if cuda else
                "cpu (Triton interpreter)", dtype=args.dtype, torch=torch.__version__, l2_bytes=l2,
                copy_GBps=_sig(copy), reps=reps, smoke=args.smoke, complete=False, rows=[], table="")
@@ -322,7 +319,7 @@ def main(argv=None) -> int:
     print(f"results in {args.out}")
     failed = [r for r in doc["rows"] if r["status"] == "failed"]
     if failed:
-        print(f"bench/kernels.py: {len(failed)} measurement(s) failed; see the JSON", file=sys.stderr)
+        print(f"nearl_rt/bench/kernels.py: {len(failed)} measurement(s) failed; see the JSON", file=sys.stderr)
         return 1
     return 0
 
@@ -330,5 +327,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU smoke run; must precede the first triton import
-    from nearl_rt.cli import run_cli
-    sys.exit(run_cli(main, prog="bench/kernels.py"))
+    from nearl_rt.core.cli import run_cli
+    sys.exit(run_cli(main, prog="nearl_rt/bench/kernels.py"))

@@ -25,22 +25,20 @@ import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-import nearl_rt  # noqa: E402
-from bench.backends import BACKENDS, BenchContext  # noqa: E402
-from bench.harness import (SPREAD_FLAG, PeakMemory, machine_info, peak_memory, summarize, synchronize,  # noqa: E402
+import nearl_rt
+from nearl_rt.bench.backends import BACKENDS, BenchContext
+from nearl_rt.bench.harness import (SPREAD_FLAG, PeakMemory, machine_info, peak_memory, summarize, synchronize,
                            time_rounds)
-from nearl_rt.atomic import atomic_output  # noqa: E402
-from nearl_rt.backbone import sha256_file  # noqa: E402
-from nearl_rt.cli import run_cli  # noqa: E402
-from nearl_rt.classifier import resolve_device  # noqa: E402
-from nearl_rt.config import INTERACTIONS, PRESETS  # noqa: E402
-from nearl_rt.errors import RandomBackboneWarning  # noqa: E402
+from nearl_rt.core.atomic import atomic_output
+from nearl_rt.core.hashing import sha256_file
+from nearl_rt.core.cli import run_cli
+from nearl_rt.classifier import resolve_device
+from nearl_rt.config import INTERACTIONS, PRESETS
+from nearl_rt.core.errors import RandomBackboneWarning
 
 PROG = "bench/latency.py"
 SCHEMA = "nearl-rt-bench-latency/2"

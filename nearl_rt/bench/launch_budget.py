@@ -1,8 +1,8 @@
 """Kernels and host time that backend="triton" adds per layer over frozen CLIP, counted on the CPU with
-the Triton launches recorded and not run (kernels/launches.py); no GPU needed.
+the Triton launches recorded and not run (nearl_rt/kernels/launches.py); no GPU needed.
 
-    python bench/launch_budget.py                        # tiny preset, bf16, 3 images, C = 2 classes
-    python bench/launch_budget.py --reps 60 --json launches.json
+    python -m nearl_rt.bench.launch_budget                        # tiny preset, bf16, 3 images, C = 2 classes
+    python -m nearl_rt.bench.launch_budget --reps 60 --json launches.json
 
 Counted as in the GPU review: aten ops that would each be a CUDA kernel plus the Triton launches, after a
 warm-up call, per layer, over frozen CLIP computing the same logits (its class text cached in
@@ -18,10 +18,7 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/launch_budget.py` from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe"]
 MODES = ("text_cacheable", "bidirectional")
@@ -41,7 +38,7 @@ def launches_per_layer(model, images, reps: int = 0):
     import torch
     import torch.nn.functional as F
 
-    from kernels.launches import counted_kernels, recorded_launches
+    from nearl_rt.kernels.launches import counted_kernels, recorded_launches
     bb = model.backbone
     with torch.no_grad(), recorded_launches(run=False) as launches:
         cached = None
@@ -69,7 +66,7 @@ def launches_per_layer(model, images, reps: int = 0):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python bench/launch_budget.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m nearl_rt.bench.launch_budget", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--reps", type=int, default=60, help="host-time calls per side (0: counts only)")
@@ -96,7 +93,7 @@ def main(argv=None) -> int:
                      f"(+{(host['nearl'] - host['frozen']) / len(model.vision_tower.blocks):.2f} ms per layer)")
         print(line)
     if args.json:
-        from nearl_rt.atomic import atomic_output
+        from nearl_rt.core.atomic import atomic_output
         with atomic_output(args.json) as tmp:
             tmp.write_text(json.dumps(out, indent=1))
     return 0

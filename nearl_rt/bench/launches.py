@@ -1,7 +1,7 @@
 """Kernels per forward: frozen CLIP vs NEARL (eager and triton backends), both modes, from the profiler.
 
-    python bench/launches.py --out launches.json                 # CUDA: vit_b16, B = 1 and 64, fp16
-    python bench/launches.py --quick --out launches.json         # CPU: tiny preset, aten ops instead of kernels
+    python -m nearl_rt.bench.launches --out launches.json                 # CUDA: vit_b16, B = 1 and 64, fp16
+    python -m nearl_rt.bench.launches --quick --out launches.json         # CPU: tiny preset, aten ops instead of kernels
 
 On CUDA it counts the GPU kernels (cuBLAS, cuDNN, PyTorch and Triton launches alike) that the profiler
 records over `--forwards` forwards after a warm-up, divided by the number of forwards, and the kernels
@@ -14,12 +14,9 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def count_per_forward(fn, x, forwards: int, cuda: bool) -> float:
@@ -42,15 +39,15 @@ def count_per_forward(fn, x, forwards: int, cuda: bool) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench/launches.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="nearl_rt/bench/launches.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON results path")
     p.add_argument("--quick", action="store_true", help="tiny preset on the CPU (aten ops): a check of the script")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 64 (1 with --quick)")
     p.add_argument("--forwards", type=int, default=3)
     args = p.parse_args(argv)
     import nearl_rt
-    from bench.frozen_clip import FrozenClip
-    from nearl_rt.atomic import atomic_output
+    from nearl_rt.bench.frozen_clip import FrozenClip
+    from nearl_rt.core.atomic import atomic_output
     from nearl_rt.config import INTERACTIONS
 
     cuda = torch.cuda.is_available() and not args.quick
@@ -86,5 +83,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from nearl_rt.cli import run_cli
-    sys.exit(run_cli(main, prog="bench/launches.py"))
+    from nearl_rt.core.cli import run_cli
+    sys.exit(run_cli(main, prog="nearl_rt/bench/launches.py"))

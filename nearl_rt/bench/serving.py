@@ -1,4 +1,4 @@
-"""`python bench/serving.py`: export.serve (Triton, dynamic batching) against NearlSession called directly.
+"""`python -m nearl_rt.bench.serving`: export.serve (Triton, dynamic batching) against NearlSession called directly.
 
 For each --max-queue-delay-us value: a fresh `python -m export.serve` on loopback, then closed-loop gRPC
 clients (one preprocessed image per request) at each concurrency; between the server runs, the same
@@ -6,8 +6,8 @@ number of threads calling one in-process NearlSession.run with one image each (n
 model, same onnxruntime build (the server environment pins it), one run, interleaved. Prints a
 markdown table (images/s, p50/p99 latency in ms); --out writes it as JSON.
 
-    python bench/serving.py --preset tiny
-    python bench/serving.py model.onnx --concurrency 1,8,32 --delays 0,2000,20000 --requests 256
+    python -m nearl_rt.bench.serving --preset tiny
+    python -m nearl_rt.bench.serving model.onnx --concurrency 1,8,32 --delays 0,2000,20000 --requests 256
 """
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.serving_client import closed_loop  # noqa: E402
-from export.runtime import NearlSession  # noqa: E402
-from export.serve import ServerProcess, ensure_env  # noqa: E402
+from nearl_rt.bench.serving_client import closed_loop
+from nearl_rt.core.session import NearlSession
+from nearl_rt.serving.server import ServerProcess, ensure_env
 
 CLIENT = Path(__file__).with_name("serving_client.py")
 
@@ -42,7 +40,7 @@ def export_preset(preset: str, out_dir: Path) -> Path:
     import warnings
 
     import nearl_rt
-    from export.onnx import export_model
+    from nearl_rt.export.onnx import export_model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = nearl_rt.build_model(preset, backend="torch").eval()
@@ -69,7 +67,7 @@ def served(python, model: Path, size, delay_us: int, args) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench/serving.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="nearl_rt/bench/serving.py", description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", type=Path, help="an exported MODEL.onnx (default: --preset, random weights)")
     p.add_argument("--preset", default="tiny", help="preset to export when no MODEL is given (default tiny)")
     p.add_argument("--concurrency", type=_ints, default=[1, 8, 32], help="default 1,8,32")

@@ -1,4 +1,4 @@
-"""Closed-loop load for bench/serving.py: closed_loop (also used in-process there) and, run by the server
+"""Closed-loop load for nearl_rt/bench/serving.py: closed_loop (also used in-process there) and, run by the server
 environment's python (tritonclient lives there), gRPC clients of export.serve.
 
     python serving_client.py HOST PORT MODEL H W CONCURRENCY[,..] REQUESTS SEED

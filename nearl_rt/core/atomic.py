@@ -6,7 +6,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 
 
 def _umask() -> int:

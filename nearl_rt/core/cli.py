@@ -5,7 +5,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 
 EXIT_USER_ERROR = 2
 

@@ -1,5 +1,5 @@
 """Image decoding: a file or array -> the 8-bit RGB pixels the model sees (NumPy + Pillow + pydicom; no
-PyTorch). Training, evaluation, prediction and export.runtime.NearlSession all decode through here.
+PyTorch). Training, evaluation, prediction and nearl_rt.NearlSession all decode through here.
 
 - 8-bit images (PNG, JPEG, BMP, ... and uint8 arrays) are used as they are (Pillow `convert("RGB")`).
 - High bit depth grey images (16-bit PNG/TIFF "I;16", 32-bit "I", float "F", and integer / float arrays)
@@ -20,7 +20,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -230,7 +230,7 @@ def expand_frames(sources: Iterable) -> tuple[list, list]:
 
 def _multi_frame(name: str, n: int) -> ImageError:
     return ImageError(f"{name} holds {n} frames; read one image per frame with --frames each "
-                      f"(Python: export.imaging.expand_frames / Frame(path, index))", "multi-frame")
+                      f"(Python: nearl_rt.core.imaging.expand_frames / Frame(path, index))", "multi-frame")
 
 
 def _load_file(path: str, policy: IntensityPolicy, frame: Optional[int]) -> Image.Image:

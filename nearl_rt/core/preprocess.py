@@ -3,7 +3,7 @@ onnxruntime runtime so that a served model sees exactly what the trained one saw
 
 It reproduces open_clip's evaluation transform (resize_mode "shortest"):
 RGB -> resize the shorter side to `size` (bicubic) -> centre crop size x size -> [0, 1] -> (x - mean) / std.
-Files and arrays become RGB through export.imaging (DICOM, 16-bit images and the intensity policy).
+Files and arrays become RGB through nearl_rt.core.imaging (DICOM, 16-bit images and the intensity policy).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from export.imaging import ImageLike, IntensityPolicy, load_image
+from nearl_rt.core.imaging import ImageLike, IntensityPolicy, load_image
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -35,7 +35,7 @@ def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Se
 
 def preprocess_batch(images: Iterable[ImageLike], size: int, mean: Sequence[float], std: Sequence[float],
                      interpolation: str = "bicubic", intensity: Optional[IntensityPolicy] = None) -> np.ndarray:
-    """Paths / Frames / PIL images / arrays -> float32 [B, 3, size, size] (export.imaging.load_image)."""
+    """Paths / Frames / PIL images / arrays -> float32 [B, 3, size, size] (nearl_rt.core.imaging.load_image)."""
     out = [preprocess_image(load_image(im, intensity), size, mean, std, interpolation) for im in images]
     if not out:
         raise ValueError("no images given")

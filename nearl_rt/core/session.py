@@ -4,43 +4,24 @@
     session.predict(["a.png", "b.dcm", pil_image, uint16_array], top_k=2)
     # -> [[("pneumonia", 0.91), ("normal", 0.09)], ...]
 
-Images are decoded and preprocessed exactly as training did (export.imaging + export.preprocess, with
+Images are decoded and preprocessed exactly as training did (nearl_rt.core.imaging + nearl_rt.core.preprocess, with
 the intensity policy, input size, mean, std and interpolation stored in the model's metadata);
 `preprocess="onnx"` runs the resize / crop / normalise of the model's preprocessing graph
 (`python -m export.onnx CKPT --preprocess`) instead, the graph the C++ library runs (decoding stays
-export.imaging's).
+nearl_rt.core.imaging's).
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from export.hashing import sha256_file
-from export.imaging import Frame, IntensityPolicy, load_image, resolve_policy
-from export.preprocess import ImageLike, preprocess_batch
-
-METADATA_PREFIX = "nearl."
-_JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity", "templates", "quantization")
-PREPROCESS_KIND = "preprocess"  # nearl.kind of a preprocessing graph (export/preprocess_graph.py)
-
-
-def preprocess_graph_path(classifier_path) -> Path:
-    """Where the preprocessing graph of a classifier lives: model.onnx -> model.preprocess.onnx."""
-    return Path(classifier_path).with_suffix(".preprocess.onnx")
-
-
-def decode_metadata(props: dict) -> dict:
-    """nearl.* metadata_props (prefix stripped) with the JSON-encoded lists decoded."""
-    out = dict(props)
-    for key in _JSON_KEYS:
-        if key in out:
-            out[key] = json.loads(out[key])
-    return out
+from nearl_rt.core.hashing import sha256_file
+from nearl_rt.core.imaging import Frame, IntensityPolicy, load_image, resolve_policy
+from nearl_rt.core.metadata import PREPROCESS_KIND, classifier_metadata, preprocess_graph_path, read_metadata
+from nearl_rt.core.preprocess import ImageLike, preprocess_batch
 
 
 def default_providers() -> list[str]:
@@ -59,7 +40,7 @@ class NearlSession:
     def __init__(self, path, providers: Optional[Sequence] = None,
                  session_options: Optional[ort.SessionOptions] = None, intensity: Optional[IntensityPolicy] = None,
                  preprocess: str = "pillow"):
-        """preprocess: "pillow" (export.preprocess) or "onnx" (the preprocessing graph next to the model,
+        """preprocess: "pillow" (nearl_rt.core.preprocess) or "onnx" (the preprocessing graph next to the model,
         run on the CPU provider: its CUDA antialias kernel is unverified, see docs/cpp.md)."""
         if preprocess not in ("pillow", "onnx"):
             raise ValueError(f"preprocess={preprocess!r}: use 'pillow' or 'onnx'")
@@ -71,12 +52,7 @@ class NearlSession:
                                                 providers=list(providers or default_providers()))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
-        props = self.session.get_modelmeta().custom_metadata_map
-        meta = {k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
-        missing = [k for k in ("class_names", "input_size", "mean", "std") if k not in meta]
-        if missing:
-            raise ValueError(f"{path} lacks the nearl.* metadata {missing}: it was not written by export.onnx")
-        self.metadata = decode_metadata(meta)
+        self.metadata = classifier_metadata(self.session, path)
         self.class_names: list[str] = self.metadata["class_names"]
         self.input_size: tuple[int, int] = tuple(self.metadata["input_size"])
         self.intensity: IntensityPolicy = resolve_policy(self.metadata.get("intensity"), intensity, path)
@@ -93,7 +69,7 @@ class NearlSession:
             images = [images]
         h, w = self.input_size
         if h != w:
-            raise ValueError(f"non-square input size {self.input_size} is not supported by export.preprocess")
+            raise ValueError(f"non-square input size {self.input_size} is not supported by nearl_rt.core.preprocess")
         if self._graph is not None:
             pixels = [np.asarray(load_image(im, self.intensity)) for im in images]
             if not pixels:
@@ -170,8 +146,7 @@ def _open_preprocess_graph(classifier_path: str, metadata: dict, session_options
         session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
-    props = session.get_modelmeta().custom_metadata_map
-    meta = decode_metadata({k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)})
+    meta = read_metadata(session)
     if meta.get("kind") != PREPROCESS_KIND:
         raise ValueError(f"{path} is not a nearl preprocessing graph (no nearl.kind = {PREPROCESS_KIND!r}); {fix}")
     if meta.get("classifier_sha256") != sha256_file(classifier_path):

@@ -1,1 +1,2 @@
-"""ONNX export (`python -m export.onnx ckpt.pt`) and the onnxruntime runtime."""
+"""ONNX export of trained models: the graph modules (graph), `python -m export.onnx` (onnx), int8
+quantisation (quantize) and the preprocessing graph for clients without Pillow (preprocess_graph)."""

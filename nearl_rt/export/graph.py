@@ -47,17 +47,17 @@ class BidirectionalGraph(_Classifier):
 
     def __init__(self, model: NearlCLIP):
         super().__init__(model)
-        self.prompts: PromptBatch = model._trim(model.class_tokens)
+        self.prompts: PromptBatch = model.trimmed_prompts(model.class_tokens)
         with torch.no_grad():
-            self.text_embed = model._text_embed(self.prompts)  # (prompt embeddings, text attention mask)
+            self.text_embed = model.embed_prompts(self.prompts)  # (prompt embeddings, text attention mask)
 
     def forward(self, images: torch.Tensor):
         # The prompts are fixed: the trimmed prompts and their embeddings are constants (trimming reads
         # EOT positions back as Python ints and cannot be traced; the embedding lookup would put the
         # whole token embedding table into the file).
         m = self.model
-        img, txt = m._lockstep(images, self.prompts, *self.text_embed)
-        return self._outputs(m._logits_paired(img.float(), pool_prompts(txt, m.prompt_pool).float()))
+        img, txt = m.lockstep(images, self.prompts, *self.text_embed)
+        return self._outputs(m.scaled_logits_paired(img.float(), pool_prompts(txt, m.prompt_pool).float()))
 
 
 class TextCacheableGraph(_Classifier):
@@ -72,7 +72,7 @@ class TextCacheableGraph(_Classifier):
     def forward(self, images: torch.Tensor):
         m = self.model
         img = m.encode_images(images, self.text)
-        return self._outputs(m._logits(img.float(), self.class_features.float()))
+        return self._outputs(m.scaled_logits(img.float(), self.class_features.float()))
 
 
 def export_module(model: NearlCLIP) -> nn.Module:

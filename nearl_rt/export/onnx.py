@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import tempfile
@@ -23,13 +22,13 @@ import torch
 from onnxscript import opset23 as op23
 from onnxscript.onnx_types import BOOL, FLOAT
 
-from export.graph import export_module, reference_ops
-from export.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
-from export.runtime import METADATA_PREFIX, decode_metadata
-from nearl_rt.atomic import atomic_output
-from nearl_rt.errors import NearlError
+from nearl_rt.export.graph import export_module, reference_ops
+from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
+from nearl_rt.core.metadata import read_metadata, write_metadata
+from nearl_rt.core.atomic import atomic_output
+from nearl_rt.core.errors import NearlError
 
-log = logging.getLogger("export.onnx")
+log = logging.getLogger(__name__)
 
 # Measured on CPU onnxruntime with vit_b16 (README "Export and serving"): opset 23's native Attention was
 # not faster than opset 18's MatMul/Softmax attention beyond noise; 18 runs on more onnxruntime builds.
@@ -40,6 +39,7 @@ MIN_OPSET = 18
 # of 4.9e-4; through 12 layers of matmuls and LayerNorms the normalised features move by ~1e-3 and the
 # logits (cosine x exp(logit_scale) <= 100) by that times the scale.
 TOLERANCE = {False: (1e-4, 1e-5), True: (5e-2, 1e-2)}
+CLASSIFIER_DOC = "NEARL-CLIP classifier: images -> logits, probs"
 
 
 class ExportError(NearlError):
@@ -55,7 +55,7 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
     outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
     int; verify: onnx.checker + onnxruntime CPU vs PyTorch at two batch sizes (raises ExportError on a
     mismatch); checkpoint_sha256: recorded in the metadata; intensity: the image intensity policy the model
-    was trained with (export.imaging; recorded so NearlSession applies it). Returns the written path.
+    was trained with (nearl_rt.core.imaging; recorded so NearlSession applies it). Returns the written path.
     """
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or opset < MIN_OPSET:
@@ -69,8 +69,9 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
     if out_path.is_dir():
         raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
     with atomic_output(out_path) as tmp:
-        proto = _to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
-        _set_metadata(proto, _metadata(model, opset, fp16, fixed_batch, checkpoint_sha256, intensity))
+        proto = trace_to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
+        write_metadata(proto, classifier_metadata_values(model, opset, fp16, fixed_batch, checkpoint_sha256,
+                                                        intensity), doc=CLASSIFIER_DOC)
         onnx.save(proto, tmp)
         if optimize:
             _optimize_offline(tmp)
@@ -93,7 +94,9 @@ def _parse_batch_size(batch_size) -> Optional[int]:
     return n
 
 
-def _to_onnx(module, opset: int, fixed_batch: Optional[int]) -> onnx.ModelProto:
+def trace_to_onnx(module, opset: int, fixed_batch: Optional[int]) -> onnx.ModelProto:
+    """The ONNX graph of an nn.Module whose `.model` is a NearlCLIP (nearl_rt.export.graph's modules, the benchmark's
+    frozen CLIP): dynamo exporter, input `images` (dynamic batch axis unless fixed), outputs logits/probs."""
     src = module.model
     was_training = src.training
     src.eval()
@@ -137,21 +140,22 @@ def _input_size(model) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpoint_sha256: Optional[str],
-              intensity: Optional[IntensityPolicy] = None) -> dict:
+def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optional[int],
+                               checkpoint_sha256: Optional[str], intensity: Optional[IntensityPolicy] = None) -> dict:
+    """The nearl.* metadata of a classifier exported from `model` (nearl_rt.core.metadata writes it)."""
     from nearl_rt import __version__
     cfg = model.preprocess_cfg
     return {
-        "class_names": json.dumps(list(model.class_names)),
+        "class_names": list(model.class_names),
         "template": model.template or "",
-        "templates": json.dumps(model.templates),  # the prompt ensemble baked into the graph
+        "templates": model.templates,  # the prompt ensemble baked into the graph
         "interaction": model.interaction,
-        "input_size": json.dumps(list(_input_size(model))),
-        "mean": json.dumps([float(v) for v in cfg["mean"]]),
-        "std": json.dumps([float(v) for v in cfg["std"]]),
+        "input_size": list(_input_size(model)),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
-        "intensity": (intensity or DEFAULT_POLICY).to_json(),
+        "intensity": (intensity or DEFAULT_POLICY).to_dict(),
         "backbone": model.backbone_identity.name,
         "backbone_sha256": model.backbone_identity.sha256 or "",
         "nearl_rt_version": __version__,
@@ -162,33 +166,17 @@ def _metadata(model, opset: int, fp16: bool, fixed_batch: Optional[int], checkpo
     }
 
 
-def _set_metadata(proto: onnx.ModelProto, values: dict) -> None:
-    keep = [p for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in values.items():
-        proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
-    proto.producer_name, proto.doc_string = "nearl-rt", "NEARL-CLIP classifier: images -> logits, probs"
-
-
-def read_metadata(path) -> dict:
-    """The nearl.* metadata of an exported file, decoded (lists as lists)."""
-    props = {p.key[len(METADATA_PREFIX):]: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
-             if p.key.startswith(METADATA_PREFIX)}
-    return decode_metadata(props)
-
-
 def _optimize_offline(path: Path) -> None:
     """Replace `path` by onnxruntime's offline-optimised graph (extended level: portable across CPU and
     CUDA, unlike the layout-specific "all" level), keeping the metadata."""
     import onnxruntime as ort
-    meta = onnx.load(str(path), load_external_data=False).metadata_props
+    meta = read_metadata(path)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(path)
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     proto = onnx.load(str(path))
-    _set_metadata(proto, {p.key[len(METADATA_PREFIX):]: p.value for p in meta if p.key.startswith(METADATA_PREFIX)})
+    write_metadata(proto, meta, doc=CLASSIFIER_DOC)
     onnx.save(proto, str(path))
 
 
@@ -202,7 +190,7 @@ def _float32_error_bound(module, images: torch.Tensor, ref32: np.ndarray) -> flo
 
 
 def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] = None, seed: int = 0) -> dict:
-    """onnx.checker, then onnxruntime CPU vs the float32 PyTorch `module` (an export.graph module) on
+    """onnx.checker, then onnxruntime CPU vs the float32 PyTorch `module` (an nearl_rt.export.graph module) on
     fresh random inputs: batch 1 and 3 (or the fixed batch). Returns {batch: {"logits": d, "probs": d}}
     max |diff|; raises ExportError when a difference exceeds TOLERANCE or an output is not finite."""
     import onnxruntime as ort
@@ -258,15 +246,15 @@ def load_exportable(checkpoint, pretrained: Optional[str] = None):
 def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None, **options):
     """Export a checkpoint's model (see load_exportable) with its recorded intensity policy and sha256;
     options go to export_model. Returns (path, model)."""
-    from export.hashing import sha256_file
+    from nearl_rt.core.hashing import sha256_file
     model, intensity = load_exportable(checkpoint, pretrained)
     path = export_model(model, out_path, checkpoint_sha256=sha256_file(checkpoint), intensity=intensity, **options)
     return path, model
 
 
 def main(argv=None) -> int:
-    from export.hashing import sha256_file
-    from nearl_rt.cli import log_to_stderr
+    from nearl_rt.core.hashing import sha256_file
+    from nearl_rt.core.cli import log_to_stderr
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
     parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
@@ -277,13 +265,13 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrained", help="the backbone weights file or download folder on this machine (if it moved)")
     parser.add_argument("--preprocess", action="store_true",
                         help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
-                             "(export/preprocess_graph.py; for C++ and other clients without Pillow)")
+                             "(nearl_rt/export/preprocess_graph.py; for C++ and other clients without Pillow)")
     add_int8_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
     gates = check_int8_arguments(args)
-    log_to_stderr("export")  # export.onnx, export.quantize, export.preprocess_graph
+    log_to_stderr("nearl_rt.export")  # onnx, quantize, preprocess_graph
     if args.int8:
         model, intensity = load_exportable(args.checkpoint, args.pretrained)
         paths = export_int8(model, args, gates, sha256_file(args.checkpoint), intensity)
@@ -294,9 +282,9 @@ def main(argv=None) -> int:
               f"{len(model.class_names)} classes)")
         paths = [path]
     if args.preprocess:
-        from export import preprocess_graph
+        from nearl_rt.export.preprocess_graph import export_preprocess_graph
         for path in paths:
-            preprocess_graph.main([str(path)])
+            print(f"wrote {export_preprocess_graph(path)}")
     return 0
 
 
@@ -322,7 +310,7 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_int8_arguments(args):
     """The int8 options' Gates, after refusing inconsistent combinations (before anything is loaded)."""
-    from export.quantize import MIN_CALIBRATION_IMAGES, MIN_VERIFICATION_IMAGES, Gates
+    from nearl_rt.export.quantize import MIN_CALIBRATION_IMAGES, MIN_VERIFICATION_IMAGES, Gates
     if not args.int8:
         used = [f for f in ("calibrate", "verify_data") if getattr(args, f)]
         if used:
@@ -346,7 +334,7 @@ def check_int8_arguments(args):
 def export_int8(model, args, gates, checkpoint_sha256: str, intensity: IntensityPolicy) -> list[Path]:
     """--int8: the verified fp32 export (kept next to the checkpoint unless -o names the int8 file), then
     its quantised version, verified against it. Returns the files written."""
-    from export.quantize import images_from_dataset, quantize
+    from nearl_rt.export.quantize import images_from_dataset, quantize
     draw = dict(split=args.data_split, image_root=args.image_root, intensity=intensity)
     calibration = verification = None
     if args.calibrate:
@@ -383,5 +371,5 @@ def export_int8(model, args, gates, checkpoint_sha256: str, intensity: Intensity
 
 
 if __name__ == "__main__":
-    from nearl_rt.cli import run_cli
+    from nearl_rt.core.cli import run_cli
     sys.exit(run_cli(main, prog="python -m export.onnx"))

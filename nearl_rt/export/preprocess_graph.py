@@ -1,4 +1,4 @@
-"""The evaluation preprocessing of export/preprocess.py as a standard opset-18 ONNX graph, for clients
+"""The evaluation preprocessing of nearl_rt/core/preprocess.py as a standard opset-18 ONNX graph, for clients
 without Pillow (the C++ library, `NearlSession(preprocess="onnx")`, a Triton ensemble).
 
     python -m export.preprocess_graph model.onnx     # writes model.preprocess.onnx next to it
@@ -9,12 +9,11 @@ convert("RGB") does) -> output `images` float32 [1, 3, S, S], the classifier's i
 shorter side to S (Resize cubic, a = -0.5, antialias, exclude_outside, half_pixel on uint8: onnxruntime's
 uint8 antialias kernel is Pillow's fixed-point two-pass algorithm) -> centre crop (Pillow's rounding)
 -> / 255 -> (x - mean) / std. The graph records the classifier it belongs to by sha256 and is
-verified against export/preprocess.py before it is kept (PREPROCESS_TOLERANCE).
+verified against nearl_rt/core/preprocess.py before it is kept (PREPROCESS_TOLERANCE).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,9 +23,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.runtime import METADATA_PREFIX, PREPROCESS_KIND, preprocess_graph_path, sha256_file
+from nearl_rt.core.atomic import atomic_output
+from nearl_rt.core.hashing import sha256_file
+from nearl_rt.core.imaging import load_image
+from nearl_rt.core.metadata import (PREPROCESS_KIND, classifier_metadata, preprocess_graph_path, read_metadata,
+                                    write_metadata)
+from nearl_rt.core.preprocess import preprocess_image
 
-log = logging.getLogger("export.preprocess_graph")
+log = logging.getLogger(__name__)
 
 OPSET = 18  # opset-19+ Resize lacks a CUDA kernel in older onnxruntime builds
 # Pillow and onnxruntime round the same fixed-point sums but not always to the same side of .5 (the
@@ -36,13 +40,13 @@ MAX_STEPS, MAX_SHARE, PROBS_ATOL = 1, 0.005, 1e-5
 
 
 class PreprocessGraphError(ValueError):
-    """The preprocessing graph cannot be built, or it does not reproduce export/preprocess.py."""
+    """The preprocessing graph cannot be built, or it does not reproduce nearl_rt/core/preprocess.py."""
 
 
 def build_preprocess_graph(size: int, mean: Sequence[float], std: Sequence[float], *,
                            interpolation: str = "bicubic", resize_mode: str = "shortest",
                            classifier_sha256: str = "") -> onnx.ModelProto:
-    """uint8 [1, H, W, 1|3] -> float32 [1, 3, size, size], as export.preprocess.preprocess_image."""
+    """uint8 [1, H, W, 1|3] -> float32 [1, 3, size, size], as nearl_rt.core.preprocess.preprocess_image."""
     if interpolation != "bicubic" or resize_mode != "shortest":
         raise PreprocessGraphError(f"interpolation={interpolation!r}, resize_mode={resize_mode!r}: the preprocessing "
                                    f"graph reproduces Pillow's bicubic shortest-side resize only")
@@ -111,15 +115,13 @@ def build_preprocess_graph(size: int, mean: Sequence[float], std: Sequence[float
         nodes, "nearl_preprocess",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, [1, "height", "width", "channels"])],
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="nearl-rt",
-                              doc_string="NEARL-CLIP preprocessing: uint8 [1,H,W,1|3] -> normalised [1,3,S,S]")
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     proto.ir_version = 8  # opset 18's IR; readable by onnxruntime >= 1.14
     from nearl_rt import __version__
-    meta = {"kind": PREPROCESS_KIND, "input_size": json.dumps([size, size]), "mean": json.dumps([float(v) for v in mean]),
-            "std": json.dumps([float(v) for v in std]), "interpolation": interpolation, "resize_mode": resize_mode,
-            "classifier_sha256": classifier_sha256, "nearl_rt_version": __version__, "opset": str(OPSET)}
-    for key, value in meta.items():
-        proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
+    write_metadata(proto, {"kind": PREPROCESS_KIND, "input_size": [size, size], "mean": [float(v) for v in mean],
+                           "std": [float(v) for v in std], "interpolation": interpolation, "resize_mode": resize_mode,
+                           "classifier_sha256": classifier_sha256, "nearl_rt_version": __version__, "opset": OPSET},
+                   doc="NEARL-CLIP preprocessing: uint8 [1,H,W,1|3] -> normalised [1,3,S,S]")
     return proto
 
 
@@ -140,14 +142,11 @@ def _check_images(seed: int, size: int) -> list[np.ndarray]:
 
 
 def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0, probs_atol: Optional[float] = None) -> dict:
-    """The graph at `path` vs export.preprocess on random images of odd sizes (<= MAX_STEPS uint8 steps on
+    """The graph at `path` vs nearl_rt.core.preprocess on random images of odd sizes (<= MAX_STEPS uint8 steps on
     <= MAX_SHARE of the values) and, given the classifier, end to end (probabilities within probs_atol,
     default PROBS_ATOL).
     Returns {"max_steps", "max_share", "probs"} (worst cases); raises PreprocessGraphError."""
     import onnxruntime as ort
-
-    from export.imaging import load_image
-    from export.preprocess import preprocess_image
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
@@ -170,7 +169,7 @@ def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0, probs_
         log.debug("preprocess %dx%d: max %.3f steps, %.4f%% of values differ", w, h, steps.max(), 100 * share)
         if steps.max() > MAX_STEPS + 1e-3 or share > MAX_SHARE:
             raise PreprocessGraphError(
-                f"the preprocessing graph disagrees with export.preprocess on a {w}x{h} image: max {steps.max():.2f} "
+                f"the preprocessing graph disagrees with nearl_rt.core.preprocess on a {w}x{h} image: max {steps.max():.2f} "
                 f"uint8 steps, {100 * share:.3f}% of values differ (allowed {MAX_STEPS} step on {100 * MAX_SHARE}%)")
         graph_batch.append(got)
         pillow_batch.append(want)
@@ -181,7 +180,7 @@ def verify_preprocess_graph(path, classifier_path=None, *, seed: int = 0, probs_
             pa, pb = (cls.run(["probs"], {"images": x})[0] for x in (a, b))
             result["probs"] = max(result["probs"], float(np.abs(pa - pb).max()))
         if not result["probs"] <= probs_atol:
-            raise PreprocessGraphError(f"probabilities through the preprocessing graph differ from export.preprocess's "
+            raise PreprocessGraphError(f"probabilities through the preprocessing graph differ from nearl_rt.core.preprocess's "
                                        f"by {result['probs']:.3g} > {probs_atol}")
     return result
 
@@ -197,14 +196,11 @@ def _chunks(batch: np.ndarray, fixed) -> list[np.ndarray]:
 
 def read_preprocess_metadata(path) -> dict:
     """The nearl.* metadata of a preprocessing graph (JSON lists decoded); raises if it is not one."""
-    props = {p.key[len(METADATA_PREFIX):]: p.value for p in onnx.load(str(path)).metadata_props
-             if p.key.startswith(METADATA_PREFIX)}
-    if props.get("kind") != PREPROCESS_KIND:
+    meta = read_metadata(path)
+    if meta.get("kind") != PREPROCESS_KIND:
         raise PreprocessGraphError(f"{path} is not a nearl preprocessing graph (no nearl.kind = {PREPROCESS_KIND!r} "
                                    f"metadata)")
-    for key in ("input_size", "mean", "std"):
-        props[key] = json.loads(props[key])
-    return props
+    return meta
 
 
 def export_preprocess_graph(classifier_path, out_path=None, *, verify: bool = True,
@@ -212,19 +208,13 @@ def export_preprocess_graph(classifier_path, out_path=None, *, verify: bool = Tr
     """Write the preprocessing graph of the exported classifier at `classifier_path` (default
     preprocess_graph_path(classifier_path)), atomically; verified unless verify=False (probs_atol: see
     verify_preprocess_graph)."""
-    from export.onnx import read_metadata
-    from nearl_rt.atomic import atomic_output
     classifier_path = Path(classifier_path)
     if not classifier_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {classifier_path} (export one with `python -m export.onnx CKPT`)")
-    meta = read_metadata(classifier_path)
-    missing = [k for k in ("input_size", "mean", "std") if k not in meta]
-    if missing:
-        raise PreprocessGraphError(f"{classifier_path} lacks the nearl.* metadata {missing}: it was not written by "
-                                   f"export.onnx")
+    meta = classifier_metadata(classifier_path, classifier_path)
     h, w = meta["input_size"]
     if h != w:
-        raise PreprocessGraphError(f"{classifier_path} has a non-square input size {h}x{w}: export.preprocess "
+        raise PreprocessGraphError(f"{classifier_path} has a non-square input size {h}x{w}: nearl_rt.core.preprocess "
                                    f"centre-crops squares only")
     proto = build_preprocess_graph(int(h), meta["mean"], meta["std"], interpolation=meta.get("interpolation", "bicubic"),
                                    resize_mode=meta.get("resize_mode", "shortest"),
@@ -235,7 +225,7 @@ def export_preprocess_graph(classifier_path, out_path=None, *, verify: bool = Tr
         if verify:
             # End to end through an int8 classifier would measure its quantisation, not the graph: dynamic
             # activation ranges turn a one-step pixel difference into ~1e-3 of probability. Its pixels are checked;
-            # the int8 model itself was checked against its fp32 source by export.quantize's gates.
+            # the int8 model itself was checked against its fp32 source by nearl_rt.export.quantize's gates.
             end_to_end = meta.get("precision") != "int8"
             r = verify_preprocess_graph(tmp, classifier_path if end_to_end else None, probs_atol=probs_atol)
             log.info("verified %s: max %.0f uint8 step on <= %.3f%% of values; %s", out_path.name, r["max_steps"],
@@ -249,13 +239,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("model", help="an exported classifier (python -m export.onnx)")
     parser.add_argument("-o", "--output", help="output file (default: MODEL with .preprocess.onnx)")
     args = parser.parse_args(argv)
-    from nearl_rt.cli import log_to_stderr
-    log_to_stderr("export")
+    from nearl_rt.core.cli import log_to_stderr
+    log_to_stderr("nearl_rt.export")
     path = export_preprocess_graph(args.model, args.output)
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    from nearl_rt.cli import run_cli
+    from nearl_rt.core.cli import run_cli
     sys.exit(run_cli(main, prog="python -m export.preprocess_graph"))

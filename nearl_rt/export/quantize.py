@@ -23,7 +23,6 @@ otherwise, with the measured figures, and nothing is written.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,11 +31,11 @@ from typing import Optional, Sequence
 import numpy as np
 import onnx
 
-from export.hashing import sha256_file
-from export.imaging import DEFAULT_POLICY, IntensityPolicy
-from export.runtime import METADATA_PREFIX
-from nearl_rt.atomic import atomic_output
-from nearl_rt.errors import NearlError
+from nearl_rt.core.hashing import sha256_file
+from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy
+from nearl_rt.core.metadata import read_metadata, write_metadata
+from nearl_rt.core.atomic import atomic_output
+from nearl_rt.core.errors import NearlError
 
 METHODS = ("dynamic", "static")
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
@@ -111,7 +110,7 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
         raise ValueError(f"method={method!r}: use one of {METHODS}")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     proto = onnx.load(str(fp32_path))
-    meta = {p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)}
+    meta = read_metadata(proto)
     if meta.get("precision", "fp32") != "fp32":
         raise QuantizationError(f"{fp32_path} is a {meta['precision']} model: int8 quantisation starts from the "
                                 f"fp32 export (export without --fp16)")
@@ -121,7 +120,7 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
         if len(calibration.images) < MIN_CALIBRATION_IMAGES:
             raise QuantizationError(f"only {len(calibration.images)} calibration images from {calibration.source}; "
                                     f"static int8 needs at least {MIN_CALIBRATION_IMAGES}")
-    size = json.loads(meta["input_size"])
+    size = meta["input_size"]
     if verification is None:
         rng = np.random.default_rng(seed)
         verification = ImageSet(rng.standard_normal((RANDOM_VERIFICATION_IMAGES, 3, *size), dtype=np.float32))
@@ -140,7 +139,8 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
         report = verify_int8(fp32_path, tmp, verification, gates)
         info["verification"] = report
         q = onnx.load(str(tmp))
-        _set_quant_metadata(q, meta, info)
+        write_metadata(q, dict(meta, precision="int8", quantization=info),
+                       doc="NEARL-CLIP classifier (int8): images -> logits, probs")
         onnx.save(q, str(tmp))
     return report
 
@@ -225,18 +225,12 @@ def verify_int8(fp32_path, int8_path, images: ImageSet, gates: Gates) -> dict:
     return report
 
 
-def _set_quant_metadata(proto: onnx.ModelProto, source_meta: dict, info: dict) -> None:
-    from export.onnx import _set_metadata
-    _set_metadata(proto, dict(source_meta, precision="int8", quantization=json.dumps(info, sort_keys=True)))
-    proto.doc_string = "NEARL-CLIP classifier (int8): images -> logits, probs"
-
-
 def images_from_dataset(data, class_names: Sequence[str], preprocess_cfg: dict, *, split: Optional[str] = None,
                         counts: Sequence[int] = (), seed: int = 0, image_root=None,
                         intensity: IntensityPolicy = DEFAULT_POLICY) -> list[ImageSet]:
     """Disjoint, deterministic (seeded permutation) draws of `counts[i]` preprocessed images from one split of a
     dataset the CLIs read (default split: train, else the only one), decoded with the model's `intensity`
-    policy (export.imaging). The dataset's classes must be the model's."""
+    policy (nearl_rt.core.imaging). The dataset's classes must be the model's."""
     from nearl_rt.data import Preprocess, load_images, read_dataset
     ds = read_dataset(data, image_root)
     if list(ds.class_names) != list(class_names):

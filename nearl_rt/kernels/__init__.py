@@ -2,7 +2,7 @@
 
 Every op has a plain PyTorch reference (`*_reference`), the ground truth for tests. `oca` and
 `use_attention` dispatch on `backend`: "torch" (reference), "triton" (the fused kernels in
-kernels/oca_triton.py and kernels/use_attention_triton.py), or "auto" (triton for CUDA tensors of
+nearl_rt/kernels/oca_triton.py and nearl_rt/kernels/use_attention_triton.py), or "auto" (triton for CUDA tensors of
 fp32/fp16/bf16, torch otherwise). The environment variable NEARL_RT_BACKEND overrides the argument.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import os
 
 import torch
 
-from kernels.checks import OpInputError
-from kernels.derived import derived
-from kernels.oca import oca_reference
-from kernels.use_attention import use_attention_reference
+from nearl_rt.kernels.checks import OpInputError
+from nearl_rt.kernels.derived import derived
+from nearl_rt.kernels.oca import oca_reference
+from nearl_rt.kernels.use_attention import use_attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -46,17 +46,17 @@ def _triton_importable() -> bool:
 
 
 def oca(x, group, k, v, w_q, w_o, scale, *, backend: str = "auto", **options):
-    """OCA update F -> F + s * D_perp; see kernels.oca for the math and shapes."""
+    """OCA update F -> F + s * D_perp; see nearl_rt.kernels.oca for the math and shapes."""
     if resolve_backend(backend, x.device, x.dtype) == "triton":
-        from kernels.oca_triton import oca_triton
+        from nearl_rt.kernels.oca_triton import oca_triton
         return oca_triton(x, group, k, v, w_q, w_o, scale, **options)
     return oca_reference(x, group, k, v, w_q, w_o, scale, **options)
 
 
 def use_attention(q, x, t, t_valid, *params, heads: int, backend: str = "auto"):
-    """USEformer few-query cross-attention; see kernels.use_attention for the math and shapes."""
+    """USEformer few-query cross-attention; see nearl_rt.kernels.use_attention for the math and shapes."""
     if resolve_backend(backend, q.device, q.dtype) == "triton":
-        from kernels.use_attention_triton import use_attention_triton
+        from nearl_rt.kernels.use_attention_triton import use_attention_triton
         return use_attention_triton(q, x, t, t_valid, *params, heads=heads)
     return use_attention_reference(q, x, t, t_valid, *params, heads=heads)
 

@@ -97,7 +97,7 @@ def check_use_inputs(q, x, t, t_valid, ln_x_w, ln_x_b, w_dx, ln_t_w, ln_t_b, w_d
 
 def check_fused_tensors(*tensors) -> None:
     """The fused Triton ops take fp32/fp16/bf16 tensors on CUDA, or on CPU under TRITON_INTERPRET=1
-    ("meta" tensors while kernels/launches.py plans launches without running them)."""
+    ("meta" tensors while nearl_rt/kernels/launches.py plans launches without running them)."""
     for t in tensors:
         if t is None or not t.is_floating_point():
             continue
@@ -112,6 +112,6 @@ def check_fused_tensors(*tensors) -> None:
 
 def _runs_off_gpu(device: torch.device) -> bool:
     if device.type == "meta":
-        from kernels.launches import planning
+        from nearl_rt.kernels.launches import planning
         return planning()
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,5 +1,5 @@
 """What a forward launches: the fused ops' Triton launches (recorded, optionally not run) and the aten ops
-that would be CUDA kernels. Used by the resource table (kernels/resources.py: it compiles exactly the
+that would be CUDA kernels. Used by the resource table (nearl_rt/kernels/resources.py: it compiles exactly the
 launches the wrappers make) and by the launch-budget test (tests/test_kernels_launches.py).
 
     with recorded_launches(run=False) as launches:      # Triton kernels are recorded, not run
@@ -15,14 +15,13 @@ import contextvars
 import importlib
 from dataclasses import dataclass
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # every Triton kernel the wrappers launch, by module (the @triton.jit helpers they call are not launched)
 LAUNCHED = {
-    "kernels.oca_triton": ("_oca_fwd", "_oca_bwd_rows", "_oca_bwd_weights"),
-    "kernels.ln_down_triton": ("_ln_down_fwd",),
-    "kernels.use_attention_triton": ("_use_fwd", "_use_combine", "_use_bwd"),
+    "nearl_rt.kernels.oca_triton": ("_oca_fwd", "_oca_bwd_rows", "_oca_bwd_weights"),
+    "nearl_rt.kernels.ln_down_triton": ("_ln_down_fwd",),
+    "nearl_rt.kernels.use_attention_triton": ("_use_fwd", "_use_combine", "_use_bwd"),
 }
 
 _PLANNING = contextvars.ContextVar("nearl_kernels_planning", default=False)

@@ -2,7 +2,7 @@
 
 Forward: one Triton program per block of BLOCK_T token rows streams D in chunks, reads the tokens once
 from HBM and writes only the d_s-wide keys (in the dtype the attention wants), with the affine folded
-into the weights once per weight version (kernels/derived.py):
+into the weights once per weight version (nearl_rt/kernels/derived.py):
     LN(x) W^T = xhat (W * ln_w)^T + W ln_b,   xhat = (x - mean) * rstd.
 Pass 1 (statistics) is software-pipelined (3 chunks in flight); pass 2 re-reads the block from L2.
 
@@ -13,7 +13,7 @@ traffic against 32-token blocks, to ~2x the token bytes. Expected ~60-70 % of co
 (the two passes over each block and the 1.5 waves of one-CTA-per-SM programs are the loss); at B = 1
 and 8 the op is latency-bound (a few microseconds).
 
-Backward: recomputes the same math with PyTorch (kernels.use_attention.down_project) under autograd and
+Backward: recomputes the same math with PyTorch (nearl_rt.kernels.use_attention.down_project) under autograd and
 differentiates it; the issue allows the USE backward to fuse less, and this part is a plain LN + GEMM.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.derived import derived
-from kernels.triton_common import cdiv, compute_dtype, ln_stats, mm, multiprocessor_count, no_autocast, pow2, row_tile
-from kernels.use_attention import LN_EPS, down_project
+from nearl_rt.kernels.derived import derived
+from nearl_rt.kernels.triton_common import cdiv, compute_dtype, ln_stats, mm, multiprocessor_count, no_autocast, pow2, row_tile
+from nearl_rt.kernels.use_attention import LN_EPS, down_project
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _ln_down_fwd(x_ptr, w_ptr, c_ptr, k_ptr, T, D, DS, ln_eps, BLOCK_T: tl.const
 @functools.lru_cache(maxsize=1024)
 def _plan(T: int, D: int, DS: int, dtype: torch.dtype, sms: int):
     """Token blocks: 64 when that still fills every SM once (amortises the weight re-reads), else 32 or 16.
-    fp32 takes 32-wide D chunks: 64-wide ones spill on sm_80 (python -m kernels.resources --arch sm_80)."""
+    fp32 takes 32-wide D chunks: 64-wide ones spill on sm_80 (python -m nearl_rt.kernels.resources --arch sm_80)."""
     block_t = next((bt for bt in (64, 32) if cdiv(T, bt) >= sms), 16)
     block_d = min(32 if dtype == torch.float32 else 64, pow2(D))
     return (cdiv(T, block_t),), dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_S=pow2(DS),

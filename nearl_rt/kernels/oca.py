@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import check_oca_inputs
+from nearl_rt.kernels.checks import check_oca_inputs
 
 PARALLEL_MODES = ("drop", "stopgrad")
 LN_EPS = 1e-5

@@ -1,4 +1,4 @@
-"""Fused Triton OCA (math: kernels/oca.py), forward and backward, behind one autograd.Function.
+"""Fused Triton OCA (math: nearl_rt/kernels/oca.py), forward and backward, behind one autograd.Function.
 
 Forward: one program per block of BLOCK_T token rows of one sequence; the sequence carries its group
 index, so image rows, per-image text rows and cached-text rows (one shared Z) use the same kernel:
@@ -12,7 +12,7 @@ Pass 1 (statistics) is software-pipelined (3 chunks in flight: triton_common.ln_
 Bytes and expected bandwidth (ViT-B/16 image rows at B = 64, 16-bit: 12,608 rows x 768): the minimum is
 the rows once in and once out, 2 x 19.4 MB. The plan (_plan) takes 64-row blocks with 8 warps there:
 256 programs at 124 registers and 56 KB of shared memory, 2 per SM on sm_90, 0.97 waves on 132 SMs
-(python -m kernels.resources). W_q and W_o in the activation dtype (98 KB) are re-read from L2 by every
+(python -m nearl_rt.kernels.resources). W_q and W_o in the activation dtype (98 KB) are re-read from L2 by every
 program, ~1x the token bytes, and passes 2-3 re-read the block from L2 (2x): ~2.5x the HBM bytes through
 L2, against ~6.7x for the 32-row fp32-weight blocks before. Expected (a design estimate, not measured on a
 GPU): 60-75 % of the device-to-device copy bandwidth at B = 64; small batches take 32/16-row blocks so
@@ -37,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_fused_tensors, check_oca_inputs
-from kernels.derived import derived
-from kernels.oca import LN_EPS
-from kernels.triton_common import cdiv, compute_dtype, ln_stats, mm, multiprocessor_count, pow2, rmax, row_tile, rsum
+from nearl_rt.kernels.checks import check_fused_tensors, check_oca_inputs
+from nearl_rt.kernels.derived import derived
+from nearl_rt.kernels.oca import LN_EPS
+from nearl_rt.kernels.triton_common import cdiv, compute_dtype, ln_stats, mm, multiprocessor_count, pow2, rmax, row_tile, rsum
 
 
 @triton.jit
@@ -294,7 +294,7 @@ class OCAFunction(torch.autograd.Function):
 
 def oca_triton(x, group, k, v, w_q, w_o, scale, *, eps: float = 1e-6, orthogonal: bool = True,
                keep_parallel: str = "drop") -> torch.Tensor:
-    """Fused OCA with the signature and result of kernels.oca.oca_reference (fp32 accumulation)."""
+    """Fused OCA with the signature and result of nearl_rt.kernels.oca.oca_reference (fp32 accumulation)."""
     check_oca_inputs(x, group, k, v, w_q, w_o, scale, keep_parallel=keep_parallel, need_contiguous=True)
     check_fused_tensors(x, k, v, w_q, w_o, scale)
     return OCAFunction.apply(x, group, k, v, w_q, w_o, scale, eps, orthogonal, keep_parallel)

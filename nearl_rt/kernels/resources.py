@@ -1,13 +1,13 @@
 """Offline resource table: every fused Triton kernel, in every configuration the wrappers choose, compiled
 for a GPU architecture with the installed Triton and its ptxas; no GPU needed.
 
-    python -m kernels.resources                          # sm_90, every geometry, dtype, batch, pass
-    python -m kernels.resources --arch sm_80 --json table.json
-    python -m kernels.resources --geometry vit_b16 --dtype bf16 --batch 64 --check
+    python -m nearl_rt.kernels.resources                          # sm_90, every geometry, dtype, batch, pass
+    python -m nearl_rt.kernels.resources --arch sm_80 --json table.json
+    python -m nearl_rt.kernels.resources --geometry vit_b16 --dtype bf16 --batch 64 --check
 
 One row per kernel and configuration: registers, spill bytes (stores/loads), shared memory, blocks per SM,
 grid size and waves. The launches are the wrappers' own: each site below runs the op the model runs at a
-layer (on "meta" tensors, kernels recorded and not run: kernels/launches.py) for the architecture's SM
+layer (on "meta" tensors, kernels recorded and not run: nearl_rt/kernels/launches.py) for the architecture's SM
 count, forward alone (inference) and forward + backward (training), so the table follows any change of
 block sizes or split plans. `--check` exits 1 when a configuration does not fit (shared memory over the
 per-block limit, or more spill than SPILL_BOUND).
@@ -57,7 +57,7 @@ def _meta(*shape, dtype, grad):
 
 
 def _oca_site(rows, n, width, groups, dtype, grad):
-    from kernels.oca_triton import oca_triton
+    from nearl_rt.kernels.oca_triton import oca_triton
     x = _meta(rows, n, width, dtype=dtype, grad=grad)
     kv = _meta(groups, M, 2 * RANK, dtype=dtype, grad=grad)
     group = torch.empty(rows, device="meta", dtype=torch.int64)
@@ -66,7 +66,7 @@ def _oca_site(rows, n, width, groups, dtype, grad):
 
 
 def _use_site(groups, image, text_groups, text_width, dtype, grad):
-    from kernels.use_attention_triton import use_attention_triton
+    from nearl_rt.kernels.use_attention_triton import use_attention_triton
     p = lambda *s: _meta(*s, dtype=dtype, grad=grad)  # noqa: E731
     img = (p(groups, *image), p(image[1]), p(image[1]), p(DS, image[1])) if image else (None,) * 4
     t = p(text_groups, CLASSES * PROMPT, text_width)
@@ -95,8 +95,8 @@ SITES = ("oca_image", "oca_text_per_image", "use_image+class_text", "use_image+o
 
 def plan(arch: Arch, geometries, dtypes, batches, site_names=SITES, passes=PASSES):
     """Every launch the wrappers make, as (config dict, Launch)."""
-    from kernels.launches import recorded_launches
-    from kernels.triton_common import set_planned_sms
+    from nearl_rt.kernels.launches import recorded_launches
+    from nearl_rt.kernels.triton_common import set_planned_sms
     set_planned_sms(arch.sms)
     for geometry in geometries:
         for B in batches:
@@ -229,7 +229,7 @@ def _choices(value: str, allowed, what: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.resources", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m nearl_rt.kernels.resources", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="sm_90", help="sm_90, sm_80 or both, comma-separated (default sm_90)")
     ap.add_argument("--geometry", default=",".join(GEOMETRIES), help=f"subset of {','.join(GEOMETRIES)}")
     ap.add_argument("--dtype", default=",".join(DTYPES), help=f"subset of {','.join(DTYPES)}")
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         problems += violations(arch_rows, ARCHS[name])
     print(markdown(rows))
     if args.json:
-        from nearl_rt.atomic import atomic_output
+        from nearl_rt.core.atomic import atomic_output
         with atomic_output(args.json) as tmp:
             tmp.write_text(json.dumps(dict(spill_bound=SPILL_BOUND, archs={n: asdict(ARCHS[n]) for n in archs},
                                            rows=rows), indent=1))
@@ -275,13 +275,13 @@ def main(argv=None) -> int:
 
 def _require_compiled_kernels() -> None:
     from triton.runtime.jit import JITFunction
-    import kernels.oca_triton
-    if not isinstance(kernels.oca_triton._oca_fwd, JITFunction):
-        raise ValueError("the kernels were imported under TRITON_INTERPRET=1; run `python -m kernels.resources` "
+    from nearl_rt.kernels import oca_triton
+    if not isinstance(oca_triton._oca_fwd, JITFunction):
+        raise ValueError("the kernels were imported under TRITON_INTERPRET=1; run `python -m nearl_rt.kernels.resources` "
                          "in a fresh process")
 
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported: compile them, never interpret
-    from nearl_rt.cli import run_cli
-    sys.exit(run_cli(main, prog="python -m kernels.resources"))
+    from nearl_rt.core.cli import run_cli
+    sys.exit(run_cli(main, prog="python -m nearl_rt.kernels.resources"))

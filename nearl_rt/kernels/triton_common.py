@@ -33,7 +33,7 @@ def no_autocast(device: torch.device):
 
 
 # SMs the launch plans assume off-GPU: the interpreter (small, so tests exercise split paths) and
-# kernels/resources.py, which plans for the target architecture's SM count (set_planned_sms)
+# nearl_rt/kernels/resources.py, which plans for the target architecture's SM count (set_planned_sms)
 _PLANNED_SMS = [4]
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import check_use_inputs
+from nearl_rt.kernels.checks import check_use_inputs
 
 LN_EPS = 1e-5
 

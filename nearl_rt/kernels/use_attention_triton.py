@@ -1,4 +1,4 @@
-"""Fused Triton USEformer attention (math: kernels/use_attention.py), forward and backward.
+"""Fused Triton USEformer attention (math: nearl_rt/kernels/use_attention.py), forward and backward.
 
 The key/value projections are folded into the few queries, so k and v are never built:
     q_h . (W_k,h K_j + b_k,h) = (W_k,h^T q_h) . K_j + q_h . b_k,h
@@ -23,9 +23,9 @@ Kernels (Flash-Decoding style, no atomics):
   _use_bwd      grid (G, splits, query blocks) per key source: recomputes p from the saved log-sum-exp,
                 writes dK per key (one slice per reading group and query block) and per-split partial
                 sums of dq~; torch sums them in a fixed order.
-The keys K = LN(X) W_dx^T, LN(T) W_dt^T come from kernels/ln_down_triton.py (fused forward: the tokens
+The keys K = LN(X) W_dx^T, LN(T) W_dt^T come from nearl_rt/kernels/ln_down_triton.py (fused forward: the tokens
 are read once, only d_s-wide keys are written; backward recomputed with PyTorch). Constant text keys
-(the cached class prompts of text_cacheable) are projected once per weight version (kernels/derived.py).
+(the cached class prompts of text_cacheable) are projected once per weight version (nearl_rt/kernels/derived.py).
 
 Bytes (ViT-B/16 at B = 64, 16-bit, own text of C = 2 prompts x 16 tokens): the keys, 64 x (197 + 32) x 128
 x 2 B = 3.8 MB, read once from HBM (the two 32-row query blocks of a group read them from L2), the
@@ -42,10 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_fused_tensors, check_use_inputs
-from kernels.derived import derived
-from kernels.ln_down_triton import ln_down_triton
-from kernels.triton_common import cdiv, multiprocessor_count, no_autocast, pow2, rmax, rsum
+from nearl_rt.kernels.checks import check_fused_tensors, check_use_inputs
+from nearl_rt.kernels.derived import derived
+from nearl_rt.kernels.ln_down_triton import ln_down_triton
+from nearl_rt.kernels.triton_common import cdiv, multiprocessor_count, no_autocast, pow2, rmax, rsum
 
 @triton.jit
 def _key_scores(k_ptr, valid_ptr, grp, kb, NK, DS, qs, scale, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -237,7 +237,7 @@ def _sources(kx, kt, t_valid):
 @functools.lru_cache(maxsize=1024)
 def _fwd_plan(G: int, NQ: int, DS: int, DH: int, NX: int, NT: int, fp32_keys: bool, sms: int):
     """Forward block sizes, grid and splits. 32 query rows x 16 keys x 8 warps: no register spill for
-    sm_90/sm_80 at d_s = 128 (python -m kernels.resources). Splits over the key length only when the
+    sm_90/sm_80 at d_s = 128 (python -m nearl_rt.kernels.resources). Splits over the key length only when the
     G x query-block programs would leave more than half the SMs idle (B >= 33 ViT-B/16 images need none)."""
     meta = dict(BLOCK_Q=min(32, pow2(NQ)), BLOCK_K=16, BLOCK_S=pow2(DS), BLOCK_H=pow2(DH), num_warps=8,
                 PREC="ieee" if fp32_keys else "tf32x3")
@@ -252,7 +252,7 @@ def _fwd_plan(G: int, NQ: int, DS: int, DH: int, NX: int, NT: int, fp32_keys: bo
 def _bwd_plan(G: int, NQ: int, DS: int, key_lengths: tuple, fp32_keys: bool, sms: int):
     """Backward block sizes and, per key source, (blocks per split, splits). 16 query rows, 16 keys and 8
     warps: the three tf32x3 / IEEE products of a key block stay within shared memory and registers without
-    spill (python -m kernels.resources; 32-key blocks spill 8 B for 16-bit keys, and the 64-row blocks used
+    spill (python -m nearl_rt.kernels.resources; 32-key blocks spill 8 B for 16-bit keys, and the 64-row blocks used
     before needed 304 KB of shared memory). BLOCK_Q == BLOCK_K: _use_bwd's delta and dp are one dot shape."""
     meta = dict(BLOCK_Q=16, BLOCK_K=16, BLOCK_S=pow2(DS), num_warps=8,
                 PREC="ieee" if fp32_keys else "tf32x3")
@@ -347,7 +347,7 @@ class USEAttentionFunction(torch.autograd.Function):
 
 def _text_keys(t, ln_t_w, ln_t_b, w_dt, dtype):
     """Down-projected text keys; constant text tokens (cached class prompts, no gradient) are projected
-    once per tensor and weight version (kernels/derived.py), not at every layer of every forward."""
+    once per tensor and weight version (nearl_rt/kernels/derived.py), not at every layer of every forward."""
     return derived(("use_text_keys", dtype), lambda *a: ln_down_triton(*a, out_dtype=dtype), t, ln_t_w, ln_t_b, w_dt)
 
 

@@ -26,6 +26,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from nearl_rt.core.errors import NearlError
+
 PYTRITON = "nvidia-pytriton==0.7.0"
 ENV_VAR = "NEARL_SERVE_ENV"
 _MARKER = "nearl-serve-env.json"
@@ -33,24 +35,19 @@ _MARKER = "nearl-serve-env.json"
 # Statistics stay open: read-only counters that monitoring and the batch-size checks need.
 _RESTRICTED = ["shared-memory", "model-repository", "trace", "logging"]
 # Run in the server environment with -I (no cwd, no PYTHONPATH, no user site: nothing of the calling
-# environment leaks in); the `export` package is imported from its directory alone, because its parent
-# may be a site-packages full of numpy-2 builds.
+# environment leaks in); the `nearl_rt` package is imported from its directory alone, because its parent
+# may be a site-packages full of numpy-2 builds. What the server runs imports only nearl_rt.core and this
+# module (nearl_rt's package face is lazy), so the environment needs no PyTorch.
 _BOOTSTRAP = """import importlib.util, sys
 d = sys.argv.pop(1)
-spec = importlib.util.spec_from_file_location("export", d + "/__init__.py", submodule_search_locations=[d])
-sys.modules["export"] = m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
-from export.serve import serve_main
+spec = importlib.util.spec_from_file_location("nearl_rt", d + "/__init__.py", submodule_search_locations=[d])
+sys.modules["nearl_rt"] = m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+from nearl_rt.serving.server import serve_main
 sys.exit(serve_main(sys.argv[1:]))
 """
 
 
-try:
-    from nearl_rt.errors import NearlError as _UserError  # the CLIs print these as one line
-except ImportError:  # the server environment has no torch, hence no nearl_rt
-    _UserError = Exception
-
-
-class ServeError(_UserError):
+class ServeError(NearlError):
     """The server environment or the server cannot be set up (the message names the fix)."""
 
 
@@ -154,13 +151,14 @@ def main(argv=None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     # exec: the server replaces this process, so signals, the exit status and the pid are the server's.
-    os.execv(python, [str(python), "-I", "-c", _BOOTSTRAP, str(Path(__file__).resolve().parent), *forwarded])
+    package = Path(__file__).resolve().parents[1]  # nearl_rt/
+    os.execv(python, [str(python), "-I", "-c", _BOOTSTRAP, str(package), *forwarded])
     return 1  # not reached
 
 
 def _check_args(args) -> None:
     """Fail here, in one line, before a server environment is made or a server started."""
-    from export.triton import read_signature
+    from nearl_rt.serving.triton_repository import read_signature
     if not Path(args.model).is_file():
         raise ServeError(f"model not found: {args.model} (export one with `python -m export.onnx CKPT`)")
     read_signature(args.model)  # a nearl-rt export, or a clear error
@@ -215,12 +213,14 @@ class ServerProcess:
         import time
         if self.proc is not None and self.proc.poll() is None:
             raise ServeError(f"this server is running already (pid {self.proc.pid}); stop() it first")
-        root = Path(__file__).resolve().parent.parent
         out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        # this process's nearl_rt (a checkout's or the installed one), whatever the working directory
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "export.serve", str(self.model), "--host", self.host, "--name", self.name,
+            [sys.executable, "-m", "nearl_rt.serving.server", str(self.model), "--host", self.host, "--name", self.name,
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *self.args],
-            cwd=root, stdout=out, stderr=subprocess.STDOUT)
+            env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout
         while not self.ready():
             if self.proc.poll() is not None:
@@ -303,7 +303,7 @@ def _start(args, workspace: Path):
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-    from export.runtime import NearlSession
+    from nearl_rt.core.session import NearlSession
 
     session = NearlSession(args.model)
     h, w = session.input_size
@@ -361,19 +361,19 @@ class ImageForwarder:
         import numpy as np
         import tritonclient.grpc as grpcclient
 
-        from export.imaging import load_image
+        from nearl_rt.core.imaging import load_image
 
         images = []
         with tempfile.TemporaryDirectory(prefix="nearl-image-") as tmp:
             for i, data in enumerate(encoded.reshape(-1)):
                 # A file, so that DICOM, 16-bit and multi-frame images are read exactly as
-                # NearlSession.predict reads a path (export.imaging, the model's intensity policy).
+                # NearlSession.predict reads a path (nearl_rt.core.imaging, the model's intensity policy).
                 path = os.path.join(tmp, f"image_bytes[{i}]")
                 with open(path, "wb") as f:
                     f.write(bytes(data))
                 try:
                     images.append(load_image(path, self.session.intensity))
-                except (OSError, ValueError) as e:  # export.imaging.ImageError is a ValueError
+                except (OSError, ValueError) as e:  # nearl_rt.core.imaging.ImageError is a ValueError
                     raise ValueError(f"image_bytes[{i}] is not a decodable image ({str(e).replace(path, 'it')}); "
                                      f"send PNG/JPEG/DICOM/... file contents") from None
         if not images:
@@ -393,5 +393,5 @@ class ImageForwarder:
 
 
 if __name__ == "__main__":
-    from nearl_rt.cli import run_cli
+    from nearl_rt.core.cli import run_cli
     sys.exit(run_cli(main, prog="python -m export.serve"))

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from export.runtime import METADATA_PREFIX, PREPROCESS_KIND, decode_metadata, preprocess_graph_path
-from nearl_rt.errors import NearlError
+from nearl_rt.core.metadata import PREPROCESS_KIND, preprocess_graph_path, read_metadata
+from nearl_rt.core.errors import NearlError
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
@@ -107,8 +107,7 @@ def read_signature(onnx_path) -> Signature:
         proto = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, OSError, ...
         raise RepositoryError(f"cannot read {onnx_path} as ONNX: {str(e).splitlines()[0] if str(e) else e}") from None
-    meta = decode_metadata({p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props
-                            if p.key.startswith(METADATA_PREFIX)})
+    meta = read_metadata(proto)
     if "input_size" not in meta or ("class_names" not in meta and meta.get("kind") != PREPROCESS_KIND):
         raise RepositoryError(f"{onnx_path} lacks the nearl.* metadata: it was not written by `python -m export.onnx`")
     initializers = {i.name for i in proto.graph.initializer}
@@ -422,8 +421,8 @@ def _stage_preprocess(staging: Path, classifier: Path, given: Optional[Path], si
     """<name>_preprocess and the ensemble. The graph is MODEL.preprocess.onnx when the export wrote one
     (`python -m export.onnx CKPT --preprocess`, verified then) and it belongs to this classifier; else
     it is written and verified now."""
-    from export.hashing import sha256_file
-    from export.preprocess_graph import PreprocessGraphError, export_preprocess_graph, read_preprocess_metadata
+    from nearl_rt.core.hashing import sha256_file
+    from nearl_rt.export.preprocess_graph import PreprocessGraphError, export_preprocess_graph, read_preprocess_metadata
     pre_path = _staged_version(staging, opts.preprocess_name, opts)
     try:
         if given is None:
@@ -457,7 +456,7 @@ def _move_into_place(staged: Path, model_dir: Path, version: str) -> None:
 
 
 def _export_checkpoint(ckpt: Path, out: Path, pretrained: Optional[str]) -> None:
-    from export.onnx import export_checkpoint
+    from nearl_rt.export.onnx import export_checkpoint
     export_checkpoint(ckpt, out, pretrained=pretrained)
 
 
@@ -501,5 +500,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from nearl_rt.cli import run_cli
+    from nearl_rt.core.cli import run_cli
     sys.exit(run_cli(main, prog="python -m export.triton"))
