@@ -157,7 +157,7 @@ def checkpoint(tmp_path_factory):
 def test_cli_exports_next_to_checkpoint(checkpoint):
     """The real `python -m export.onnx` entry point, in a subprocess."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "nearl_rt.export.onnx", str(checkpoint), "--batch-size", "dynamic"],
+    proc = subprocess.run([sys.executable, "-m", "export.onnx", str(checkpoint), "--batch-size", "dynamic"],
                           capture_output=True, text=True, env=env, cwd=checkpoint.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = checkpoint.with_suffix(".onnx")

@@ -14,7 +14,7 @@ from nearl_rt.core.session import NearlSession
 import nearl_rt.__main__ as nearl_main
 from nearl_rt import predict, train
 from tests.test_imaging import write_dicom, xray16
-from tests.test_train_cli import cli
+from tests.helpers import cli
 
 
 def medical_folder(root):

@@ -28,7 +28,7 @@ from nearl_rt.core.metadata import read_metadata, write_metadata
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.core.errors import NearlError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nearl_rt.export.onnx")  # by name: also when run as __main__
 
 # Measured on CPU onnxruntime with vit_b16 (README "Export and serving"): opset 23's native Attention was
 # not faster than opset 18's MatMul/Softmax attention beyond noise; 18 runs on more onnxruntime builds.

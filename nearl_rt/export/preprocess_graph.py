@@ -30,7 +30,7 @@ from nearl_rt.core.metadata import (PREPROCESS_KIND, classifier_metadata, prepro
                                     write_metadata)
 from nearl_rt.core.preprocess import preprocess_image
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nearl_rt.export.preprocess_graph")  # by name: also when run as __main__
 
 OPSET = 18  # opset-19+ Resize lacks a CUDA kernel in older onnxruntime builds
 # Pillow and onnxruntime round the same fixed-point sums but not always to the same side of .5 (the
