@@ -232,10 +232,17 @@ def evaluate_classifier(classifier: Classifier, extra: dict, ds: Dataset, split:
     return m, {"base": s_base, "novel": s_novel}
 
 
-def write_predictions(path: Path, scored: Scored, calibration_probs: np.ndarray, thresholds: dict) -> None:
+def reported_calibration(m: dict) -> Calibration:
+    """The temperature and thresholds evaluation_metrics reported `m` with."""
+    return Calibration(m["temperature"], m["operating_point"],
+                       {c: v["threshold"] for c, v in m["per_class"].items() if "threshold" in v})
+
+
+def write_predictions(path: Path, scored: Scored, calibration: Calibration) -> None:
     """The per-image CSV: image, label, predicted (argmax), decision (binary models with a threshold: the class
     decided at it), prob_<class> (calibrated) and logit_<class> (raw) for every class, at full precision."""
-    names = scored.class_names
+    names, thresholds = scored.class_names, calibration.thresholds
+    calibration_probs = calibration.probabilities(scored.logits)
     positive = names[1] if len(names) == 2 and names[1] in thresholds else None
     header = ["image", "label", "predicted"] + (["decision"] if positive else []) + \
         [f"prob_{c}" for c in names] + [f"logit_{c}" for c in names]
@@ -246,6 +253,16 @@ def write_predictions(path: Path, scored: Scored, calibration_probs: np.ndarray,
             decision = [names[int(p[1] >= thresholds[positive])]] if positive else []
             w.writerow([image, names[label], names[int(np.argmax(p))], *decision, *map(repr, map(float, p)),
                         *map(repr, map(float, z))])
+
+
+def read_predictions(path: Path, class_names: Sequence[str]) -> tuple[list, np.ndarray, np.ndarray]:
+    """(images, labels [N], calibrated probs [N, C]) of a file write_predictions wrote for these classes."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = list(class_names)
+    labels = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
+    probs = np.array([[float(r[f"prob_{c}"]) for c in names] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    return [r["image"] for r in rows], labels, probs
 
 
 def main(argv=None) -> int:
@@ -309,11 +326,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def write_per_image(args, name: str, m: dict, scored: Scored) -> None:
     """--predictions and --plots for one evaluated model (m: its metrics)."""
-    calibration = Calibration(m["temperature"], m["operating_point"],
-                              {c: v["threshold"] for c, v in m["per_class"].items() if "threshold" in v})
-    probs = calibration.probabilities(scored.logits)
     if args.predictions:
-        write_predictions(Path(args.predictions), scored, probs, calibration.thresholds)
+        write_predictions(Path(args.predictions), scored, reported_calibration(m))
         print(f"wrote {args.predictions} ({len(scored.labels)} images)")
     if args.plots:
         title = f"{name}, {args.split} split ({len(scored.labels)} images)"

@@ -115,7 +115,7 @@ def operating_point_metrics(positive, scores, threshold: float) -> dict:
 # (scikit-learn takes ~1 ms per call: 1000 resamples x a dozen metrics would take tens of seconds); for the
 # original sample the batch forms equal scikit-learn's values (tests/test_evaluation.py checks it).
 
-def _auroc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+def auroc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """AUROC of scores [..., N] (every row labelled by positive [N]): the Mann-Whitney U statistic from
     average ranks (ties count 1/2), as roc_auc_score."""
     n1 = int(positive.sum())
@@ -124,7 +124,7 @@ def _auroc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return (ranks[..., positive].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def _average_precision_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+def average_precision_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """Average precision of scores [..., N] as average_precision_score: sum over distinct thresholds (highest
     first) of (recall gain) x (precision at that threshold), i.e. every positive weighs 1/n_pos times the
     precision at the lowest score tied with it."""
@@ -141,8 +141,9 @@ def _average_precision_batch(scores: np.ndarray, positive: np.ndarray) -> np.nda
 
 
 def _bootstrap_slots(labels: np.ndarray, probs: np.ndarray, thresholds: dict) -> tuple[list, callable]:
-    """(names of the metrics with an interval, statistic(*per-class index arrays, axis=-1) -> [slots, ...])."""
-    classes = [c for c in range(probs.shape[1]) if (labels == c).any()]
+    """(names of the metrics with an interval, statistic(*per-class index arrays, axis=-1) -> [slots, ...]) for
+    probs [R, N, C]: each metric is the mean over the R models of its value on the resampled images."""
+    classes = [c for c in range(probs.shape[-1]) if (labels == c).any()]
     layout = np.concatenate([np.full(int((labels == c).sum()), c) for c in classes])  # labels of any resample
     both = [c for c in classes if (layout != c).any()]
     spans = np.cumsum([0] + [int((labels == c).sum()) for c in classes])
@@ -152,23 +153,23 @@ def _bootstrap_slots(labels: np.ndarray, probs: np.ndarray, thresholds: dict) ->
                                                                 ("specificity", (layout != c).any())) if ok]
 
     def statistic(*strata, axis=-1):
-        p = probs[np.concatenate(strata, axis=-1)]  # [..., N, C]
+        p = probs[:, np.concatenate(strata, axis=-1)]  # [R, ..., N, C]
         correct = p.argmax(axis=-1) == layout
-        per_class = {}
-        for c in both:
-            per_class[c, "auc"] = _auroc_batch(p[..., c], layout == c)
-            per_class[c, "auprc"] = _average_precision_batch(p[..., c], layout == c)
-        for c, t in thresholds.items():
-            decided = p[..., c] >= t
-            per_class[c, "sensitivity"] = decided[..., layout == c].mean(axis=-1) if (layout == c).any() else None
-            per_class[c, "specificity"] = 1.0 - decided[..., layout != c].mean(axis=-1) if (layout != c).any() else None
         values = {"accuracy": correct.mean(axis=-1),
                   "balanced_accuracy": np.mean([correct[..., a:b].mean(axis=-1) for a, b in zip(spans, spans[1:])], 0)}
+        for c in both:
+            values[c, "auc"] = auroc_batch(p[..., c], layout == c)
+            values[c, "auprc"] = average_precision_batch(p[..., c], layout == c)
         if both:
-            values["auc"] = np.mean([per_class[c, "auc"] for c in both], axis=0)
-            values["auprc"] = np.mean([per_class[c, "auprc"] for c in both], axis=0)
-        values.update(per_class)
-        return np.stack([values[name] for name in names])
+            values["auc"] = np.mean([values[c, "auc"] for c in both], axis=0)
+            values["auprc"] = np.mean([values[c, "auprc"] for c in both], axis=0)
+        for c, t in thresholds.items():
+            decided = p[..., c] >= t
+            if (layout == c).any():
+                values[c, "sensitivity"] = decided[..., layout == c].mean(axis=-1)
+            if (layout != c).any():
+                values[c, "specificity"] = 1.0 - decided[..., layout != c].mean(axis=-1)
+        return np.stack([values[name].mean(axis=0) for name in names])  # the mean over the models
 
     return names, statistic
 
@@ -178,10 +179,13 @@ def bootstrap_intervals(labels, probs, thresholds: Optional[dict] = None, *, res
     """Percentile intervals (`confidence`, default 95 %) of accuracy, balanced accuracy, macro AUROC and AUPRC,
     and per class AUROC, AUPRC and, for the classes in `thresholds` ({class index: t}), sensitivity and
     specificity at t, from `resamples` bootstrap resamples of the images stratified by true class, drawn from
-    `seed`. Returns {"accuracy": [low, high], ..., "per_class": {class index: {"auc": [low, high], ...}}}."""
+    `seed`. probs [N, C], or [R, N, C] for R models scored on the same images (e.g. the seeds of a sweep): then
+    the intervals are those of the metrics' mean over the models, every resample applied to all of them.
+    Returns {"accuracy": [low, high], ..., "per_class": {class index: {"auc": [low, high], ...}}}."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    probs = probs[None] if probs.ndim == 2 else probs
     names, statistic = _bootstrap_slots(labels, probs, dict(thresholds or {}))
-    strata = [np.flatnonzero(labels == c) for c in range(probs.shape[1]) if (labels == c).any()]
+    strata = [np.flatnonzero(labels == c) for c in range(probs.shape[-1]) if (labels == c).any()]
     with warnings.catch_warnings():  # a constant metric (e.g. accuracy 1 on every resample) is not an error
         warnings.simplefilter("ignore", RuntimeWarning)
         ci = stats.bootstrap(strata, statistic, n_resamples=resamples, batch=max(1, _BOOTSTRAP_VALUES // probs.size),
