@@ -13,7 +13,7 @@ from scipy.special import softmax
 from sklearn import metrics as skm
 
 import nearl_rt
-from nearl_rt import calibrate, evaluate, train
+from nearl_rt import calibrate, evaluate, predict, train
 from nearl_rt.calibration import (ECE_BINS, TEMPERATURE_BOUNDS, Calibration, CalibrationError, OperatingPointRule,
                                   expected_calibration_error, fit_calibration, fit_temperature, fit_threshold)
 from nearl_rt.checkpoint import update_extra
@@ -351,6 +351,34 @@ def test_calibrate_refits_an_existing_run_and_the_export_carries_it(demo_run, tm
     assert a["per_class"]["pneumonia"]["threshold"] == b["per_class"]["pneumonia"]["threshold"]
     assert a["confusion_matrix"] == b["confusion_matrix"] and a["auc"] == pytest.approx(b["auc"], abs=1e-6)
     assert a["ece_calibrated"] == pytest.approx(b["ece_calibrated"], abs=1e-5)
+
+
+def test_predict_decides_at_the_stored_threshold(demo_run, tmp_path, capsys):
+    rc, _, err = cli(predict, [demo_run, DEMO_DATA / "test", "--decision", "--topk", "2", "--output",
+                               tmp_path / "p.json"], capsys)
+    assert rc == 0, err
+    results = json.loads((tmp_path / "p.json").read_text())
+    threshold = load_classifier(demo_run)[0].calibration.thresholds["pneumonia"]
+    assert len(results) == 16
+    for r in results:
+        p = {t["class"]: t["probability"] for t in r["top"]}
+        assert r["decision"] == ("pneumonia" if p["pneumonia"] >= threshold else "normal")
+    rc, out, _ = cli(predict, [demo_run, DEMO_DATA / "test", "--decision", "--limit", "2"], capsys)
+    assert rc == 0 and out.splitlines()[0] == "input,rank,class,probability,decision"
+
+
+def test_an_uncalibrated_checkpoint_reports_temperature_one_and_no_operating_point(demo_run, tmp_path, capsys):
+    ckpt = tmp_path / "old.pt"
+    shutil.copyfile(demo_run / "best.pt", ckpt)
+    update_extra(ckpt, {"calibration": None})  # as checkpoints written before calibration existed
+    rc, out, err = cli(evaluate, [ckpt, "--data", DEMO_DATA, "--json", tmp_path / "e.json"], capsys)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "e.json").read_text())["results"][str(ckpt)]
+    assert m["temperature"] == 1.0 and m["ece"] == m["ece_calibrated"] and m["operating_point"] is None
+    assert all("threshold" not in v for v in m["per_class"].values())
+    assert "the model is not calibrated" in out and "operating point: none (no stored threshold" in out
+    rc, _, err = cli(predict, [ckpt, DEMO_DATA / "test", "--decision"], capsys)
+    assert rc == 2 and "stores no decision threshold for 'pneumonia'" in err and len(err.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------- bad input
