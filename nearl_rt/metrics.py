@@ -140,23 +140,26 @@ def average_precision_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndar
     return (hit * np.take_along_axis(precision, end_of_group, axis=-1)).sum(axis=-1) / positive.sum()
 
 
-def _bootstrap_slots(labels: np.ndarray, probs: np.ndarray, thresholds: dict) -> tuple[list, callable]:
-    """(names of the metrics with an interval, statistic(*per-class index arrays, axis=-1) -> [slots, ...]) for
-    probs [R, N, C]: each metric is the mean over the R models of its value on the resampled images."""
-    classes = [c for c in range(probs.shape[-1]) if (labels == c).any()]
-    layout = np.concatenate([np.full(int((labels == c).sum()), c) for c in classes])  # labels of any resample
+def _bootstrap_slots(labels: np.ndarray, probs: np.ndarray, thresholds: dict, varying: list,
+                     fixed: np.ndarray) -> tuple[list, callable]:
+    """(names of the metrics with an interval, statistic(*resampled `varying` index arrays, axis=-1) ->
+    [slots, ...]) for probs [R, N, C]: each metric is the mean over the R models of its value on the resampled
+    images followed by the `fixed` ones (the images alone in their class: every resample of them is the same)."""
+    order = np.concatenate([*varying, fixed])
+    layout = labels[order]  # the labels of any resample, in this order
+    classes = sorted(set(layout.tolist()))
     both = [c for c in classes if (layout != c).any()]
-    spans = np.cumsum([0] + [int((labels == c).sum()) for c in classes])
     names = ["accuracy", "balanced_accuracy"] + (["auc", "auprc"] if both else [])
     names += [(c, k) for c in both for k in ("auc", "auprc")]
     names += [(c, k) for c in sorted(thresholds) for k, ok in (("sensitivity", (layout == c).any()),
                                                                 ("specificity", (layout != c).any())) if ok]
 
     def statistic(*strata, axis=-1):
-        p = probs[:, np.concatenate(strata, axis=-1)]  # [R, ..., N, C]
+        batch = strata[0].shape[:-1]
+        p = probs[:, np.concatenate([*strata, np.broadcast_to(fixed, (*batch, len(fixed)))], axis=-1)]  # [R, ..., N, C]
         correct = p.argmax(axis=-1) == layout
         values = {"accuracy": correct.mean(axis=-1),
-                  "balanced_accuracy": np.mean([correct[..., a:b].mean(axis=-1) for a, b in zip(spans, spans[1:])], 0)}
+                  "balanced_accuracy": np.mean([correct[..., layout == c].mean(axis=-1) for c in classes], 0)}
         for c in both:
             values[c, "auc"] = auroc_batch(p[..., c], layout == c)
             values[c, "auprc"] = average_precision_batch(p[..., c], layout == c)
@@ -181,14 +184,19 @@ def bootstrap_intervals(labels, probs, thresholds: Optional[dict] = None, *, res
     specificity at t, from `resamples` bootstrap resamples of the images stratified by true class, drawn from
     `seed`. probs [N, C], or [R, N, C] for R models scored on the same images (e.g. the seeds of a sweep): then
     the intervals are those of the metrics' mean over the models, every resample applied to all of them.
-    Returns {"accuracy": [low, high], ..., "per_class": {class index: {"auc": [low, high], ...}}}."""
+    Returns {"accuracy": [low, high], ..., "per_class": {class index: {"auc": [low, high], ...}}}; only
+    {"per_class": {}} when no class has two images (there is nothing to resample)."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     probs = probs[None] if probs.ndim == 2 else probs
-    names, statistic = _bootstrap_slots(labels, probs, dict(thresholds or {}))
     strata = [np.flatnonzero(labels == c) for c in range(probs.shape[-1]) if (labels == c).any()]
+    varying = [s for s in strata if len(s) > 1]
+    if not varying:
+        return {"per_class": {}}
+    fixed = np.concatenate([s for s in strata if len(s) == 1] + [np.zeros(0, np.int64)])
+    names, statistic = _bootstrap_slots(labels, probs, dict(thresholds or {}), varying, fixed)
     with warnings.catch_warnings():  # a constant metric (e.g. accuracy 1 on every resample) is not an error
         warnings.simplefilter("ignore", RuntimeWarning)
-        ci = stats.bootstrap(strata, statistic, n_resamples=resamples, batch=max(1, _BOOTSTRAP_VALUES // probs.size),
+        ci = stats.bootstrap(varying, statistic, n_resamples=resamples, batch=max(1, _BOOTSTRAP_VALUES // probs.size),
                              vectorized=True, paired=False, confidence_level=confidence, method="percentile",
                              rng=np.random.default_rng(seed)).confidence_interval
     out: dict = {"per_class": {}}

@@ -22,7 +22,7 @@ from nearl_rt.core.session import NearlSession
 from nearl_rt.demo import DEMO_DATA
 from nearl_rt.export.onnx import export_checkpoint
 from nearl_rt.metrics import (auroc_batch, average_precision_batch, bootstrap_intervals, classification_metrics,
-                              operating_point_metrics)
+                              evaluation_metrics, operating_point_metrics)
 from tests.helpers import cli, perturb_adapters, tiny
 from tests.test_data import make_tree
 
@@ -101,6 +101,24 @@ def test_bootstrap_resamples_within_each_class():
     probs = softmax(rng.normal(size=(200, 2)), axis=1)
     ci = bootstrap_intervals(labels, probs, resamples=1000, seed=0)
     assert all(np.isfinite(ci["auc"])) and all(np.isfinite(ci["per_class"][1]["auprc"]))
+
+
+def test_bootstrap_of_a_class_with_one_image_or_of_one_class():
+    """A class with one test image stays in every resample (as it is); a test set of one class has no AUROC;
+    one image per class leaves nothing to resample (no intervals rather than an error)."""
+    rng = np.random.default_rng(2)
+    labels = np.array([1] + [0] * 59)
+    probs = softmax(rng.normal(size=(60, 2)), axis=1)
+    ci = bootstrap_intervals(labels, probs, {1: 0.5})
+    auc = skm.roc_auc_score(labels == 1, probs[:, 1])
+    assert ci["auc"][0] <= auc <= ci["auc"][1] and ci["auc"][0] < ci["auc"][1]
+    sensitivity = float(probs[0, 1] >= 0.5)
+    assert ci["per_class"][1]["sensitivity"] == [sensitivity, sensitivity]
+    only = bootstrap_intervals(np.zeros(30, int), softmax(rng.normal(size=(30, 2)), axis=1))
+    assert "auc" not in only and only["accuracy"][0] <= only["accuracy"][1]
+    assert bootstrap_intervals(np.array([0, 1]), probs[:2]) == {"per_class": {}}
+    m = evaluation_metrics(np.array([0, 1]), rng.normal(size=(2, 2)), ["a", "b"])
+    assert m["ci95"] == {} and m["num_images"] == 2
 
 
 # --------------------------------------------------------------------------------------- calibration
