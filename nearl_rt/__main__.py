@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         "backbone": payload["backbone"],
         "intensity": str(resolve_policy((payload.get("extra") or {}).get("intensity"), None, args.checkpoint)),
         "adapter_parameters": sum(t.numel() for t in payload["adapter"].values()),
+        "calibration": (payload.get("extra") or {}).get("calibration"),  # temperature, operating point, thresholds
     }
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -13,6 +13,7 @@ from scipy.special import softmax
 from sklearn import metrics as skm
 
 import nearl_rt
+from nearl_rt import __main__ as nearl_main
 from nearl_rt import calibrate, evaluate, predict, train
 from nearl_rt.calibration import (ECE_BINS, TEMPERATURE_BOUNDS, Calibration, CalibrationError, OperatingPointRule,
                                   expected_calibration_error, fit_calibration, fit_temperature, fit_threshold)
@@ -273,12 +274,14 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_train_stores_the_calibration_fitted_on_its_validation_shots(demo_run):
+def test_train_stores_the_calibration_fitted_on_its_validation_shots(demo_run, capsys):
     extra = torch.load(demo_run / "best.pt", weights_only=True)["extra"]
     cal = Calibration.from_dict(extra["calibration"])
     assert cal.operating_point == "youden" and set(cal.thresholds) == {"pneumonia"} and cal.temperature > 0
     assert cal.fitted_on["split"] == "val" and cal.fitted_on["images"] == 8
     assert json.loads((demo_run / "run.json").read_text())["operating_point"] == "youden"
+    rc, out, _ = cli(nearl_main, ["info", demo_run / "best.pt", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["calibration"] == cal.to_dict()
 
 
 def test_evaluate_numbers_are_scikit_learns_on_its_predictions_csv(demo_run, tmp_path, capsys):
