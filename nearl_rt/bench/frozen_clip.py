@@ -3,7 +3,8 @@
 `FrozenClip(model)` maps images to the logits the frozen backbone gives for the model's classes (class
 text features computed once). `export_frozen_clip` writes it as ONNX the way `export.onnx` writes
 NEARL (same exporter, opset, dynamic batch axis, float16 conversion, float32 input and outputs,
-`logits`/`probs`), so that onnxruntime NEARL can be compared with onnxruntime frozen CLIP.
+`logits`/`probs`, the same `fused` graph form), so that onnxruntime NEARL can be compared with onnxruntime
+frozen CLIP.
 """
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ class _FrozenClipGraph(FrozenClip):
         return logits, torch.softmax(logits, dim=-1)
 
 
-def export_frozen_clip(model: NearlCLIP, out_path, *, fp16: bool = False) -> Path:
-    """Write `model`'s frozen CLIP (no adapters) as ONNX to `out_path`, atomically."""
+def export_frozen_clip(model: NearlCLIP, out_path, *, fp16: bool = False, fused: bool = False) -> Path:
+    """Write `model`'s frozen CLIP (no adapters) as ONNX to `out_path`, atomically; fused: its blocks as
+    onnxruntime's fused ops, as `export_model(fused=True)` writes NEARL's (nearl_rt.export.fused)."""
     from nearl_rt.export.onnx import DEFAULT_OPSET, trace_to_onnx  # the NEARL exporter itself: same settings, same ops
     model = copy.deepcopy(model).float()
     module = _FrozenClipGraph(model.half() if fp16 else model).eval()
     out_path = Path(out_path)
     with atomic_output(out_path) as tmp:
-        onnx.save(trace_to_onnx(module, DEFAULT_OPSET, None), tmp)
+        onnx.save(trace_to_onnx(module, DEFAULT_OPSET, None, fused=fused), tmp)
     return out_path

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Mapping
 
 PREFIX = "nearl."
-JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity", "templates", "quantization", "thresholds")
+JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity", "templates", "quantization", "thresholds",
+             "runtime_precisions")
 # What every classifier file has; a file without them was not written by nearl_rt.export.onnx.
 CLASSIFIER_KEYS = ("class_names", "input_size", "mean", "std")
 # A calibrated classifier (nearl_rt.calibration): its graph's probs are softmax(logits / temperature); thresholds
@@ -22,6 +23,12 @@ CLASSIFIER_KEYS = ("class_names", "input_size", "mean", "std")
 # chosen by the rule in operating_point. A file without them: temperature 1, no thresholds.
 CALIBRATION_KEYS = ("temperature", "operating_point", "thresholds")
 PREPROCESS_KIND = "preprocess"  # nearl.kind of a preprocessing graph
+# nearl.graph: how the classifier's graph is written. plain: standard ONNX ops (every runtime); fused: the towers'
+# blocks as onnxruntime's com.microsoft transformer ops (nearl_rt.export.fused). Files without the key are plain.
+GRAPH_PLAIN, GRAPH_FUSED = "plain", "fused"
+# nearl.runtime_precisions: {"<runtime>:<precision>": verification report} for the reduced precisions a runtime
+# applies to this file at load time (OpenVINO's bf16), each verified against the file's own float32 results by
+# the int8 export's gates before it was recorded (nearl_rt.export.quantize.verify_runtime_precision).
 PRODUCER = "nearl-rt"
 
 

@@ -89,11 +89,14 @@ def export_module(model: NearlCLIP, temperature: Optional[float] = None) -> nn.M
 
 
 @contextmanager
-def reference_ops(model: NearlCLIP):
-    """Run the model on the PyTorch reference ops (NEARL_RT_BACKEND and model.backend overridden)."""
+def reference_ops(model: NearlCLIP, backend: str = "torch"):
+    """Run the model on the PyTorch reference ops (NEARL_RT_BACKEND and model.backend overridden), or on another
+    PyTorch-only backend: "graph" (nearl_rt.kernels.graph_ops, the fused export's forms)."""
+    if backend not in ("torch", "graph"):
+        raise ValueError(f"backend={backend!r}: an export traces 'torch' (the reference) or 'graph'")
     saved_backend, saved_env = model.backend, os.environ.get("NEARL_RT_BACKEND")
-    model.backend = "torch"
-    os.environ["NEARL_RT_BACKEND"] = "torch"
+    model.backend = backend
+    os.environ["NEARL_RT_BACKEND"] = backend
     try:
         yield model
     finally:

@@ -15,6 +15,7 @@ import logging
 import sys
 import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,9 +26,11 @@ from onnxscript import opset23 as op23
 from onnxscript.onnx_types import BOOL, FLOAT
 
 from nearl_rt.calibration import Calibration
+from nearl_rt.export.fused import fused_towers
+from nearl_rt.export.ort_ops import TRANSLATIONS as ORT_TRANSLATIONS
 from nearl_rt.export.graph import export_module, reference_ops
 from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
-from nearl_rt.core.metadata import calibration_values, read_metadata, write_metadata
+from nearl_rt.core.metadata import GRAPH_FUSED, GRAPH_PLAIN, calibration_values, read_metadata, write_metadata
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.core.errors import NearlError
 
@@ -52,7 +55,7 @@ class ExportError(NearlError):
 def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
                  batch_size: Union[str, int] = "dynamic", verify: bool = True,
                  checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None,
-                 calibration: Optional[Calibration] = None) -> Path:
+                 calibration: Optional[Calibration] = None, fused: bool = False) -> Path:
     """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
 
     opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
@@ -61,12 +64,16 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
     mismatch); checkpoint_sha256: recorded in the metadata; intensity: the image intensity policy the model
     was trained with (nearl_rt.core.imaging; recorded so NearlSession applies it); calibration: the checkpoint's
     (nearl_rt.calibration): its temperature divides the logits before the graph's softmax, and it is recorded
-    with the operating point's thresholds in the metadata. Returns the written path.
+    with the operating point's thresholds in the metadata; fused: the graph onnxruntime's CPU provider runs
+    fastest (nearl_rt.export.fused: the towers' blocks as its fused transformer ops, NEARL's ops in their "graph"
+    forms; float32 only). Returns the written path.
     """
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset={opset!r}: use an int >= {MIN_OPSET}")
     fixed_batch = _parse_batch_size(batch_size)
+    if fused and fp16:
+        raise ValueError("fused=True writes a float32 graph for onnxruntime's CPU provider; export float16 without it")
     temperature = calibration.temperature if calibration is not None and calibration.fitted else None
     export_module(model, temperature)  # checks the model before anything is written
     if model.dtype != torch.float32:  # the reference (and the fp32 export) is the float32 model
@@ -77,9 +84,9 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
         raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
     with atomic_output(out_path) as tmp:
         proto = trace_to_onnx(export_module(copy.deepcopy(model).half(), temperature) if fp16 else module, opset,
-                              fixed_batch)
+                              fixed_batch, fused=fused)
         write_metadata(proto, classifier_metadata_values(model, opset, fp16, fixed_batch, checkpoint_sha256,
-                                                        intensity, calibration), doc=CLASSIFIER_DOC)
+                                                        intensity, calibration, fused), doc=CLASSIFIER_DOC)
         onnx.save(proto, tmp)
         if optimize:
             _optimize_offline(tmp)
@@ -102,9 +109,10 @@ def _parse_batch_size(batch_size) -> Optional[int]:
     return n
 
 
-def trace_to_onnx(module, opset: int, fixed_batch: Optional[int]) -> onnx.ModelProto:
+def trace_to_onnx(module, opset: int, fixed_batch: Optional[int], fused: bool = False) -> onnx.ModelProto:
     """The ONNX graph of an nn.Module whose `.model` is a NearlCLIP (nearl_rt.export.graph's modules, the benchmark's
-    frozen CLIP): dynamo exporter, input `images` (dynamic batch axis unless fixed), outputs logits/probs."""
+    frozen CLIP): dynamo exporter, input `images` (dynamic batch axis unless fixed), outputs logits/probs.
+    fused: the towers' blocks as onnxruntime's fused ops (nearl_rt.export.fused)."""
     src = module.model
     was_training = src.training
     src.eval()
@@ -112,11 +120,12 @@ def trace_to_onnx(module, opset: int, fixed_batch: Optional[int]) -> onnx.ModelP
     example = torch.randn(fixed_batch or 2, 3, *size, device=src.class_tokens.device)
     dynamic = None if fixed_batch else {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
     try:
-        with reference_ops(src), torch.no_grad(), warnings.catch_warnings():
+        with reference_ops(src, "graph" if fused else "torch"), (fused_towers(src) if fused else nullcontext()), \
+                torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
                                         input_names=["images"], output_names=["logits", "probs"],
-                                        dynamic_shapes=dynamic, custom_translation_table=_translations(opset),
+                                        dynamic_shapes=dynamic, custom_translation_table=_translations(opset, fused),
                                         optimize=True, verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -139,8 +148,11 @@ def _sdpa_as_attention(query: FLOAT, key: FLOAT, value: FLOAT, attn_mask: Option
     return y
 
 
-def _translations(opset: int) -> dict:
-    return {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_attention} if opset >= 23 else {}
+def _translations(opset: int, fused: bool) -> dict:
+    table = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_attention} if opset >= 23 else {}
+    if fused:
+        table.update(ORT_TRANSLATIONS)
+    return table
 
 
 def _input_size(model) -> tuple[int, int]:
@@ -150,7 +162,7 @@ def _input_size(model) -> tuple[int, int]:
 
 def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optional[int],
                                checkpoint_sha256: Optional[str], intensity: Optional[IntensityPolicy] = None,
-                               calibration: Optional[Calibration] = None) -> dict:
+                               calibration: Optional[Calibration] = None, fused: bool = False) -> dict:
     """The nearl.* metadata of a classifier exported from `model` (nearl_rt.core.metadata writes it)."""
     from nearl_rt import __version__
     cfg = model.preprocess_cfg
@@ -174,6 +186,7 @@ def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optio
         "opset": str(opset),
         "precision": "fp16" if fp16 else "fp32",
         "batch_size": str(fixed_batch) if fixed_batch else "dynamic",
+        "graph": GRAPH_FUSED if fused else GRAPH_PLAIN,
         **calibrated,
     }
 
@@ -274,6 +287,10 @@ def main(argv=None) -> int:
     parser.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--fp16", action="store_true", help="float16 model; input and outputs stay float32")
     parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
+    parser.add_argument("--fused", action="store_true",
+                        help="the graph onnxruntime's CPU provider runs fastest: the towers' blocks as its fused "
+                             "transformer ops (Attention, SkipLayerNormalization, BiasGelu); float32 and int8 "
+                             "(docs/export.md#cpu-serving)")
     parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--pretrained", help="the backbone weights file or download folder on this machine (if it moved)")
     parser.add_argument("--preprocess", action="store_true",
@@ -290,7 +307,8 @@ def main(argv=None) -> int:
         paths = export_int8(model, args, gates, sha256_file(args.checkpoint), recorded)
     else:
         path, model = export_checkpoint(args.checkpoint, out, pretrained=args.pretrained, opset=args.opset,
-                                        fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size)
+                                        fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size,
+                                        fused=args.fused)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
               f"{len(model.class_names)} classes)")
         paths = [path]
@@ -367,7 +385,7 @@ def export_int8(model, args, gates, checkpoint_sha256: str, recorded: dict) -> l
     with tempfile.TemporaryDirectory(prefix=".nearl-int8-", dir=int8.resolve().parent) as scratch:
         tmp_fp32, tmp_int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         export_model(model, tmp_fp32, opset=args.opset, optimize=args.optimize, batch_size=args.batch_size,
-                     checkpoint_sha256=checkpoint_sha256, **recorded)
+                     checkpoint_sha256=checkpoint_sha256, fused=args.fused, **recorded)
         method = "static" if calibration is not None else "dynamic"
         report = quantize(tmp_fp32, tmp_int8, method=method, calibration=calibration, verification=verification,
                           gates=gates)

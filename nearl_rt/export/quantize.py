@@ -6,8 +6,9 @@ Two methods, both onnxruntime's own quantiser on the verified fp32 file:
 - static: QDQ format, uint8 activations with ranges calibrated (MinMax, deterministic) on preprocessed
   images, int8 weights.
 
-What is quantised: MatMul / Gemm / Conv whose second input is a weight (a constant). Everything else
-stays float32, in particular
+What is quantised: MatMul / Gemm / Conv whose second input is a weight (a constant), and in a fused graph's
+dynamic int8 the QKV weights of onnxruntime's Attention nodes (QAttention; nearl_rt.export.fused). Everything
+else stays float32, in particular
 - the OCA's parallel/orthogonal split (<H, F> / (<F, F> + eps) F: Mul, ReduceSum, Div, Sub) and every
   LayerNorm / Softmax / GELU: elementwise and reduction ops are not in the quantised op set, and the
   projections they read are dequantised to float32 before them;
@@ -129,7 +130,7 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
                                 f"need at least {MIN_VERIFICATION_IMAGES}")
     info = {"method": method, "weights": "int8, per tensor, symmetric",
             "activations": "uint8, dynamic per call" if method == "dynamic" else "uint8, calibrated (MinMax)",
-            "quantized_ops": list(QUANTIZED_OPS),
+            "quantized_ops": quantized_ops(proto, method),
             "source_sha256": sha256_file(fp32_path)}
     if calibration is not None and method == "static":
         info["calibration"] = {"source": calibration.source, "count": int(len(calibration.images)),
@@ -145,6 +146,13 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
     return report
 
 
+def quantized_ops(proto: onnx.ModelProto, method: str) -> list[str]:
+    """The op types quantised: QUANTIZED_OPS, plus a fused graph's Attention in dynamic int8 (onnxruntime's
+    QAttention; its static QDQ quantiser has no Attention, which then stays float32)."""
+    fused = any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in proto.graph.node)
+    return [*QUANTIZED_OPS, "Attention"] if fused and method == "dynamic" else list(QUANTIZED_OPS)
+
+
 def quantize_graph(src, dst, *, method: str = "dynamic", calibration: Optional[ImageSet] = None,
                    graph: Optional[onnx.ModelProto] = None) -> list[str]:
     """The quantisation alone, no checks, verification or metadata: the graph at `src` (any ONNX file with
@@ -152,12 +160,13 @@ def quantize_graph(src, dst, *, method: str = "dynamic", calibration: Optional[I
     float32, written to `dst`. Returns the float32 nodes' names. quantize() builds on it; bench/latency.py
     quantises frozen CLIP with it, so both int8 rows are made the same way. `graph`: src already loaded (not
     read a second time)."""
-    excluded = fp32_matmuls(graph if graph is not None else onnx.load(str(src)))
+    graph = graph if graph is not None else onnx.load(str(src))
+    excluded, ops = fp32_matmuls(graph), quantized_ops(graph, method)
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing" noise
     if method == "dynamic":
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(QUANTIZED_OPS), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, weight_type=QuantType.QInt8,
                          nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True})
         return excluded
 
@@ -170,7 +179,7 @@ def quantize_graph(src, dst, *, method: str = "dynamic", calibration: Optional[I
             return None if b is None else {"images": np.ascontiguousarray(b, dtype=np.float32)}
 
     quantize_static(str(src), str(dst), Reader(calibration.images), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OPS), activation_type=QuantType.QUInt8,
+                    op_types_to_quantize=ops, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
                     calibration_providers=["CPUExecutionProvider"],
                     extra_options={"MatMulConstBOnly": True})

@@ -2,8 +2,10 @@
 
 Every op has a plain PyTorch reference (`*_reference`), the ground truth for tests. `oca` and
 `use_attention` dispatch on `backend`: "torch" (reference), "triton" (the fused kernels in
-nearl_rt/kernels/oca_triton.py and nearl_rt/kernels/use_attention_triton.py), or "auto" (triton for CUDA tensors of
-fp32/fp16/bf16, torch otherwise). The environment variable NEARL_RT_BACKEND overrides the argument.
+nearl_rt/kernels/oca_triton.py and nearl_rt/kernels/use_attention_triton.py), "graph" (the same math in fewer,
+larger tensor ops for graph runtimes: nearl_rt/kernels/graph_ops.py, what the fused ONNX export traces), or
+"auto" (triton for CUDA tensors of fp32/fp16/bf16, torch otherwise). The environment variable NEARL_RT_BACKEND
+overrides the argument.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ import torch
 
 from nearl_rt.kernels.checks import OpInputError
 from nearl_rt.kernels.derived import derived
+from nearl_rt.kernels.graph_ops import oca_graph, use_attention_graph
 from nearl_rt.kernels.oca import oca_reference
 from nearl_rt.kernels.use_attention import use_attention_reference
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "graph")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """Return the concrete backend ("torch" or "triton") for tensors on `device` of `dtype`.
+    """Return the concrete backend ("torch", "triton" or "graph") for tensors on `device` of `dtype`.
 
     "auto" is "triton" for CUDA tensors and "torch" elsewhere or for float64 (the test reference).
     "triton" is returned as asked; the fused ops themselves refuse what they cannot run (float64, CPU
@@ -47,17 +50,23 @@ def _triton_importable() -> bool:
 
 def oca(x, group, k, v, w_q, w_o, scale, *, backend: str = "auto", **options):
     """OCA update F -> F + s * D_perp; see nearl_rt.kernels.oca for the math and shapes."""
-    if resolve_backend(backend, x.device, x.dtype) == "triton":
+    backend = resolve_backend(backend, x.device, x.dtype)
+    if backend == "triton":
         from nearl_rt.kernels.oca_triton import oca_triton
         return oca_triton(x, group, k, v, w_q, w_o, scale, **options)
+    if backend == "graph":
+        return oca_graph(x, group, k, v, w_q, w_o, scale, **options)
     return oca_reference(x, group, k, v, w_q, w_o, scale, **options)
 
 
 def use_attention(q, x, t, t_valid, *params, heads: int, backend: str = "auto"):
     """USEformer few-query cross-attention; see nearl_rt.kernels.use_attention for the math and shapes."""
-    if resolve_backend(backend, q.device, q.dtype) == "triton":
+    backend = resolve_backend(backend, q.device, q.dtype)
+    if backend == "triton":
         from nearl_rt.kernels.use_attention_triton import use_attention_triton
         return use_attention_triton(q, x, t, t_valid, *params, heads=heads)
+    if backend == "graph":
+        return use_attention_graph(q, x, t, t_valid, *params, heads=heads)
     return use_attention_reference(q, x, t, t_valid, *params, heads=heads)
 
 
