@@ -10,11 +10,13 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
+import triton
 
 from bench import suite
+from kernels.resources import TABLE_TRITON
 
 ROOT = Path(__file__).resolve().parents[1]
-RESOURCES = ROOT / "kernels" / "resources.py"
 
 
 def fake_wheel(folder: Path) -> str:
@@ -42,11 +44,8 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["dry_run"] and summary["budget_s"] == 470
     by_step = {s["step"]: s for s in summary["steps"]}
-    assert list(by_step) == ["environment", "cuda_tests", "resources", "kernels", "latency", "launches"]
+    assert list(by_step) == ["environment", "resources", "cuda_tests", "kernels", "latency", "launches"]
     for name, s in by_step.items():
-        if name == "resources" and not RESOURCES.exists():  # until issue 9's kernels/resources.py lands
-            assert s["status"] == "absent" and "kernels/resources.py" in s["reason"]
-            continue
         assert s["status"] == "ok", s
         assert 0 < s["timeout_s"] <= summary["budget_s"] and s["seconds"] <= s["timeout_s"]
     files = sorted(p.name for p in out.iterdir())
@@ -54,6 +53,18 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
                                 "latency.json", "launches.json"} <= set(files), files
     machine = json.loads((out / "env.json").read_text())
     assert machine["nearl_rt_import"] == "ok" and machine["triton_interpret"] == "1"
+    # the versions it runs with, against those checked, printed before any other step runs
+    checked = machine["checked"]
+    assert checked["triton"][:2] == [triton.__version__, list(TABLE_TRITON)]
+    assert checked["triton"][2] == (triton.__version__ in TABLE_TRITON)
+    assert checked["torch"][0] == torch.__version__ and checked["torch"][1] == list(suite.CHECKED_TORCH)
+    versions = next(line for line in proc.stdout.splitlines() if "CUDA" in line and "triton" in line)
+    assert proc.stdout.index(versions) < proc.stdout.index("resources "), "versions before the resources step"
+    assert f"triton {triton.__version__} (" in versions and f"torch {torch.__version__} (" in versions
+    # the resources step ran first after the environment, with --check, on this machine's Triton
+    assert "--check" in by_step["resources"]["command"]
+    resources = json.loads((out / "resources.json").read_text())
+    assert resources["triton"] == triton.__version__ and resources["problems"] == [] and resources["rows"]
     site = [p for p in machine["pythonpath"].split(":") if "nearl-suite-site" in p]
     assert len(site) == 1 and (Path(site[0]) / probe / "__init__.py").is_file()
     assert importlib.util.find_spec(probe) is None, "the wheel went into the private directory only"
@@ -66,6 +77,7 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
     assert {r["forward"] for r in launches["rows"]} == {"frozen_clip", "nearl_torch"}
     report = (out / "summary.md").read_text()
     assert "| latency | ok |" in report and "| eager |" in report and "| oca_image | 1 | fwd |" in report
+    assert f"Resources (triton {triton.__version__}, {len(resources['rows'])} rows compiled): every row fits" in report
     assert report.strip() in proc.stdout
 
 
