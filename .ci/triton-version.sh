@@ -7,7 +7,7 @@
 # The release's wheel (~190 MB; its ptxas inside) is installed once, without dependencies, into
 # ${XDG_CACHE_HOME:-~/.cache}/nearl-rt/triton-VERSION and put first on PYTHONPATH, so it stands in for the
 # installed triton beside the same torch and numpy. Then, with it:
-#   1. python -m kernels.resources --check for sm_90 and sm_80: the CI subset (ViT-B/16, bf16 and fp32, B = 1
+#   1. python -m nearl_rt.kernels.resources --check for sm_90 and sm_80: the CI subset (ViT-B/16, bf16 and fp32, B = 1
 #      and 64, OCA image rows and USE attention with own text, both passes), or with --full every row;
 #   2. the interpreter tests of the fused ops (TRITON_INTERPRET=1).
 # Exits non-zero if the wheel cannot be installed, a configuration spills or exceeds shared memory, or a test fails.
@@ -37,8 +37,8 @@ found=$(env -u TRITON_INTERPRET "$PY" -c 'import triton; print(triton.__version_
 
 subset=(--geometry vit_b16 --dtype bf16,fp32 --batch 1,64 --site oca_image,use_image+own_text)
 ((full)) && subset=()
-echo "== triton $version: python -m kernels.resources --arch sm_90,sm_80 --check ${subset[*]}"
-env -u TRITON_INTERPRET "$PY" -m kernels.resources --arch sm_90,sm_80 --check --summary "${subset[@]}"
+echo "== triton $version: python -m nearl_rt.kernels.resources --arch sm_90,sm_80 --check ${subset[*]}"
+env -u TRITON_INTERPRET "$PY" -m nearl_rt.kernels.resources --arch sm_90,sm_80 --check --summary "${subset[@]}"
 echo "== triton $version: interpreter tests of the fused ops"
 TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_oca.py tests/test_kernels_use.py \
   tests/test_backend_model.py

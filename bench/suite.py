@@ -15,7 +15,7 @@ to work before GPU time is spent on it.
 
 The suite prints the versions it runs with against those the project checked (TABLE_TRITON, CHECKED_TORCH),
 and its first step after the environment compiles the kernels with the machine's own Triton and ptxas
-(`python -m kernels.resources --check`): a spill or a compile failure is known before any timing.
+(`python -m nearl_rt.kernels.resources --check`): a spill or a compile failure is known before any timing.
 """
 from __future__ import annotations
 
@@ -59,27 +59,27 @@ class Step:
 
 def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
     py = sys.executable
-    kernels = [py, "bench/kernels.py", "--out", str(out / "kernels.json")]
+    kernels = [py, "-m", "nearl_rt.bench.kernels", "--out", str(out / "kernels.json")]
     kernels += ["--smoke", "--ops", "oca_image", "use_attention_shared_text"] if dry else \
         [] if compile_ else ["--no-compile"]
     backends = ["frozen_clip", "eager", "triton", "frozen_clip_graphs", "cuda_graphs"]
     backends += ["torch_compile"] if compile_ else []
     backends += ["frozen_clip_ort_cuda", "ort_cuda_fp16"] if ort else []
-    latency = [py, "bench/latency.py", "--mode", "both", "--backends", ",".join(backends),
+    latency = [py, "-m", "nearl_rt.bench.latency", "--mode", "both", "--backends", ",".join(backends),
                "--out", str(out / "latency.json")]
     latency += ["--quick", "--device", "cpu", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "0"] if dry else \
         ["--device", "cuda", "--batch-sizes", "1,8,64", "--iters", "30", "--warmup", "5"]
     tests = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
     tests += ["-k", "cuda"] if dry else []  # on a CPU the CUDA-only tests are collected and skip
-    resources = [py, "-m", "kernels.resources", "--arch", "sm_90", "--check", "--json", str(out / "resources.json"),
+    resources = [py, "-m", "nearl_rt.kernels.resources", "--arch", "sm_90", "--check", "--json", str(out / "resources.json"),
                  *(RESOURCES_DRY if dry else RESOURCES_SUBSET)]
     return [
         Step("environment", [py, "bench/suite.py", "env", str(out / "env.json")], 30, 5, "env.json"),
-        Step("resources", resources, 45, 10, "resources.json", absent="kernels/resources.py"),
+        Step("resources", resources, 45, 10, "resources.json", absent="nearl_rt/kernels/resources.py"),
         Step("cuda_tests", tests, 120, 30),
         Step("kernels", kernels + ["--time-budget", "{left}"], 120, 30, "kernels.json"),
         Step("latency", latency, 150, 40, "latency.json"),
-        Step("launches", [py, "bench/launches.py", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
+        Step("launches", [py, "-m", "nearl_rt.bench.launches", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
              90, 15, "launches.json"),
     ]
 
@@ -180,7 +180,7 @@ def versions_line(env: dict) -> str:
 
 def toolchain_checks(torch_version: str, triton_version: str) -> dict:
     """name -> (running version, the checked releases, whether it is one of them)."""
-    from kernels.resources import TABLE_TRITON
+    from nearl_rt.kernels.resources import TABLE_TRITON
     torch_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
     return {"torch": (torch_version, list(CHECKED_TORCH), torch_minor in CHECKED_TORCH),
             "triton": (triton_version, list(TABLE_TRITON), triton_version in TABLE_TRITON)}
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    try:  # not nearl_rt.cli: where open_clip is missing the suite still runs, and its environment step says so
+    try:  # not nearl_rt.core.cli: where open_clip is missing the suite still runs, and its environment step says so
         sys.exit(main())
     except (OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -9,12 +9,11 @@ import zipfile
 from argparse import Namespace
 from pathlib import Path
 
-import pytest
 import torch
 import triton
 
 from bench import suite
-from kernels.resources import TABLE_TRITON
+from nearl_rt.kernels.resources import TABLE_TRITON
 
 ROOT = Path(__file__).resolve().parents[1]
 
