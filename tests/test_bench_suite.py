@@ -113,3 +113,15 @@ def test_wheels_folder_without_wheels_is_one_clear_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"bench/gpu_suite.sh: error: no .whl files in {tmp_path} (make them with: bash bench/gpu_suite.sh "
         f"--prepare-wheels {tmp_path})"]
+
+
+def test_pyproject_bounds_state_the_checked_releases():
+    """triton's bound spans the releases the resource table and interpreter tests are checked on; torch's floor
+    is the oldest torch checked (docs/gpu-suite.md#versions)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    minors = sorted(tuple(int(x) for x in v.split(".")[:2]) for v in TABLE_TRITON)
+    (lo_major, lo_minor), (hi_major, hi_minor) = minors[0], minors[-1]
+    bound = f'"triton>={lo_major}.{lo_minor},<{hi_major}.{hi_minor + 1};'
+    assert text.count('"triton>=') == text.count(bound) == 2, bound  # the gpu and dev extras
+    oldest_torch = min(suite.CHECKED_TORCH, key=lambda v: tuple(int(x) for x in v.split(".")))
+    assert f'"torch>={oldest_torch},' in text
