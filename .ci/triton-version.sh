@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fused kernels checked with another Triton release than the one installed (docs/kernels.md#triton-versions):
 #
-#   bash .ci/triton-version.sh 3.6.0            # CI: the GPU image's Triton; ~1.5 min on 2 cores
+#   bash .ci/triton-version.sh 3.6.0            # CI: the GPU image's Triton; ~2.5 min on 2 cores
 #   bash .ci/triton-version.sh 3.6.0 --full     # every configuration for sm_90 and sm_80 (~4 more minutes)
 #
 # The release's wheel (~190 MB; its ptxas inside) is installed once, without dependencies, into

@@ -28,10 +28,11 @@ are read once, only d_s-wide keys are written; backward recomputed with PyTorch)
 (the cached class prompts of text_cacheable) are projected once per weight version (nearl_rt/kernels/derived.py).
 
 Bytes (ViT-B/16 at B = 64, 16-bit, own text of C = 2 prompts x 16 tokens): the keys, 64 x (197 + 32) x 128
-x 2 B = 3.8 MB, read once from HBM (the two 32-row query blocks of a group read them from L2), the
-queries and outputs (0.5 MB). 128 programs, 1 per SM (255 registers, 52 KB of shared memory): 0.97 waves.
-The op is latency-bound (expected a few microseconds; not measured on a GPU), so the design goal is one
-launch per layer and no split combine at B = 64, not a bandwidth fraction.
+x 2 B = 3.8 MB, read once from HBM (the four 16-row query blocks of a group read them from L2, and each
+reads W_k and W_v, 64 KB each in fp32, from L2), the queries and outputs (0.5 MB). 256 programs, 2 per SM
+(about 240 registers, 40 KB of shared memory, no spill with Triton 3.6 or 3.8): 0.97 waves. The op is
+latency-bound (expected a few microseconds; not measured on a GPU), so the design goal is one launch per
+layer and no split combine at B = 64, not a bandwidth fraction.
 """
 from __future__ import annotations
 
