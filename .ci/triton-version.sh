@@ -33,7 +33,8 @@ if [[ ! -f $dir/.complete ]]; then
 fi
 export PYTHONPATH="$dir:$PWD"
 found=$(env -u TRITON_INTERPRET "$PY" -c 'import triton; print(triton.__version__)')
-[[ $found == "$version" ]] || { echo ".ci/triton-version.sh: error: $dir gives triton $found, not $version" >&2; exit 1; }
+[[ $found == "$version" ]] || {
+  echo ".ci/triton-version.sh: error: $dir gives triton $found, not $version" >&2; exit 1; }
 
 subset=(--geometry vit_b16 --dtype bf16,fp32 --batch 1,64 --site oca_image,use_image+own_text)
 ((full)) && subset=()

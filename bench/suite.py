@@ -72,8 +72,8 @@ def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
         ["--device", "cuda", "--batch-sizes", "1,8,64", "--iters", "30", "--warmup", "5"]
     tests = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
     tests += ["-k", "cuda"] if dry else []  # on a CPU the CUDA-only tests are collected and skip
-    resources = [py, "-m", "nearl_rt.kernels.resources", "--arch", "sm_90", "--check", "--json", str(out / "resources.json"),
-                 *(RESOURCES_DRY if dry else RESOURCES_SUBSET)]
+    resources = [py, "-m", "nearl_rt.kernels.resources", "--arch", "sm_90", "--check",
+                 "--json", str(out / "resources.json"), *(RESOURCES_DRY if dry else RESOURCES_SUBSET)]
     return [
         Step("environment", [py, "bench/suite.py", "env", str(out / "env.json")], 30, 5, "env.json"),
         Step("resources", resources, 45, 10, "resources.json", absent="nearl_rt/kernels/resources.py"),
@@ -140,10 +140,10 @@ def markdown_report(out: Path, summary: dict) -> str:
                   f"; {versions_line(env)}"]
     resources = _load(out / "resources.json")
     if resources:
-        problems = resources.get("problems", [])
-        lines += ["", f"Resources (triton {resources.get('triton')}, {len(resources['rows'])} rows compiled): " +
-                  (f"{len(problems)} do not fit: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
-                   if problems else "every row fits (no spill, shared memory within the limit)")]
+        problems = resources["problems"]
+        verdict = f"{len(problems)} do not fit: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "") \
+            if problems else "every row fits (no spill, shared memory within the limit)"
+        lines += ["", f"Resources (triton {resources['triton']}, {len(resources['rows'])} rows compiled): {verdict}"]
     kernels = _load(out / "kernels.json")
     if kernels and kernels.get("table"):
         lines += ["", f"Kernels ({kernels['device']}, {kernels['dtype']}, copy {kernels['copy_GBps']} GB/s): "

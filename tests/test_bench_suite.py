@@ -125,3 +125,23 @@ def test_pyproject_bounds_state_the_checked_releases():
     assert text.count('"triton>=') == text.count(bound) == 2, bound  # the gpu and dev extras
     oldest_torch = min(suite.CHECKED_TORCH, key=lambda v: tuple(int(x) for x in v.split(".")))
     assert f'"torch>={oldest_torch},' in text
+
+
+def test_report_names_unchecked_versions_and_rows_that_do_not_fit(tmp_path):
+    """What a GPU run on another toolchain shows before any timing: the release it was not checked on, and the
+    first rows of the resource table that spill."""
+    env = {"python": "3.12.3", "cuda": "13.0", "gpu": None,
+           "checked": suite.toolchain_checks("2.10.1+cu128", "3.5.1")}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    problems = [f"sm_90 _use_fwd vit_b16 use_image+own_text fp16 fwd B={b}: 48 B of register spill > 0 B"
+                for b in range(1, 8)]
+    (tmp_path / "resources.json").write_text(json.dumps({"triton": "3.5.1", "problems": problems, "rows": [{}] * 78}))
+    line = suite.versions_line(env)
+    assert line == ("Python 3.12.3, CUDA 13.0; torch 2.10.1+cu128 (not among the checked "
+                    f"{', '.join(suite.CHECKED_TORCH)}), triton 3.5.1 (not among the checked {', '.join(TABLE_TRITON)})")
+    report = suite.markdown_report(tmp_path, {"dry_run": False, "budget_s": 470, "steps": []})
+    assert line in report
+    assert f"Resources (triton 3.5.1, 78 rows compiled): 7 do not fit: {problems[0]}" in report
+    assert problems[4] in report and problems[5] not in report and report.rstrip().endswith("...")
+    checked = suite.toolchain_checks("2.11.0+cu130", TABLE_TRITON[0])
+    assert checked["torch"][2] and checked["triton"][2]

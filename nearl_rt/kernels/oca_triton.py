@@ -235,7 +235,8 @@ def _plan(R: int, N: int, D: int, M: int, r: int, dtype: torch.dtype, sms: int):
     # 16-row backward blocks (32 rows spilled 16 B on sm_90 with 3.6) and 8 warps for the weight gradients
     # (4 spilled 4 B on sm_80 with 3.6).
     fwd_d = (32 if block_t >= 32 else 16) if fp32 else 64
-    fwd = dict(common, BLOCK_T=block_t, BLOCK_D=min(fwd_d, pow2(D)), num_warps=8 if block_t >= (32 if fp32 else 64) else 4)
+    fwd = dict(common, BLOCK_T=block_t, BLOCK_D=min(fwd_d, pow2(D)),
+               num_warps=8 if block_t >= (32 if fp32 else 64) else 4)
     bwd_t = min(block_t, 16 if fp32 else 32)
     bwd = dict(common, BLOCK_T=bwd_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)), num_warps=8)
     block_dc, weights_t = min(32 if fp32 else 64, pow2(D)), 32

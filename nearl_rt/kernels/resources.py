@@ -36,7 +36,7 @@ import torch
 
 SPILL_BOUND = 0  # bytes of spill stores allowed per kernel and configuration
 # Triton releases whose full table (sm_90 and sm_80) passes --check: the oldest supported (the GPU image's)
-# and CI's; pyproject.toml's triton bound spans them (tests/test_kernels_resources.py)
+# and CI's; pyproject.toml's triton bound spans them (tests/test_bench_suite.py)
 TABLE_TRITON = ("3.6.0", "3.8.0")
 
 
