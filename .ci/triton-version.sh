@@ -14,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: bash .ci/triton-version.sh VERSION [--full]"
-version=${1:?$usage}
+[[ $# -ge 1 ]] || { echo ".ci/triton-version.sh: error: name the Triton release ($usage)" >&2; exit 2; }
+version=$1
 full=0
 case ${2:-} in
   "") ;;
