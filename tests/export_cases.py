@@ -49,10 +49,11 @@ def tiny_model(interaction: str, preset: str = "tiny"):
 
 @_cached_by_full_arguments
 def exported(interaction: str, fp16: bool = False, batch_size="dynamic", optimize: bool = False,
-             opset=None, preset: str = "tiny") -> Path:
-    name = f"{preset}-{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}.onnx"
+             opset=None, preset: str = "tiny", fused: bool = False) -> Path:
+    name = (f"{preset}-{interaction}-{'fp16' if fp16 else 'fp32'}-b{batch_size}-o{int(optimize)}-op{opset}"
+            f"{'-fused' if fused else ''}.onnx")
     return export_model(tiny_model(interaction, preset), _DIR / name, fp16=fp16, batch_size=batch_size,
-                        optimize=optimize, opset=opset, checkpoint_sha256="ab" * 32)
+                        optimize=optimize, opset=opset, checkpoint_sha256="ab" * 32, fused=fused)
 
 
 @_cached_by_full_arguments
@@ -63,15 +64,16 @@ def exported_calibrated(interaction: str) -> Path:
 
 
 @_cached_by_full_arguments
-def exported_int8(interaction: str, method: str = "dynamic") -> Path:
-    """exported(interaction) quantised to int8 (static: calibrated on 32 seeded random inputs), gates open:
-    callers compare runtimes on this one file."""
+def exported_int8(interaction: str, method: str = "dynamic", fused: bool = False) -> Path:
+    """exported(interaction, fused=fused) quantised to int8 (static: calibrated on 32 seeded random inputs), gates
+    open: callers compare runtimes on this one file."""
     import numpy as np
 
     from nearl_rt.export.quantize import Gates, ImageSet, quantize
-    path = _DIR / f"{interaction}-int8-{method}.onnx"
+    path = _DIR / f"{interaction}-int8-{method}{'-fused' if fused else ''}.onnx"
     calibration = ImageSet(np.random.default_rng(1).standard_normal((32, 3, 32, 32), dtype=np.float32))
-    quantize(exported(interaction), path, method=method, calibration=calibration if method == "static" else None,
+    quantize(exported(interaction, fused=fused), path, method=method,
+             calibration=calibration if method == "static" else None,
              gates=Gates(min_agreement=0.0, max_accuracy_change=100.0))
     return path
 

@@ -14,10 +14,11 @@ layout is known is run by a forward built from nearl_rt.export.ort_ops instead (
         h  = SkipLayerNormalization(Attention(x) W_o, x, b_o)
         y  = SkipLayerNormalization(BiasGelu(h W_i, b_i) W_o2, h, b_o2)
 
-LayerScale factors are folded into the projections that feed them. A block of another layout (a qk-norm,
-a gated attention, cross-attention, another activation) keeps its own forward: the fused graph is then
-only partly fused, never different. The file is verified against the unchanged PyTorch model like every
-export.
+LayerScale factors are folded into the projections that feed them. Masks become Attention's own: the CLIP
+text tower's causal mask its `unidirectional`, BERT's key padding its `mask_index` (nearl_rt.export.ort_ops says
+why not an additive bias). A block of another layout (a qk-norm, a gated attention, cross-attention, another
+activation) keeps its own forward: the fused graph is then only partly fused, never different. The file is
+verified against the unchanged PyTorch model like every export.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class _Unsupported(Exception):
     """A block whose layout the fused forms do not cover (it keeps its own forward)."""
 
 
+
 def _projection(linear: nn.Linear, gamma: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [in, out], b) of `linear` followed by a LayerScale gamma (folded in)."""
     w, b = _t(linear.weight), _bias(linear)
@@ -78,14 +80,14 @@ def _pre_ln(ln1: nn.LayerNorm, qkv: tuple, heads: int, out: tuple, ln2: nn.Layer
     (w_qkv, b_qkv), (w_o, b_o), (w_fc, b_fc), (w_proj, b_proj) = qkv, out, fc, proj
     g2, beta2, eps2 = ln2.weight.detach(), ln2.bias.detach(), float(ln2.eps)
 
-    def forward(x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        a = ort_ops.attention(ln1(x), w_qkv, b_qkv, attn_bias, heads)
+    def forward(x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        a = ort_ops.attention(ln1(x), w_qkv, b_qkv, None, heads, causal)
         h, x = ort_ops.skip_layer_norm(a @ w_o, x, g2, beta2, b_o, eps2)
         return x + (act(h @ w_fc, b_fc) @ w_proj + b_proj)
     return forward
 
 
-def _openclip_block(block) -> Forward:
+def _openclip_block(block, causal: bool) -> Forward:
     from open_clip.transformer import ResidualAttentionBlock
     if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
         raise _Unsupported(type(block).__name__)
@@ -102,14 +104,14 @@ def _openclip_block(block) -> Forward:
                       _projection(block.mlp.c_proj, _scale(block.ls_2)))
 
     def block_forward(q_x, k_x=None, v_x=None, attn_mask=None):
-        if k_x is not None or v_x is not None:
-            raise _Unsupported("cross-attention call")
-        # open_clip's causal text mask [n, n] (additive) -> Attention's [1, 1, n, n]
-        return forward(q_x, None if attn_mask is None else attn_mask.to(q_x.dtype)[None, None])
+        if k_x is not None or v_x is not None or (attn_mask is not None) != causal:
+            raise ValueError(f"the fused form of this block was built for {'the causal mask' if causal else 'no mask'}"
+                              f"; it was called with {'a' if attn_mask is not None else 'no'} mask")
+        return forward(q_x, causal)  # the mask is open_clip's causal one (checked by fused_towers)
     return block_forward
 
 
-def _timm_block(block) -> Forward:
+def _timm_block(block, causal: bool) -> Forward:
     from timm.layers import Mlp
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block
@@ -124,16 +126,19 @@ def _timm_block(block) -> Forward:
                       (_t(mlp.fc1.weight), _bias(mlp.fc1)), _activation(mlp.act),
                       _projection(mlp.fc2, _scale(block.ls2)))
 
+    if causal:
+        raise _Unsupported("a causal timm tower")
+
     def block_forward(x, attn_mask=None, is_causal=False):
         if attn_mask is not None or is_causal:
-            raise _Unsupported("masked timm attention")
+            raise ValueError("the fused form of a timm block takes no mask")
         return forward(x)
     return block_forward
 
 
-def _bert_layer(layer) -> Forward:
+def _bert_layer(layer, causal: bool) -> Forward:
     from transformers.models.bert.modeling_bert import BertLayer
-    if type(layer) is not BertLayer or layer.is_decoder or getattr(layer, "add_cross_attention", False) \
+    if causal or type(layer) is not BertLayer or layer.is_decoder or getattr(layer, "add_cross_attention", False) \
             or layer.chunk_size_feed_forward:
         raise _Unsupported(type(layer).__name__)
     self_attn, attn_out = layer.attention.self, layer.attention.output
@@ -152,10 +157,10 @@ def _bert_layer(layer) -> Forward:
 
     def layer_forward(hidden_states, attention_mask=None, *args, **kwargs):
         x = hidden_states
-        bias = None
-        if attention_mask is not None:  # additive [rows, 1, 1, n] (nearl_rt.towers.hf_bert) -> [rows, 1, n, n]
-            bias = attention_mask.to(x.dtype).expand(-1, -1, x.shape[1], -1)
-        a = ort_ops.attention(x, w_qkv, b_qkv, bias, heads)
+        keys = None  # additive key-padding mask [rows, 1, 1, n] (nearl_rt.towers.hf_bert) -> Attention's [rows, n]
+        if attention_mask is not None:
+            keys = (attention_mask[:, 0, 0, :] == 0).to(torch.int32)
+        a = ort_ops.attention(x, w_qkv, b_qkv, keys, heads, False)
         h, _ = ort_ops.skip_layer_norm(a @ w_o, x, ln1.weight.detach(), ln1.bias.detach(), b_o, float(ln1.eps))
         y, _ = ort_ops.skip_layer_norm(act(h @ w_i, b_i) @ w_o2, h, ln2.weight.detach(), ln2.bias.detach(), b_o2,
                                        float(ln2.eps))
@@ -166,11 +171,13 @@ def _bert_layer(layer) -> Forward:
 _FUSED_FORMS = (_openclip_block, _timm_block, _bert_layer)
 
 
-def fused_forward(block: nn.Module) -> Optional[Forward]:
-    """The fused forward of a frozen tower's block, or None when its layout is not one of the fused forms."""
+def fused_forward(block: nn.Module, causal: bool = False) -> Optional[Forward]:
+    """The fused forward of a frozen tower's block, or None when its layout is not one of the fused forms.
+    causal: the block is called with open_clip's causal mask (the CLIP text tower), which becomes Attention's
+    `unidirectional`."""
     for form in _FUSED_FORMS:
         try:
-            return form(block)
+            return form(block, causal)
         except _Unsupported:
             continue
         except ImportError:  # timm / transformers absent: no such block can exist either
@@ -178,16 +185,27 @@ def fused_forward(block: nn.Module) -> Optional[Forward]:
     return None
 
 
+def _causal_text(model) -> bool:
+    """Whether the text tower calls its blocks with open_clip's causal mask (-inf above the diagonal, 0 elsewhere)."""
+    clip = getattr(model.text_tower, "clip", None)
+    mask = getattr(clip, "attn_mask", None)
+    if not isinstance(mask, torch.Tensor):
+        return False
+    causal = torch.full_like(mask, float("-inf")).triu(1)
+    return bool(torch.equal(mask, causal))
+
+
 @contextmanager
 def fused_towers(model):
     """Within the context, every block of `model`'s two towers that has a fused form runs it (the block's
     own forward is restored afterwards). Yields {"fused": n, "kept": names of the blocks left as they are}."""
-    blocks = list(model.vision_tower.blocks) + list(model.text_tower.blocks)
+    causal = _causal_text(model)
+    blocks = [(b, False) for b in model.vision_tower.blocks] + [(b, causal) for b in model.text_tower.blocks]
     patched, kept = [], []
     try:
         with torch.no_grad():
-            for block in blocks:
-                forward = fused_forward(block)
+            for block, block_causal in blocks:
+                forward = fused_forward(block, block_causal)
                 if forward is None:
                     kept.append(type(block).__name__)
                     continue

@@ -5,14 +5,16 @@ Each op is a `torch.library.custom_op` (namespace `nearl_ort`) with a PyTorch im
 
 | custom op | ONNX node (com.microsoft) | computes |
 |---|---|---|
-| `attention(x, w, b, attn_bias, heads)` | `Attention` | self-attention with its QKV projection: x [B, S, D] @ w [D, 3D] + b, `heads` heads, scaled by 1/sqrt(D/heads), `attn_bias` added to the scores (None, or additive [B or 1, 1, S, L]) |
+| `attention(x, w, b, key_mask, heads, causal)` | `Attention` | self-attention with its QKV projection: x [B, S, D] @ w [D, 3D] + b, `heads` heads, scaled by 1/sqrt(D/heads); `key_mask` int32 [B, S] (1: attend; None: all) as its `mask_index`, `causal` as `unidirectional` |
 | `skip_layer_norm(x, skip, gamma, beta, bias, eps)` | `SkipLayerNormalization` | (LN(x + skip + bias), x + skip + bias) |
 | `bias_gelu(x, bias)` | `BiasGelu` | erf-GELU(x + bias) |
 | `quick_gelu(x, alpha)` | `QuickGelu` | x * sigmoid(alpha * x) (OpenAI CLIP's activation, alpha = 1.702) |
 
-onnxruntime implements all four on its CPU and CUDA providers; other runtimes may not read them (OpenVINO
-reads the plain export). The schemas are registered with `onnx.defs` once (the exporter and onnx.checker look
-ops up there), with every input, output and attribute the nodes written here use.
+onnxruntime implements all four on its CPU and CUDA providers, and OpenVINO reads them. Masks are Attention's
+`mask_index` and `unidirectional`, not its additive `attention_bias` input: onnxruntime's int8 quantiser drops
+that input when it turns Attention into QAttention (onnxruntime/quantization/operators/attention.py), which would
+unmask the text. The schemas are registered with `onnx.defs` once (the exporter and onnx.checker look ops up
+there), with every input, output and attribute the nodes written here use.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from onnxscript import values
 from onnxscript._internal.values import Op
 
 DOMAIN = "com.microsoft"
+QUICK_GELU_ALPHA = 1.702  # open_clip's QuickGELU: x * sigmoid(1.702 x)
 
 
 def _register_schemas() -> dict[str, Op]:
@@ -34,9 +37,9 @@ def _register_schemas() -> dict[str, Op]:
     D = onnx.defs
     single, optional = D.OpSchema.FormalParameterOption.Single, D.OpSchema.FormalParameterOption.Optional
     A = D.OpSchema.AttrType
-    specs = {  # name: (inputs, number of required inputs, outputs, attributes)
-        "Attention": (("input", "weights", "bias", "mask_index", "past", "attention_bias"), 1, ("output",),
-                      (("num_heads", A.INT), ("unidirectional", A.INT), ("scale", A.FLOAT))),
+    specs = {  # name: (inputs, number of required inputs, outputs, attributes); "mask_index" is int32
+        "Attention": (("input", "weights", "bias", "mask_index"), 3, ("output",),
+                      (("num_heads", A.INT), ("unidirectional", A.INT))),
         "SkipLayerNormalization": (("input", "skip", "gamma", "beta", "bias"), 3,
                                    ("output", "mean", "inv_std_var", "input_skip_bias_sum"), (("epsilon", A.FLOAT),)),
         "BiasGelu": (("A", "B"), 2, ("C",), ()),
@@ -48,9 +51,11 @@ def _register_schemas() -> dict[str, Op]:
             param = D.OpSchema.FormalParameter
             D.register_schema(D.OpSchema(
                 name, DOMAIN, 1, f"onnxruntime contrib op {name} (the inputs nearl-rt writes)",
-                inputs=[param(n, "T", param_option=single if i < required else optional) for i, n in enumerate(inputs)],
+                inputs=[param(n, "M" if n == "mask_index" else "T", param_option=single if i < required else optional)
+                        for i, n in enumerate(inputs)],
                 outputs=[param(n, "T", param_option=single if i == 0 else optional) for i, n in enumerate(outputs)],
-                type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
+                type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
+                                  ("M", ["tensor(int32)"], "key mask")],
                 attributes=[D.OpSchema.Attribute(a, t, "", required=False) for a, t in attributes]))
         ops[name] = Op(values.Opset(DOMAIN, 1), name)
     return ops
@@ -60,15 +65,19 @@ _OPS = _register_schemas()
 
 
 @torch.library.custom_op("nearl_ort::attention", mutates_args=())
-def attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, attn_bias: Optional[torch.Tensor],
-              heads: int) -> torch.Tensor:
+def attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, key_mask: Optional[torch.Tensor], heads: int,
+              causal: bool) -> torch.Tensor:
     B, S, D = x.shape
     q, k, v = (t.view(B, S, heads, D // heads).transpose(1, 2) for t in (x @ w + b).split(D, dim=-1))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias).transpose(1, 2).reshape(B, S, D)
+    mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+    if causal:
+        tril = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        mask = tril if mask is None else mask & tril
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, S, D)
 
 
 @attention.register_fake
-def _(x, w, b, attn_bias, heads):
+def _(x, w, b, key_mask, heads, causal):
     return torch.empty_like(x)
 
 
@@ -104,9 +113,9 @@ def _(x, alpha):
     return torch.empty_like(x)
 
 
-def _attention_onnx(x, w, b, attn_bias=None, heads: int = 1):
-    # inputs 3 (mask_index) and 4 (past) stay empty; the scale is Attention's default, 1/sqrt(head size)
-    return _OPS["Attention"](x, w, b, None, None, attn_bias, num_heads=heads)
+def _attention_onnx(x, w, b, key_mask=None, heads: int = 1, causal: bool = False):
+    # the scale is Attention's default, 1/sqrt(head size); a masked key's score gets its mask_filter_value, -1e4
+    return _OPS["Attention"](x, w, b, key_mask, num_heads=heads, unidirectional=int(causal))
 
 
 def _skip_layer_norm_onnx(x, skip, gamma, beta, bias, eps: float):
