@@ -29,7 +29,7 @@ LAYERS = {
 }
 RANK = {prefix: i for i, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}
 # Third-party packages nearl_rt.core may import: what a serving image without PyTorch has.
-CORE_THIRD_PARTY = {"numpy", "PIL", "onnxruntime", "onnx", "pydicom", "gdcm"}
+CORE_THIRD_PARTY = {"numpy", "PIL", "onnxruntime", "onnx", "pydicom", "gdcm", "openvino"}
 
 
 def modules() -> dict:

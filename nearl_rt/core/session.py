@@ -15,6 +15,10 @@ the intensity policy, input size, mean, std and interpolation stored in the mode
 `preprocess="onnx"` runs the resize / crop / normalise of the model's preprocessing graph
 (`python -m export.onnx CKPT --preprocess`) instead, the graph the C++ library runs (decoding stays
 nearl_rt.core.imaging's).
+
+`runtime="openvino"` runs the same file on OpenVINO's CPU plugin instead of onnxruntime (same preprocessing,
+outputs and metadata; nearl_rt.core.openvino_runtime); `threads` is the intra-op thread count of either runtime on
+the CPU, by default one per physical core (nearl_rt.core.cpu).
 """
 from __future__ import annotations
 
@@ -24,11 +28,15 @@ from typing import Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from nearl_rt.core.cpu import physical_cores
 from nearl_rt.core.hashing import sha256_file
 from nearl_rt.core.imaging import Frame, IntensityPolicy, load_image, resolve_policy
-from nearl_rt.core.metadata import (PREPROCESS_KIND, classifier_metadata, preprocess_graph_path, read_calibration,
-                                    read_metadata)
+from nearl_rt.core.metadata import (GRAPH_FUSED, PREPROCESS_KIND, classifier_metadata, preprocess_graph_path,
+                                    read_calibration, read_metadata)
 from nearl_rt.core.preprocess import ImageLike, preprocess_batch
+
+
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 def default_providers() -> list[str]:
@@ -46,27 +54,50 @@ class NearlSession:
 
     def __init__(self, path, providers: Optional[Sequence] = None,
                  session_options: Optional[ort.SessionOptions] = None, intensity: Optional[IntensityPolicy] = None,
-                 preprocess: str = "pillow"):
+                 preprocess: str = "pillow", runtime: str = "onnxruntime", precision: Optional[str] = None,
+                 threads: Optional[int] = None):
         """preprocess: "pillow" (nearl_rt.core.preprocess) or "onnx" (the preprocessing graph next to the model,
-        run on the CPU provider: its CUDA antialias kernel is unverified, see docs/cpp.md)."""
+        run on the CPU provider: its CUDA antialias kernel is unverified, see docs/cpp.md). runtime: "onnxruntime"
+        (providers and session_options apply) or "openvino" (its CPU plugin; precision "f32", the default, or
+        "bf16" for a file whose metadata records that bf16 passed the int8 gates). threads: intra-op threads on
+        the CPU (default: physical cores; a session_options with intra_op_num_threads set keeps its own)."""
         if preprocess not in ("pillow", "onnx"):
             raise ValueError(f"preprocess={preprocess!r}: use 'pillow' or 'onnx'")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime={runtime!r}: use one of {RUNTIMES}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads={threads!r}: use a positive int (default: the physical cores)")
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ONNX model not found: {path} (export one with `python -m export.onnx CKPT`)")
-        try:
-            self.session = ort.InferenceSession(path, session_options,
-                                                providers=list(providers or default_providers()))
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
-        self.metadata = classifier_metadata(self.session, path)
+        self.runtime = runtime
+        self.threads = threads or physical_cores()
+        if runtime == "openvino":
+            self.precision, self.metadata, self.session = self._open_openvino(path, providers, session_options,
+                                                                              precision)
+            self.fixed_batch: Optional[int] = self.session.fixed_batch
+            self.providers = ["OpenVINO CPU"]
+        else:
+            if precision not in (None, "f32"):
+                raise ValueError(f"precision={precision!r} is OpenVINO's (runtime='openvino'); onnxruntime runs the "
+                                 f"file's own precision")
+            self.precision = "f32"
+            options = session_options or ort.SessionOptions()
+            if not options.intra_op_num_threads:
+                options.intra_op_num_threads = self.threads
+            self.threads = options.intra_op_num_threads
+            try:
+                self.session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+            self.metadata = classifier_metadata(self.session, path)
+            shape = self.session.get_inputs()[0].shape
+            self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+            self.providers = self.session.get_providers()
         self.class_names: list[str] = self.metadata["class_names"]
         self.input_size: tuple[int, int] = tuple(self.metadata["input_size"])
         self.intensity: IntensityPolicy = resolve_policy(self.metadata.get("intensity"), intensity, path)
         self.temperature, self.operating_point, self.thresholds = read_calibration(self.metadata)
-        shape = self.session.get_inputs()[0].shape
-        self.fixed_batch: Optional[int] = shape[0] if isinstance(shape[0], int) else None
-        self.providers = self.session.get_providers()
         self._cuda = self.providers[0] == "CUDAExecutionProvider"
         self._graph = _open_preprocess_graph(path, self.metadata, session_options) if preprocess == "onnx" else None
 
@@ -141,8 +172,32 @@ class NearlSession:
         logits, probs = self._run(batch)
         return logits[:n], probs[:n]
 
+    def _open_openvino(self, path: str, providers, session_options, precision: Optional[str]):
+        """(precision, metadata, runner) of the OpenVINO runtime; the checks name the fix."""
+        from nearl_rt.core.openvino_runtime import PRECISIONS, OpenVinoRunner
+        if providers is not None or session_options is not None:
+            raise ValueError("providers and session_options are onnxruntime's: leave them out with runtime='openvino'")
+        precision = precision or "f32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} for OpenVINO: use one of {sorted(PRECISIONS)}")
+        metadata = classifier_metadata(path, path)
+        if precision != "f32":
+            record = (metadata.get("runtime_precisions") or {}).get(f"openvino:{precision}")
+            if not record:
+                raise ValueError(f"{path} records no verification of OpenVINO {precision}: a reduced precision is served "
+                                 f"only after it passed the int8 gates against the file's float32 results (export "
+                                 f"with `python -m export.onnx CKPT --openvino-{precision}`), or use precision='f32'")
+        if metadata.get("precision") == "int8" and metadata.get("graph") == GRAPH_FUSED and \
+                (metadata.get("quantization") or {}).get("method") == "dynamic":
+            raise ValueError(f"{path} is a fused dynamic int8 graph (onnxruntime's QAttention), which OpenVINO cannot "
+                             f"run: serve it with onnxruntime, or export OpenVINO's int8 without --fused and with "
+                             f"--calibrate (static)")
+        return precision, metadata, OpenVinoRunner(path, precision, self.threads)
+
     def _run(self, batch: np.ndarray):
         batch = np.ascontiguousarray(batch)
+        if self.runtime == "openvino":
+            return self.session.run(batch)
         if not self._cuda:
             logits, probs = self.session.run(["logits", "probs"], {"images": batch})
             return logits, probs

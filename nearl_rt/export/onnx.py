@@ -306,12 +306,17 @@ def main(argv=None) -> int:
         model, recorded = load_exportable(args.checkpoint, args.pretrained)
         paths = export_int8(model, args, gates, sha256_file(args.checkpoint), recorded)
     else:
-        path, model = export_checkpoint(args.checkpoint, out, pretrained=args.pretrained, opset=args.opset,
-                                        fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size,
-                                        fused=args.fused)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
-              f"{len(model.class_names)} classes)")
-        paths = [path]
+        model, recorded = load_exportable(args.checkpoint, args.pretrained)
+        with atomic_output(out) as tmp:  # with --openvino-bf16, kept only once bf16 passed its gates
+            export_model(model, tmp, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
+                         batch_size=args.batch_size, fused=args.fused, checkpoint_sha256=sha256_file(args.checkpoint),
+                         **recorded)
+            extra = ""
+            if args.openvino_bf16:
+                extra = f"; OpenVINO bf16: {_record_openvino_bf16(tmp, model, args, gates, recorded)}"
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
+              f"{len(model.class_names)} classes{extra})")
+        paths = [out]
     if args.preprocess:
         from nearl_rt.export.preprocess_graph import export_preprocess_graph
         for path in paths:
@@ -337,15 +342,22 @@ def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-accuracy-change", type=float, default=0.5, help="gate: |delta accuracy| in points, with "
                    "labelled images (default 0.5)")
     g.add_argument("--max-prob-diff", type=float, help="gate: max |delta prob| (default: reported, not gated)")
+    g.add_argument("--openvino-bf16", action="store_true",
+                   help="verify the float32 file under OpenVINO's bf16 inference against its float32 results through "
+                        "these gates and record it (nearl.runtime_precisions), so that NearlSession(runtime='openvino', "
+                        "precision='bf16') serves it; a miss writes nothing (docs/export.md#cpu-serving)")
 
 
 def check_int8_arguments(args):
-    """The int8 options' Gates, after refusing inconsistent combinations (before anything is loaded)."""
+    """The gates of --int8 / --openvino-bf16, after refusing inconsistent combinations (before anything is loaded)."""
     from nearl_rt.export.quantize import MIN_CALIBRATION_IMAGES, MIN_VERIFICATION_IMAGES, Gates
-    if not args.int8:
-        used = [f for f in ("calibrate", "verify_data") if getattr(args, f)]
-        if used:
-            raise ExportError(f"--{used[0].replace('_', '-')} applies to int8 models: add --int8")
+    if args.openvino_bf16 and (args.int8 or args.fp16):
+        raise ExportError("--openvino-bf16 verifies the float32 file: export it without --int8 / --fp16")
+    if args.calibrate and not args.int8:
+        raise ExportError("--calibrate applies to int8 models: add --int8")
+    if not (args.int8 or args.openvino_bf16):
+        if args.verify_data:
+            raise ExportError("--verify-data applies to int8 models and --openvino-bf16: add one of them")
         return None
     if args.fp16:
         raise ExportError("--int8 and --fp16 exclude each other: int8 quantises the fp32 model (drop --fp16)")
@@ -362,6 +374,28 @@ def check_int8_arguments(args):
                  max_prob_diff=args.max_prob_diff)
 
 
+def _gate_images(model, args, recorded: dict):
+    """The verification images of --verify-data (labelled), or None (random inputs)."""
+    from nearl_rt.export.quantize import images_from_dataset
+    if not args.verify_data:
+        return None
+    verification, = images_from_dataset(args.verify_data, model.class_names, model.preprocess_cfg,
+                                        counts=(args.verify_count,), seed=1, split=args.data_split,
+                                        image_root=args.image_root, intensity=recorded["intensity"])
+    return verification
+
+
+def _record_openvino_bf16(path: Path, model, args, gates, recorded: dict) -> str:
+    """--openvino-bf16: verify and record (nearl_rt.export.quantize.verify_runtime_precision); one line of figures."""
+    from nearl_rt.export.quantize import verify_runtime_precision
+    report = verify_runtime_precision(path, "openvino", "bf16", _gate_images(model, args, recorded), gates)
+    line = (f"top-1 agreement {100 * report['top1_agreement']:.1f}%, max |delta prob| "
+            f"{report['max_abs_prob_diff']:.4f} on {report['images']} {report['source']} images")
+    if "accuracy" in report:
+        line += f", accuracy {100 * report['accuracy']['fp32']:.2f}% -> {100 * report['accuracy']['bf16']:.2f}%"
+    return line
+
+
 def export_int8(model, args, gates, checkpoint_sha256: str, recorded: dict) -> list[Path]:
     """--int8: the verified fp32 export (kept next to the checkpoint unless -o names the int8 file), then
     its quantised version (its graph, temperature included, and metadata come from the fp32 one), verified
@@ -373,8 +407,7 @@ def export_int8(model, args, gates, checkpoint_sha256: str, recorded: dict) -> l
         calibration, verification = images_from_dataset(args.calibrate, model.class_names, model.preprocess_cfg,
                                                         counts=(args.calibration_count, args.verify_count), **draw)
     if args.verify_data:
-        verification, = images_from_dataset(args.verify_data, model.class_names, model.preprocess_cfg,
-                                            counts=(args.verify_count,), seed=1, **draw)
+        verification = _gate_images(model, args, recorded)
     ckpt = Path(args.checkpoint)
     int8 = Path(args.output) if args.output else ckpt.with_suffix(".int8.onnx")
     fp32 = None if args.output else ckpt.with_suffix(".onnx")

@@ -121,10 +121,8 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
         if len(calibration.images) < MIN_CALIBRATION_IMAGES:
             raise QuantizationError(f"only {len(calibration.images)} calibration images from {calibration.source}; "
                                     f"static int8 needs at least {MIN_CALIBRATION_IMAGES}")
-    size = meta["input_size"]
     if verification is None:
-        rng = np.random.default_rng(seed)
-        verification = ImageSet(rng.standard_normal((RANDOM_VERIFICATION_IMAGES, 3, *size), dtype=np.float32))
+        verification = random_images(meta["input_size"], seed)
     elif len(verification.images) < MIN_VERIFICATION_IMAGES:
         raise QuantizationError(f"only {len(verification.images)} verification images from {verification.source}; "
                                 f"need at least {MIN_VERIFICATION_IMAGES}")
@@ -204,9 +202,17 @@ def _probs(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
 def verify_int8(fp32_path, int8_path, images: ImageSet, gates: Gates) -> dict:
     """Score `images` with both files; raise QuantizationError when a gate fails, else return the report:
     top-1 agreement, max |delta prob| and, with labels, both accuracies (and macro-F1 / AUC) and their change."""
-    ref, got = _probs(Path(fp32_path), images.images), _probs(Path(int8_path), images.images)
+    return gate_report(_probs(Path(fp32_path), images.images), _probs(Path(int8_path), images.images), images,
+                       gates, "int8")
+
+
+def gate_report(ref: np.ndarray, got: np.ndarray, images: ImageSet, gates: Gates, what: str) -> dict:
+    """The gates of a reduced precision `what` ("int8", "OpenVINO bf16") whose probabilities `got` stand against
+    the float32 `ref` on `images`: the report (metrics keyed "fp32" and `what`'s last word), or QuantizationError
+    naming every gate missed."""
+    label = what.split()[-1]
     if not np.isfinite(got).all():
-        raise QuantizationError("the int8 model returns non-finite probabilities; the file was not written")
+        raise QuantizationError(f"the {what} model returns non-finite probabilities; the file was not written")
     agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
     report = {"images": int(len(ref)), "source": images.source, "top1_agreement": agree,
               "max_abs_prob_diff": float(np.abs(ref - got).max()), "gates": asdict(gates)}
@@ -222,15 +228,16 @@ def verify_int8(fp32_path, int8_path, images: ImageSet, gates: Gates) -> dict:
         names = [str(i) for i in range(ref.shape[1])]
         m_ref, m_got = (classification_metrics(images.labels, p, names) for p in (ref, got))
         for key in ("accuracy", "macro_f1", "auc"):
-            report[key] = {"fp32": m_ref[key], "int8": m_got[key], "change_points": 100 * (m_got[key] - m_ref[key])}
+            report[key] = {"fp32": m_ref[key], label: m_got[key], "change_points": 100 * (m_got[key] - m_ref[key])}
         change = abs(report["accuracy"]["change_points"])
         if change > gates.max_accuracy_change:
             failures.append(f"|delta accuracy| {change:.2f} points > {gates.max_accuracy_change:.2f} "
-                            f"(fp32 {100 * m_ref['accuracy']:.2f}%, int8 {100 * m_got['accuracy']:.2f}%)")
+                            f"(fp32 {100 * m_ref['accuracy']:.2f}%, {what} {100 * m_got['accuracy']:.2f}%)")
     if failures:
-        raise QuantizationError(f"the int8 model misses its verification gates on {len(ref)} {images.source} images: "
+        raise QuantizationError(f"the {what} model misses its verification gates on {len(ref)} {images.source} images: "
                                 f"{'; '.join(failures)}. The file was not written (loosen the gates with "
-                                f"--min-agreement / --max-accuracy-change / --max-prob-diff, or try the other method)")
+                                f"--min-agreement / --max-accuracy-change / --max-prob-diff, or "
+                                f"{'try the other method' if what == 'int8' else 'serve float32'})")
     return report
 
 
@@ -259,3 +266,45 @@ def images_from_dataset(data, class_names: Sequence[str], preprocess_cfg: dict, 
         out.append(ImageSet(prep.eval(images).numpy(), sub.labels, f"{data} ({name} split)"))
         start += n
     return out
+
+
+def random_images(size, seed: int = 0) -> ImageSet:
+    """RANDOM_VERIFICATION_IMAGES seeded random inputs [N, 3, *size] (agreement only: no labels)."""
+    rng = np.random.default_rng(seed)
+    return ImageSet(rng.standard_normal((RANDOM_VERIFICATION_IMAGES, 3, *size), dtype=np.float32))
+
+
+def verify_runtime_precision(path, runtime: str, precision: str, verification: Optional[ImageSet] = None,
+                             gates: Gates = Gates(), seed: int = 0) -> dict:
+    """Check a reduced precision that a runtime applies at load time (OpenVINO's "bf16") against the file's own
+    float32 results on onnxruntime, through the int8 gates (`verification`: labelled or not; default random
+    inputs), and record the report in the file's nearl.runtime_precisions (rewritten atomically). Returns the
+    report; QuantizationError when a gate fails (the file is left as it was)."""
+    from nearl_rt.core.cpu import physical_cores
+    from nearl_rt.core.openvino_runtime import OpenVinoRunner, openvino_version
+    if runtime != "openvino":
+        raise ValueError(f"runtime={runtime!r}: reduced precisions at load time are OpenVINO's ('openvino')")
+    path = Path(path)
+    proto = onnx.load(str(path))
+    meta = read_metadata(proto)
+    if meta.get("precision", "fp32") != "fp32":
+        raise QuantizationError(f"{path} is a {meta['precision']} model: {runtime} {precision} is verified on the "
+                                f"float32 export")
+    if verification is None:
+        verification = random_images(meta["input_size"], seed)
+    elif len(verification.images) < MIN_VERIFICATION_IMAGES:
+        raise QuantizationError(f"only {len(verification.images)} verification images from {verification.source}; "
+                                f"need at least {MIN_VERIFICATION_IMAGES}")
+    runner = OpenVinoRunner(str(path), precision, physical_cores())
+    got = np.concatenate([runner.run(np.ascontiguousarray(verification.images[i:i + 16]))[1]
+                          for i in range(0, len(verification.images), 16)])
+    report = gate_report(_probs(path, verification.images), got, verification, gates, f"OpenVINO {precision}")
+    import openvino as ov
+    report["openvino"] = openvino_version()
+    report["cpu_capabilities"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    records = dict(meta.get("runtime_precisions") or {})
+    records[f"{runtime}:{precision}"] = report
+    with atomic_output(path) as tmp:
+        write_metadata(proto, dict(meta, runtime_precisions=records))
+        onnx.save(proto, str(tmp))
+    return report
