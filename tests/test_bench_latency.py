@@ -101,9 +101,20 @@ def test_quick_run_as_a_script_writes_the_schema(tmp_path):
             # int8 moves the tiny model's logits (scale 100 on cosines) far more than fp32 ORT's 1e-3, but
             # not by a whole logit: test_quantize bounds its probabilities and class agreement
             assert 1e-4 < int8["max_abs_diff_vs_fp32_eager"] < 1.0, int8
+            fused, fused_int8 = by_key[("ort_cpu_fused", mode, b)], by_key[("ort_cpu_fused_int8", mode, b)]
+            assert fused["status"] == fused_int8["status"] == "ok" and fused["baseline"] == "frozen_clip_ort_cpu_fused"
+            assert fused["max_abs_diff_vs_fp32_eager"] <= 1e-3 and fused_int8["max_abs_diff_vs_fp32_eager"] < 1.0
+            assert by_key[("frozen_clip_ort_cpu_fused", mode, b)]["status"] == "ok"
+            if importlib.util.find_spec("openvino") is not None:
+                ov, bf16 = by_key[("openvino", mode, b)], by_key[("openvino_bf16", mode, b)]
+                assert ov["status"] == bf16["status"] == "ok" and ov["baseline"] == "frozen_clip_openvino"
+                assert ov["max_abs_diff_vs_fp32_eager"] <= 1e-3, ov  # f32 inference: the same model
+                assert bf16["max_abs_diff_vs_fp32_eager"] < 1.0 and bf16["baseline"] == "frozen_clip_openvino_bf16"
+                assert ov["xclip"] == pytest.approx(ov["median_ms"] / by_key[("frozen_clip_openvino", mode, b)]["median_ms"])
         else:
             assert ort["reason"] == "export.onnx not available"
-    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 6, "NEARL per mode + one frozen CLIP, fp32 and int8"
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 12, \
+        "NEARL per mode + one frozen CLIP, fp32, int8, fused fp32 and fused int8 (OpenVINO reads the fp32 files)"
     assert "estimated time" in proc.stderr and "interleaved" in proc.stderr
     assert "runs frozen_clip, eager" in proc.stderr and "left out here, each with its reason" in proc.stderr
     for name in BACKENDS:
@@ -240,3 +251,10 @@ def test_script_error_has_no_traceback():
     assert proc.stderr.strip().splitlines() == [
         f"bench/latency.py: error: argument --backends: unknown backend(s) ['nope']; choose from all, "
         f"{', '.join(BACKENDS)} (see bench/latency.py --help)"]
+
+
+def test_export_sources_exist():
+    """The files whose content keys the export cache: a moved one would leave stale exports undetected."""
+    from nearl_rt.bench.backends import EXPORT_SOURCES, ROOT
+    missing = [rel for rel in EXPORT_SOURCES if not (ROOT / rel).is_file()]
+    assert not missing, missing

@@ -26,14 +26,17 @@ from nearl_rt import kernels
 from nearl_rt.bench.frozen_clip import FrozenClip as FrozenClipModule
 from nearl_rt.bench.frozen_clip import export_frozen_clip
 from nearl_rt.core.atomic import atomic_output
+from nearl_rt.core.cpu import physical_cores
 from nearl_rt.cuda_graph import GraphedForward
 from nearl_rt.model import NearlCLIP
 
 Runner = Callable[[torch.Tensor], object]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: EXPORT_SOURCES are relative to it
 # the code an exported file depends on: a change to any of these makes the cached exports stale
-EXPORT_SOURCES = ("nearl_rt/export/onnx.py", "nearl_rt/export/graph.py", "nearl_rt/export/quantize.py", "nearl_rt/bench/frozen_clip.py",
-                  "nearl_rt/model.py", "nearl_rt/adapters.py", "nearl_rt/kernels/oca.py", "nearl_rt/kernels/use_attention.py")
+EXPORT_SOURCES = ("nearl_rt/export/onnx.py", "nearl_rt/export/graph.py", "nearl_rt/export/quantize.py",
+                  "nearl_rt/export/fused.py", "nearl_rt/export/ort_ops.py", "nearl_rt/kernels/graph_ops.py",
+                  "nearl_rt/bench/frozen_clip.py", "nearl_rt/model.py", "nearl_rt/adapters.py",
+                  "nearl_rt/kernels/oca.py", "nearl_rt/kernels/use_attention.py")
 
 
 @dataclass
@@ -84,30 +87,34 @@ class BenchContext:
         return self._onnx[(kind, precision)]
 
 
-def _export(ctx: BenchContext, kind: str, path: Path, *, fp16: bool) -> None:
-    """The NEARL file as `export.onnx` writes it, or its frozen CLIP written the same way."""
+def _export(ctx: BenchContext, kind: str, path: Path, *, fp16: bool = False, fused: bool = False) -> None:
+    """The NEARL file as `export.onnx` writes it (`--fused`: fused), or its frozen CLIP written the same way."""
     if kind == "frozen_clip":
-        export_frozen_clip(ctx.master, path, fp16=fp16)
+        export_frozen_clip(ctx.master, path, fp16=fp16, fused=fused)
     else:
         from nearl_rt.export.onnx import export_model
         export_model(ctx.master, path, fp16=fp16, batch_size="dynamic", verify=False,
-                     checkpoint_sha256=ctx.checkpoint_sha256)
+                     checkpoint_sha256=ctx.checkpoint_sha256, fused=fused)
 
 
 # How each ONNX precision is written (ctx, kind, path): one entry per precision, shared by a NEARL backend
 # and its frozen-CLIP twin. A precision derived from another reads it with ctx.onnx_file(kind, "fp32").
-def _quantize(ctx: BenchContext, kind: str, path: Path) -> None:
-    """The fp32 file in dynamic int8, as `export.onnx --int8` quantises it (nearl_rt.export.quantize.quantize_graph:
+def _quantized(source: str) -> Callable[[BenchContext, str, Path], None]:
+    """The `source` file in dynamic int8, as `export.onnx --int8` quantises it (nearl_rt.export.quantize.quantize_graph:
     the same nodes for NEARL and its frozen CLIP; the export's verification is nearl_rt.export.quantize's test)."""
-    from nearl_rt.export.quantize import quantize_graph
-    with atomic_output(path) as tmp:
-        quantize_graph(ctx.onnx_file(kind, "fp32"), tmp)
+    def write(ctx: BenchContext, kind: str, path: Path) -> None:
+        from nearl_rt.export.quantize import quantize_graph
+        with atomic_output(path) as tmp:
+            quantize_graph(ctx.onnx_file(kind, source), tmp)
+    return write
 
 
 ONNX_PRECISIONS: dict[str, Callable[[BenchContext, str, Path], None]] = {
-    "fp32": lambda ctx, kind, path: _export(ctx, kind, path, fp16=False),
+    "fp32": lambda ctx, kind, path: _export(ctx, kind, path),
     "fp16": lambda ctx, kind, path: _export(ctx, kind, path, fp16=True),
-    "int8": _quantize,
+    "int8": _quantized("fp32"),
+    "fused_fp32": lambda ctx, kind, path: _export(ctx, kind, path, fused=True),
+    "fused_int8": _quantized("fused_fp32"),
 }
 
 
@@ -245,6 +252,26 @@ class CudaGraphs(Eager):
         return self.model.cuda_graph(batch_sizes=(batch_size,))
 
 
+def _onnx_file_available(backend: Backend, ctx: BenchContext) -> tuple[bool, str]:
+    """Whether `backend`'s ONNX file can be had here: export.onnx importable, and the file cached or asked for."""
+    try:
+        import nearl_rt.export.onnx  # noqa: F401
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in ("nearl_rt.export.onnx", "export"):
+            return False, "export.onnx not available"
+        return False, f"export.onnx cannot be imported: {e}"
+    if not (ctx.quick or backend.name in ctx.explicit or ctx.onnx_cached(backend.onnx_kind, backend.onnx_precision)):
+        return False, ("its ONNX export is not cached and takes minutes on a CPU: name it in --backends to "
+                       "export it once" + (f" (kept in {ctx.cache_dir})" if ctx.cache_dir else ""))
+    return True, ""
+
+
+def _needs_cpu(ctx: BenchContext) -> tuple[bool, str]:
+    if ctx.device.type != "cpu":
+        return False, "runs with --device cpu (this run's device is a GPU)"
+    return True, ""
+
+
 class _Ort(Backend):
     """onnxruntime on the ONNX file that export.onnx.export_model (or nearl_rt.bench.frozen_clip) writes from the master."""
 
@@ -268,16 +295,7 @@ class _Ort(Backend):
         if self.provider not in ort.get_available_providers():
             return False, (f"onnxruntime {ort.__version__} has no {self.provider} (available: "
                            f"{', '.join(ort.get_available_providers())})")
-        try:
-            import nearl_rt.export.onnx  # noqa: F401
-        except ImportError as e:
-            if isinstance(e, ModuleNotFoundError) and e.name in ("nearl_rt.export.onnx", "export"):
-                return False, "export.onnx not available"
-            return False, f"export.onnx cannot be imported: {e}"
-        if not (ctx.quick or self.name in ctx.explicit or ctx.onnx_cached(self.onnx_kind, self.onnx_precision)):
-            return False, ("its ONNX export is not cached and takes minutes on a CPU: name it in --backends to "
-                           "export it once" + (f" (kept in {ctx.cache_dir})" if ctx.cache_dir else ""))
-        return True, ""
+        return _onnx_file_available(self, ctx)
 
     def provider_options(self) -> dict:
         return {} if self.provider == "CPUExecutionProvider" else {"device_id": self.ctx.device.index or 0}
@@ -290,6 +308,7 @@ class _Ort(Backend):
                       if p != self.provider and p in ort.get_available_providers()]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = physical_cores()  # as NearlSession: one per physical core, on every CPU runtime
         path = ctx.onnx_file(self.onnx_kind, self.onnx_precision)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         if self.session.get_providers()[0] != self.provider:
@@ -322,9 +341,8 @@ class OrtCpu(_Ort):
     baseline = "frozen_clip_ort_cpu"
 
     def available(self, ctx):
-        if ctx.device.type != "cpu":
-            return False, "runs with --device cpu (this run's device is a GPU)"
-        return super().available(ctx)
+        ok, reason = _needs_cpu(ctx)
+        return super().available(ctx) if ok else (ok, reason)
 
 
 class OrtCpuInt8(OrtCpu):
@@ -333,6 +351,61 @@ class OrtCpuInt8(OrtCpu):
     precision = "int8"
     onnx_precision = "int8"
     baseline = "frozen_clip_ort_cpu_int8"
+
+
+class OrtCpuFused(OrtCpu):
+    name = "ort_cpu_fused"
+    description = "onnxruntime CPUExecutionProvider, fused fp32 ONNX (export.onnx --fused)"
+    onnx_precision = "fused_fp32"
+    baseline = "frozen_clip_ort_cpu_fused"
+
+
+class OrtCpuFusedInt8(OrtCpu):
+    name = "ort_cpu_fused_int8"
+    description = "onnxruntime CPUExecutionProvider, fused dynamic int8 ONNX (export.onnx --fused --int8: QAttention)"
+    precision = "int8"
+    onnx_precision = "fused_int8"
+    baseline = "frozen_clip_ort_cpu_fused_int8"
+
+
+class OpenVino(Backend):
+    """OpenVINO's CPU plugin on the fp32 ONNX file, as NearlSession(runtime="openvino", precision=...) runs it."""
+
+    name = "openvino"
+    description = "OpenVINO CPU plugin on the fp32 ONNX file, f32 inference precision (NearlSession(runtime='openvino'))"
+    precision = "float32"
+    ov_precision = "f32"
+    onnx_kind = "nearl"
+    onnx_precision = "fp32"
+    torch_allocated = False  # OpenVINO's own allocator
+    baseline = "frozen_clip_openvino"
+
+    def available(self, ctx):
+        ok, reason = _needs_cpu(ctx)
+        if not ok:
+            return ok, reason
+        from nearl_rt.core.openvino_runtime import openvino_version
+        if openvino_version() is None:
+            return False, "openvino not installed (pip install 'nearl-rt[openvino]')"
+        return _onnx_file_available(self, ctx)
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        from nearl_rt.core.openvino_runtime import OpenVinoRunner
+        self.model = OpenVinoRunner(str(ctx.onnx_file(self.onnx_kind, self.onnx_precision)), self.ov_precision,
+                                    physical_cores())
+
+    def runner(self, batch_size):
+        return lambda images: self.model.run(images.cpu().numpy())[0]
+
+
+class OpenVinoBf16(OpenVino):
+    name = "openvino_bf16"
+    description = ("OpenVINO CPU plugin on the fp32 ONNX file, bf16 inference precision (served only after "
+                   "export.onnx --openvino-bf16 passed its gates; max|dlogit| is its accuracy cost)")
+    precision = "bfloat16"
+    ov_precision = "bf16"
+    baseline = "frozen_clip_openvino_bf16"
 
 
 class OrtCudaFp32(_Ort):
@@ -366,7 +439,7 @@ class OrtTensorRT(OrtCudaFp32):
 
 
 class _FrozenOrt:
-    """The frozen-CLIP twin of an onnxruntime backend: the same session settings on nearl_rt.bench.frozen_clip's export."""
+    """The frozen-CLIP twin of an ONNX backend: the same runtime settings on nearl_rt.bench.frozen_clip's export."""
 
     onnx_kind = "frozen_clip"
     compares_to_eager = False
@@ -381,6 +454,26 @@ class FrozenClipOrtCpu(_FrozenOrt, OrtCpu):
 class FrozenClipOrtCpuInt8(_FrozenOrt, OrtCpuInt8):
     name = "frozen_clip_ort_cpu_int8"
     description = "frozen CLIP exported the same way, quantised the same way (dynamic int8): the ort_cpu_int8 floor"
+
+
+class FrozenClipOrtCpuFused(_FrozenOrt, OrtCpuFused):
+    name = "frozen_clip_ort_cpu_fused"
+    description = "frozen CLIP exported fused the same way, onnxruntime CPU, fp32: the ort_cpu_fused floor"
+
+
+class FrozenClipOrtCpuFusedInt8(_FrozenOrt, OrtCpuFusedInt8):
+    name = "frozen_clip_ort_cpu_fused_int8"
+    description = "frozen CLIP exported fused and quantised the same way: the ort_cpu_fused_int8 floor"
+
+
+class FrozenClipOpenVino(_FrozenOrt, OpenVino):
+    name = "frozen_clip_openvino"
+    description = "frozen CLIP exported the same way, OpenVINO CPU, f32: the openvino floor"
+
+
+class FrozenClipOpenVinoBf16(_FrozenOrt, OpenVinoBf16):
+    name = "frozen_clip_openvino_bf16"
+    description = "frozen CLIP exported the same way, OpenVINO CPU, bf16: the openvino_bf16 floor"
 
 
 class FrozenClipOrtCudaFp32(_FrozenOrt, OrtCudaFp32):
@@ -400,5 +493,6 @@ def _image_size(model: NearlCLIP) -> tuple[int, int]:
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (
     FrozenClip, Eager, Triton, TorchCompile, FrozenClipGraphs, CudaGraphs, FrozenClipOrtCpu, OrtCpu,
-    FrozenClipOrtCpuInt8, OrtCpuInt8, FrozenClipOrtCudaFp32, OrtCudaFp32, FrozenClipOrtCuda, OrtCudaFp16,
+    FrozenClipOrtCpuInt8, OrtCpuInt8, FrozenClipOrtCpuFused, OrtCpuFused, FrozenClipOrtCpuFusedInt8, OrtCpuFusedInt8,
+    FrozenClipOpenVino, OpenVino, FrozenClipOpenVinoBf16, OpenVinoBf16, FrozenClipOrtCudaFp32, OrtCudaFp32, FrozenClipOrtCuda, OrtCudaFp16,
     OrtTensorRT)}

@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from nearl_rt.core.cpu import physical_cores
+
 SPREAD_FLAG = 1.5  # p90 / median above this: the machine was too noisy for the row
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -174,10 +176,11 @@ def machine_info(device: torch.device) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "physical_cores": physical_cores(),  # the intra-op threads of the ONNX runtimes (onnxruntime CPU, OpenVINO)
         "gpu": None,
         "cuda": torch.version.cuda,
-        "versions": {m: _version(m) for m in ("torch", "triton", "onnxruntime", "open_clip", "onnx", "numpy",
-                                              "nearl_rt")},
+        "versions": {m: _version(m) for m in ("torch", "triton", "onnxruntime", "openvino", "open_clip", "onnx",
+                                              "numpy", "nearl_rt")},
         "git_commit": _git_commit(),
     }
     if device.type == "cuda":

@@ -404,7 +404,8 @@ def main(argv=None) -> int:
         records, num_classes = run_benchmark(args, progress, say)
     weights = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset}, random weights"
     info = machine_info(args.device)
-    where = info["gpu"]["name"] if info["gpu"] else f"{info['cpu']}, {info['torch_threads']} threads"
+    where = info["gpu"]["name"] if info["gpu"] else (f"{info['cpu']}, {info['torch_threads']} PyTorch threads, "
+                                                         f"{info['physical_cores']} ONNX runtime threads")
     header = (f"NEARL-CLIP latency: {weights}, C={num_classes}, device {args.device} ({where}), PyTorch backends "
               f"{args.dtype}; {args.iters} timed calls after {args.warmup} warm-up")
     print(format_table(records, header))
