@@ -17,8 +17,8 @@ from nearl_rt.errors import NearlError, RandomBackboneWarning
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 DEFAULT_OUT = "nearl-demo"
 STEPS = 4
-ARTEFACTS = {"run": "run directory (last.pt, metrics.jsonl, shots.json, ...)", "checkpoint": "checkpoint",
-             "eval": "evaluation (JSON)", "onnx": "ONNX model"}
+ARTEFACTS = {"run": "run directory (best.pt, metrics.jsonl, shots.json, ...)",
+             "checkpoint": "checkpoint (the final model)", "eval": "evaluation (JSON)", "onnx": "ONNX model"}
 
 
 def _shown(path: Path) -> str:
@@ -38,13 +38,14 @@ def _done(t0: float) -> None:
     print(f"      ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-def _train_evaluate_export(data: str, out: Path, epochs: int, progress: bool) -> None:
+def _train_evaluate_export(data: str, out: Path, progress: bool) -> None:
     from export import onnx as export_onnx
     from nearl_rt import evaluate, train
-    ckpt = os.fspath(out / "run" / "best.pt")
+    ckpt = os.fspath(out / "run" / "last.pt")
 
-    t = _step(1, f"few-shot training: 16 images per class, {epochs} epochs (python -m nearl_rt.train)")
-    train.main(["--data", data, "--preset", "tiny", "--shots", "16", "--epochs", str(epochs),
+    t = _step(1, f"few-shot training: 16 images per class, {train.DEFAULT_STEPS} optimizer steps "
+                 "(python -m nearl_rt.train, default options)")
+    train.main(["--data", data, "--preset", "tiny", "--shots", "16",
                 "--template", "a chest X-ray showing {}.", "--out", os.fspath(out / "run")]
                + ([] if progress else ["--no-progress"]))
     _done(t)
@@ -58,7 +59,7 @@ def _train_evaluate_export(data: str, out: Path, epochs: int, progress: bool) ->
     _done(t)
 
 
-def run_demo(out, *, epochs: int = 8, progress: bool = True) -> dict:
+def run_demo(out, *, progress: bool = True) -> dict:
     """Train, evaluate, export and serve into `out` (a new or empty directory). Returns the artefact paths."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -66,7 +67,7 @@ def run_demo(out, *, epochs: int = 8, progress: bool = True) -> dict:
     if not (DEMO_DATA / "train").is_dir():
         raise NearlError(f"the bundled demo images are missing ({DEMO_DATA}); reinstall nearl-rt")
     data = _shown(DEMO_DATA)
-    artefacts = {"run": out / "run", "checkpoint": out / "run" / "best.pt", "eval": out / "eval.json",
+    artefacts = {"run": out / "run", "checkpoint": out / "run" / "last.pt", "eval": out / "eval.json",
                  "onnx": out / "model.onnx"}
     start = time.perf_counter()
     print("nearl-rt demo: train -> evaluate -> export -> serve, on 56 real chest X-rays shipped with the package\n"
@@ -75,7 +76,7 @@ def run_demo(out, *, epochs: int = 8, progress: bool = True) -> dict:
           "MEANS NOTHING: it shows the pipeline, not the model. Train with --pretrained on real CLIP weights for that.")
     with warnings.catch_warnings():  # said once above, not once per tool
         warnings.simplefilter("ignore", RandomBackboneWarning)
-        _train_evaluate_export(data, out, epochs, progress)
+        _train_evaluate_export(data, out, progress)
 
     from export.runtime import NearlSession
     t = _step(4, "serving with onnxruntime alone (export.runtime.NearlSession)")
