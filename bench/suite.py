@@ -50,13 +50,13 @@ class Step:
 
 def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
     py = sys.executable
-    kernels = [py, "bench/kernels.py", "--out", str(out / "kernels.json")]
+    kernels = [py, "-m", "nearl_rt.bench.kernels", "--out", str(out / "kernels.json")]
     kernels += ["--smoke", "--ops", "oca_image", "use_attention_shared_text"] if dry else \
         [] if compile_ else ["--no-compile"]
     backends = ["frozen_clip", "eager", "triton", "frozen_clip_graphs", "cuda_graphs"]
     backends += ["torch_compile"] if compile_ else []
     backends += ["frozen_clip_ort_cuda", "ort_cuda_fp16"] if ort else []
-    latency = [py, "bench/latency.py", "--mode", "both", "--backends", ",".join(backends),
+    latency = [py, "-m", "nearl_rt.bench.latency", "--mode", "both", "--backends", ",".join(backends),
                "--out", str(out / "latency.json")]
     latency += ["--quick", "--device", "cpu", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "0"] if dry else \
         ["--device", "cuda", "--batch-sizes", "1,8,64", "--iters", "30", "--warmup", "5"]
@@ -65,12 +65,12 @@ def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
     return [
         Step("environment", [py, "bench/suite.py", "env", str(out / "env.json")], 30, 5, "env.json"),
         Step("cuda_tests", tests, 120, 30),
-        Step("resources", [py, "-m", "kernels.resources", "--arch", "sm_90", "--json", str(out / "resources.json"),
+        Step("resources", [py, "-m", "nearl_rt.kernels.resources", "--arch", "sm_90", "--json", str(out / "resources.json"),
                            *(["--geometry", "vit_b16", "--dtype", "fp16", "--batch", "64", "--pass", "fwd"] if dry else [])],
-             90, 10, "resources.json", absent="kernels/resources.py"),
+             90, 10, "resources.json", absent="nearl_rt/kernels/resources.py"),
         Step("kernels", kernels + ["--time-budget", "{left}"], 120, 30, "kernels.json"),
         Step("latency", latency, 150, 40, "latency.json"),
-        Step("launches", [py, "bench/launches.py", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
+        Step("launches", [py, "-m", "nearl_rt.bench.launches", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
              90, 15, "launches.json"),
     ]
 
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    try:  # not nearl_rt.cli: where open_clip is missing the suite still runs, and its environment step says so
+    try:  # not nearl_rt.core.cli: where open_clip is missing the suite still runs, and its environment step says so
         sys.exit(main())
     except (OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

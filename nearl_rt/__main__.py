@@ -1,20 +1,56 @@
-"""`python -m nearl_rt demo [--out DIR]`: train -> evaluate -> export -> serve on the bundled X-rays.
-`python -m nearl_rt info CKPT`: show what a checkpoint holds."""
+"""`nearl-rt` (or `python -m nearl_rt`): the demo, `info`, and every other command-line tool by name.
+
+    nearl-rt demo [--out DIR]       train -> evaluate -> export -> serve on the bundled X-rays
+    nearl-rt info CKPT              what a checkpoint holds
+    nearl-rt TOOL ...               = python -m MODULE ... for the tools in TOOLS (train, export, ...)
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from functools import partial
 
-from export.imaging import resolve_policy
-from nearl_rt.checkpoint import read_checkpoint
-from nearl_rt.cli import run_cli
-from nearl_rt.config import preset_name
-from nearl_rt.demo import DEFAULT_OUT, run_demo
+from nearl_rt.core.cli import run_cli
+
+# nearl-rt TOOL ...: the module whose main(argv) it runs (what `python -m MODULE` runs; a checkout also has the
+# shortcuts `python -m export.onnx|triton|serve|preprocess_graph` and `python bench/latency.py`).
+TOOLS = {
+    "train": "nearl_rt.train", "evaluate": "nearl_rt.evaluate", "predict": "nearl_rt.predict",
+    "sweep": "nearl_rt.sweep", "export": "nearl_rt.export.onnx", "preprocess-graph": "nearl_rt.export.preprocess_graph",
+    "triton": "nearl_rt.serving.triton_repository", "serve": "nearl_rt.serving.server", "bench": "nearl_rt.bench.latency",
+}
+
+
+def run_tool(name: str, argv) -> int:
+    """`nearl-rt NAME ARGS...`: the tool's main on ARGS, its errors as one line."""
+    return run_cli(importlib.import_module(TOOLS[name]).main, argv, prog=f"nearl-rt {name}")
+
+
+def cli() -> int:
+    """The `nearl-rt` console script."""
+    return run_cli(main, prog="nearl-rt")
+
+
+def _tool_script(name: str) -> int:
+    return run_cli(importlib.import_module(TOOLS[name]).main, sys.argv[1:], prog=f"nearl-{name}")
+
+
+export_cli = partial(_tool_script, "export")  # the `nearl-export` console script
+bench_cli = partial(_tool_script, "bench")    # the `nearl-bench` console script
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nearl_rt", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv[0], argv[1:])
+    from nearl_rt.checkpoint import read_checkpoint
+    from nearl_rt.config import preset_name
+    from nearl_rt.core.imaging import resolve_policy
+    from nearl_rt.demo import DEFAULT_OUT, run_demo
+    parser = argparse.ArgumentParser(prog="python -m nearl_rt", description=__doc__.split("\n")[0],
+                                     epilog="tools: " + ", ".join(f"{n} (python -m {m})" for n, m in TOOLS.items()))
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a checkpoint's config, classes and backbone identity")
     info.add_argument("checkpoint")

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-import kernels
+from nearl_rt import kernels
 from nearl_rt.config import NearlConfig
 
 
@@ -15,7 +15,7 @@ def _trunc_normal(*shape, std: float) -> nn.Parameter:
 
 
 class OCA(nn.Module):
-    """Orthogonal Cross-Attention Adapter for one modality at one layer (math: kernels/oca.py)."""
+    """Orthogonal Cross-Attention Adapter for one modality at one layer (math: nearl_rt/kernels/oca.py)."""
 
     def __init__(self, width: int, config: NearlConfig):
         super().__init__()
@@ -98,7 +98,7 @@ def build_adapters(config: NearlConfig, vision_width: int, text_width: int, laye
 def expected_adapter_shapes(config: NearlConfig) -> dict[str, tuple]:
     """Adapter tensor shapes for `config`, from its backbone's architecture alone (built on the meta device)."""
     from nearl_rt.backbone import meta_backbone
-    from nearl_rt.errors import BackboneError
+    from nearl_rt.core.errors import BackboneError
     from nearl_rt.towers import build_towers
     try:
         vision, text = build_towers(meta_backbone(config.backbone), config.backbone)

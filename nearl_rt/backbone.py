@@ -25,12 +25,12 @@ from typing import Optional
 import open_clip
 import torch
 
-from export.hashing import sha256_file  # noqa: F401 - nearl_rt.backbone.sha256_file is used across the project
-from nearl_rt.errors import BackboneError, RandomBackboneWarning
+from nearl_rt.core.hashing import sha256_file
+from nearl_rt.core.errors import BackboneError, RandomBackboneWarning
 
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_HF_DIR = Path(__file__).parent / "hf"
-TEST_VOCAB_DIR = _HF_DIR / "test-vocab"  # generated vocabulary for random-weight HF text towers
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+HF_DIR = Path(__file__).parent / "hf"
+TEST_VOCAB_DIR = HF_DIR / "test-vocab"  # generated vocabulary for random-weight HF text towers
 # Hugging Face text models whose config.json ships with nearl-rt: hub id (as open_clip configs name
 # it) -> folder in nearl_rt/hf.
 HF_CONFIGS = {
@@ -56,7 +56,7 @@ def register_model_configs() -> None:
     global _registered
     if not _registered:
         import nearl_rt.timm_models  # noqa: F401 - registers the tiny timm ViT
-        open_clip.add_model_config(_CONFIG_DIR)
+        open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
 
@@ -79,7 +79,7 @@ def model_config(name: str) -> dict:
     if cfg is None:
         raise BackboneError(f"unknown open_clip model {name!r}; known models include ViT-B-16, ViT-B-32, "
                             f"BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, nearl-tiny (see open_clip.list_models())")
-    return _offline(cfg, f"open_clip model {name}")
+    return offline_config(cfg, f"open_clip model {name}")
 
 
 def has_hf_text(cfg: dict) -> bool:
@@ -87,7 +87,7 @@ def has_hf_text(cfg: dict) -> bool:
     return bool(cfg["text_cfg"].get("hf_model_name"))
 
 
-def _offline(cfg, source: str) -> dict:
+def offline_config(cfg, source: str) -> dict:
     """A copy of `cfg` with old key names renamed, the Hugging Face text tower pointed at a local
     config.json, and every pretrained-tower download switched off."""
     if not (isinstance(cfg, dict) and isinstance(cfg.get("vision_cfg"), dict) and isinstance(cfg.get("text_cfg"), dict)
@@ -114,7 +114,7 @@ def _offline(cfg, source: str) -> dict:
 
 def _hf_config_dir(hf_name: str, source: str) -> Path:
     if hf_name in HF_CONFIGS:
-        return _HF_DIR / HF_CONFIGS[hf_name]
+        return HF_DIR / HF_CONFIGS[hf_name]
     if (Path(hf_name) / "config.json").is_file():  # already a local folder
         return Path(hf_name).resolve()
     known = sorted(set(HF_CONFIGS) - {"nearl-tiny-bert"})
@@ -155,7 +155,7 @@ class DownloadFolder:
     """A model folder as the Hugging Face hub serves open_clip models, read and checked."""
 
     path: Path
-    model_cfg: dict        # offline-ready (see _offline)
+    model_cfg: dict        # offline-ready (see offline_config)
     preprocess_cfg: dict   # the folder's image preprocessing (mean, std, size, ...)
     weights: Path
 
@@ -174,7 +174,7 @@ def read_download_folder(path) -> DownloadFolder:
         raise BackboneError(f"{cfg_path} is not valid JSON ({e})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_cfg"), dict):
         raise BackboneError(f"{cfg_path} has no 'model_cfg' entry; {hint}")
-    model_cfg = _offline(raw["model_cfg"], str(cfg_path))
+    model_cfg = offline_config(raw["model_cfg"], str(cfg_path))
     _architecture(model_cfg, str(cfg_path))  # unknown options fail here, in one line
     weights = next((path / f for f in WEIGHTS_FILES if (path / f).is_file()), None)
     if weights is None:
@@ -247,7 +247,7 @@ def _quiet_open_clip():
         root.removeFilter(keep)
 
 
-def _create(name: str, cfg: dict, quick_gelu: bool, init_seed: int, preprocess: Optional[dict] = None,
+def create_open_clip(name: str, cfg: dict, quick_gelu: bool, init_seed: int, preprocess: Optional[dict] = None,
             device: str = "cpu"):
     """open_clip's model `name` built from the offline config `cfg` (it overrides the registered one)."""
     arch = {k: v for k, v in cfg.items() if k != "custom_text"}
@@ -294,7 +294,7 @@ def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool
                       f"meaningless; pass pretrained=PATH to a local CLIP weights file for real use",
                       RandomBackboneWarning, stacklevel=3)
     quick_gelu = bool(quick_gelu or cfg.get("quick_gelu", False))
-    model = _create(name, cfg, quick_gelu, init_seed, preprocess)
+    model = create_open_clip(name, cfg, quick_gelu, init_seed, preprocess)
     if state_dict is not None:
         _load_weights(model, state_dict, weights, name)
     model.requires_grad_(False).eval()
@@ -307,7 +307,7 @@ def build_backbone(name: str, pretrained: Optional[str] = None, quick_gelu: bool
 def meta_backbone(name: str):
     """The architecture of open_clip model `name` on the meta device: every shape, no memory, no weights."""
     with torch.device("meta"):  # allocate nothing (create_model's own device= builds on the CPU first)
-        return _create(name, model_config(name), False, RANDOM_INIT_SEED, device="meta")
+        return create_open_clip(name, model_config(name), False, RANDOM_INIT_SEED, device="meta")
 
 
 def _load_weights(model, state_dict: dict, path: str, name: str) -> None:

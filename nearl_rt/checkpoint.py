@@ -15,10 +15,11 @@ from typing import Optional
 import torch
 
 from nearl_rt.adapters import expected_adapter_shapes, state_mismatch
-from nearl_rt.atomic import atomic_output
-from nearl_rt.backbone import sha256_file, weights_file
+from nearl_rt.core.atomic import atomic_output
+from nearl_rt.backbone import weights_file
+from nearl_rt.core.hashing import sha256_file
 from nearl_rt.config import NearlConfig
-from nearl_rt.errors import CheckpointError
+from nearl_rt.core.errors import CheckpointError
 
 FORMAT = "nearl-rt-checkpoint"
 FORMAT_VERSION = 1
@@ -128,7 +129,7 @@ def load_checkpoint(path, *, pretrained=None, backend: str = "auto", interaction
     pretrained: the backbone weights file on this machine (checked against the stored sha256);
     defaults to the path recorded at training time. interaction: override the stored mode.
     """
-    from nearl_rt import build_model
+    from nearl_rt.model import build_model
     payload = read_checkpoint(path)
     config: NearlConfig = payload["config"]
     if interaction is not None:

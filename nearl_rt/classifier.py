@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
 from nearl_rt.coop import PromptContext, attach_context, coop_template
 from nearl_rt.data import DataError, Preprocess, Split, load_images
-from nearl_rt.errors import CheckpointError
+from nearl_rt.core.errors import CheckpointError
 
 METHODS = ("nearl", "zeroshot", "linear_probe", "coop")
 
@@ -103,11 +103,11 @@ class Classifier:
 
 
 class OnnxClassifier:
-    """An exported model file (fp32, fp16 or int8 .onnx) scored through export.runtime.NearlSession, the
+    """An exported model file (fp32, fp16 or int8 .onnx) scored through nearl_rt.NearlSession, the
     way it is served, so its metrics compare with its checkpoint's on the same images."""
 
     def __init__(self, path):
-        from export.runtime import NearlSession
+        from nearl_rt.core.session import NearlSession
         self.session = NearlSession(path)
         self.method = f"onnx ({self.session.metadata.get('precision', 'fp32')})"
 

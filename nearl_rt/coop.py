@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 
 DEFAULT_CONTEXT = 4
 INIT_TEXT = "a photo of a"

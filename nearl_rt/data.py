@@ -7,10 +7,10 @@ Three sources, all read into the same `Dataset` (per split: image sources + inte
   paths relative to --image-root (default: the JSON's folder);
 - a MedMNIST .npz: `<split>_images` (uint8 [N, H, W] or [N, H, W, 3]) and `<split>_labels` ([N] or [N, 1]).
 
-Any of them may hold DICOM files and 16-bit / float images (export.imaging decodes them, mapping more
+Any of them may hold DICOM files and 16-bit / float images (nearl_rt.core.imaging decodes them, mapping more
 than 8 bits to 0..255 by the run's intensity policy); a multi-frame file is refused unless
 `frames="each"` makes each frame an image (`Frame`). Images are decoded lazily (`load_images`) to RGB;
-preprocessing is the backbone's own (export.preprocess), with random-resized-crop augmentation for
+preprocessing is the backbone's own (nearl_rt.core.preprocess), with random-resized-crop augmentation for
 training (flips off by default: they change anatomy).
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from export.imaging import (DEFAULT_POLICY, FRAME_OPTIONS, VOI_OPTIONS, Frame, ImageError, IntensityPolicy,
+from nearl_rt.core.imaging import (DEFAULT_POLICY, FRAME_OPTIONS, VOI_OPTIONS, Frame, ImageError, IntensityPolicy,
                             expand_frames, has_dicom_preamble, load_image, resolve_policy)
-from export.preprocess import preprocess_image
-from nearl_rt.errors import NearlError
+from nearl_rt.core.preprocess import preprocess_image
+from nearl_rt.core.errors import NearlError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom")
@@ -212,7 +212,7 @@ def _read_npz(path: Path) -> Dataset:
 
 def load_images(split: Split, skip_bad: bool = False,
                 intensity: Optional[IntensityPolicy] = None) -> tuple[list, np.ndarray, list]:
-    """Decode a split's images to RGB PIL images (export.imaging, by the intensity policy). A file that is
+    """Decode a split's images to RGB PIL images (nearl_rt.core.imaging, by the intensity policy). A file that is
     not a readable image raises DataError naming it, or with skip_bad is left out. Returns (images, kept
     indices, skipped), skipped = [{"image": name, "reason": short category, "error": message}, ...]."""
     images, kept, skipped = [], [], []

@@ -2,8 +2,9 @@
 
 Trains a few-shot NEARL adapter (the `tiny` preset, random backbone weights: nothing is downloaded) on
 the 56 real chest X-rays bundled with the package (`nearl_rt/demo_data`), evaluates it, exports it to
-ONNX and serves a prediction with onnxruntime (`export.runtime.NearlSession`), by calling the same
-command-line tools a user runs next. Prints where every artefact is and the commands to try next.
+ONNX and serves a prediction with onnxruntime (`nearl_rt.NearlSession`), through the library functions behind
+the command-line tools a user runs next (with the options those commands take). Prints where every artefact is
+and the commands to try next.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 import warnings
 from pathlib import Path
 
-from nearl_rt.errors import NearlError, RandomBackboneWarning
+from nearl_rt.core.errors import NearlError, RandomBackboneWarning
+from nearl_rt.core.session import NearlSession
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 DEFAULT_OUT = "nearl-demo"
@@ -39,23 +41,28 @@ def _done(t0: float) -> None:
 
 
 def _train_evaluate_export(data: str, out: Path, progress: bool) -> None:
-    from export import onnx as export_onnx
     from nearl_rt import evaluate, train
+    from nearl_rt.core.cli import log_to_stderr
+    from nearl_rt.export.onnx import export_checkpoint
     ckpt = os.fspath(out / "run" / "last.pt")
 
     t = _step(1, f"few-shot training: 16 images per class, {train.DEFAULT_STEPS} optimizer steps "
                  "(python -m nearl_rt.train, default options)")
-    train.main(["--data", data, "--preset", "tiny", "--shots", "16",
-                "--template", "a chest X-ray showing {}.", "--out", os.fspath(out / "run")]
-               + ([] if progress else ["--no-progress"]))
+    train.run(train.build_parser().parse_args(
+        ["--data", data, "--preset", "tiny", "--shots", "16",
+         "--template", "a chest X-ray showing {}.", "--out", os.fspath(out / "run")] + ([] if progress else ["--no-progress"])))
     _done(t)
 
     t = _step(2, "evaluation on the 16 held-out test images (python -m nearl_rt.evaluate)")
-    evaluate.main([ckpt, "--data", data, "--split", "test", "--json", os.fspath(out / "eval.json")])
+    evaluate.run(evaluate.build_parser().parse_args([ckpt, "--data", data, "--split", "test",
+                                                     "--json", os.fspath(out / "eval.json")]))
     _done(t)
 
     t = _step(3, "ONNX export, verified against PyTorch before it is kept (python -m export.onnx)")
-    export_onnx.main([ckpt, "-o", os.fspath(out / "model.onnx")])
+    log_to_stderr("nearl_rt.export")  # the verification figures, as the command shows them
+    path, model = export_checkpoint(ckpt, out / "model.onnx")
+    print(f"wrote {_shown(path)} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
+          f"{len(model.class_names)} classes)")
     _done(t)
 
 
@@ -78,8 +85,7 @@ def run_demo(out, *, progress: bool = True) -> dict:
         warnings.simplefilter("ignore", RandomBackboneWarning)
         _train_evaluate_export(data, out, progress)
 
-    from export.runtime import NearlSession
-    t = _step(4, "serving with onnxruntime alone (export.runtime.NearlSession)")
+    t = _step(4, "serving with onnxruntime alone (nearl_rt.NearlSession)")
     session = NearlSession(artefacts["onnx"])
     images = [p for c in session.class_names for p in sorted((DEMO_DATA / "test" / c).glob("*.png"))[:2]]
     for path, top in zip(images, session.predict([os.fspath(p) for p in images], top_k=2)):
@@ -95,7 +101,7 @@ def run_demo(out, *, progress: bool = True) -> dict:
           f"  python -m nearl_rt info {ckpt}\n"
           f"  python -m nearl_rt.predict {ckpt} {data}/test --topk 2\n"
           f"  python -m export.onnx {ckpt} -o model.onnx --optimize\n"
-          f"  python -c \"from export.runtime import NearlSession; "
+          f"  python -c \"from nearl_rt import NearlSession; "
           f"print(NearlSession('{onnx_path}').predict(['{_shown(images[0])}']))\"\n"
           "  # with a real backbone (a local open_clip / OpenAI CLIP weights file; nothing is downloaded):\n"
           f"  python -m nearl_rt.train --data {data} --preset vit_b16 --pretrained /path/to/ViT-B-16.pt "

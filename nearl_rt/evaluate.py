@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from export.imaging import DEFAULT_POLICY, IntensityPolicy
-from nearl_rt.atomic import atomic_output
+from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy
+from nearl_rt.core.atomic import atomic_output
 from nearl_rt.classifier import Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import dataset_for_classes, split_base_novel
-from nearl_rt.cli import run_cli
+from nearl_rt.core.cli import run_cli
 from nearl_rt.data import (DataError, Dataset, Preprocess, add_image_arguments, intensity_from_args, parse_classes,
                            read_dataset, skip_summary)
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 from nearl_rt.metrics import SUMMARY_KEYS, aggregate, classification_metrics, harmonic_mean
 from nearl_rt.sampling import balanced_subset
 
@@ -120,7 +120,13 @@ def evaluate_classifier(classifier: Classifier, extra: dict, ds: Dataset, split:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate with build_parser's options, print the results (and write --json): the library entry point behind
+    `python -m nearl_rt.evaluate`. Returns the report."""
     if args.limit is not None and args.limit < 1:
         raise NearlError(f"--limit must be >= 1, got {args.limit}")
     if args.json and not Path(args.json).resolve().parent.is_dir():  # fail before the (slow) evaluation
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
     if args.json:
         with atomic_output(Path(args.json)) as tmp:
             tmp.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -15,16 +15,16 @@ computed once per class set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from nearl_rt import kernels
 from nearl_rt.adapters import build_adapters, count_parameters, state_mismatch
-from nearl_rt.backbone import BackboneIdentity
-from nearl_rt.config import NearlConfig
+from nearl_rt.backbone import BackboneIdentity, build_backbone
+from nearl_rt.config import NearlConfig, preset_config
 from nearl_rt.prompts import DEFAULT_TEMPLATE, Templates, class_prompts, normalise_templates, pool_prompts, \
     pooling_matrix
 from nearl_rt.tokenizer import tokenize
@@ -150,7 +150,7 @@ class NearlCLIP(nn.Module):
         if not self.class_names:
             raise RuntimeError("no classes set: call model.set_classes(['class a', 'class b', ...]) first")
         if self.interaction == "text_cacheable" and not torch.is_grad_enabled():
-            return self._logits(self.encode_images(images, self.cached_text_stream()),
+            return self.scaled_logits(self.encode_images(images, self.cached_text_stream()),
                                 pool_prompts(self._text_cache[1].features, self.prompt_pool))
         return self(images, self.class_tokens)
 
@@ -179,9 +179,9 @@ class NearlCLIP(nn.Module):
         pool = self.prompt_pool if tokens is self.class_tokens else None
         if self.interaction == "text_cacheable":
             text = self.encode_text_stream(tokens)
-            return self._logits(self.encode_images(images, text), pool_prompts(text.features, pool))
+            return self.scaled_logits(self.encode_images(images, text), pool_prompts(text.features, pool))
         img, txt = self._bidirectional(images, tokens)
-        return self._logits_paired(img, pool_prompts(txt, pool))
+        return self.scaled_logits_paired(img, pool_prompts(txt, pool))
 
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features: image [B, E] and text [B, C, E] (prompt c as scored against image b)."""
@@ -191,25 +191,25 @@ class NearlCLIP(nn.Module):
             return img, text.features.unsqueeze(0).expand(img.shape[0], -1, -1)
         return self._bidirectional(images, tokens)
 
-    def _logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    def scaled_logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         logits = self.backbone.logit_scale.exp() * img @ txt.t()
         return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
 
-    def _logits_paired(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    def scaled_logits_paired(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         logits = self.backbone.logit_scale.exp() * torch.einsum("be,bce->bc", img, txt)
         return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
 
-    def _prompts(self, tokens: torch.Tensor) -> PromptBatch:
+    def prompt_batch(self, tokens: torch.Tensor) -> PromptBatch:
         """Trim prompts to the longest real prompt. For the class prompts the result is cached: trimming
         reads positions back to the host, which would stall the GPU (and break CUDA-graph capture)."""
         if tokens is not self.class_tokens:
-            return self._trim(tokens)
+            return self.trimmed_prompts(tokens)
         key = (tokens.data_ptr(), tokens.device, self.trim_prompts)
         if self._class_prompts is None or self._class_prompts[0] != key:
-            self._class_prompts = (key, self._trim(tokens))
+            self._class_prompts = (key, self.trimmed_prompts(tokens))
         return self._class_prompts[1]
 
-    def _trim(self, tokens: torch.Tensor) -> PromptBatch:
+    def trimmed_prompts(self, tokens: torch.Tensor) -> PromptBatch:
         text = self.text_tower
         lo, hi = (int(v) for v in torch.aminmax(tokens))
         if tokens.shape[1] > text.context_length or lo < 0 or hi >= text.vocab_size:
@@ -218,7 +218,7 @@ class NearlCLIP(nn.Module):
                              f"tokenize with model.tokenize(texts)")
         return text.prompts(tokens, self.trim_prompts)
 
-    def _text_embed(self, p: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_prompts(self, p: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings [C, n, Dt] and the text tower's attention mask for them."""
         return self.text_tower.embed(p, self.dtype, self.prompt_context)
 
@@ -230,10 +230,10 @@ class NearlCLIP(nn.Module):
 
     def _bidirectional(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers in lock-step; text row b*C + c is prompt c scored against image b."""
-        p = self._prompts(tokens)
-        return self._lockstep(images, p, *self._text_embed(p))
+        p = self.prompt_batch(tokens)
+        return self.lockstep(images, p, *self.embed_prompts(p))
 
-    def _lockstep(self, images: torch.Tensor, p: PromptBatch, t: torch.Tensor, mask: torch.Tensor):
+    def lockstep(self, images: torch.Tensor, p: PromptBatch, t: torch.Tensor, mask: torch.Tensor):
         """_bidirectional on trimmed prompts `p` whose embeddings `t` and attention `mask` are given."""
         vision, text = self.vision_tower, self.text_tower
         x = vision.embed(images)
@@ -259,8 +259,8 @@ class NearlCLIP(nn.Module):
 
     def encode_text_stream(self, tokens: torch.Tensor) -> TextStream:
         """text_cacheable: the prompts' own stream, whose OCAs read the text-only synergy Z_t."""
-        p = self._prompts(tokens)
-        t, mask = self._text_embed(p)
+        p = self.prompt_batch(tokens)
+        t, mask = self.embed_prompts(p)
         C, n = p.tokens.shape
         valid = p.valid.reshape(1, C * n)
         zt = self.use.initial(1)
@@ -283,3 +283,23 @@ class NearlCLIP(nn.Module):
             z = self.use.step(z, layer, x, text.layer_tokens[layer], text.valid, self.backend)
             x = self.oca_v[layer](x, z, group, self.backend)
         return self._image_features(x)
+
+
+def build_model(preset: Union[str, NearlConfig] = "vit_b16", *, interaction: str = "bidirectional",
+                backend: str = "auto", pretrained: Optional[str] = None, backbone_init_seed: int = 0,
+                **overrides) -> NearlCLIP:
+    """Build NEARL-CLIP on a frozen open_clip backbone.
+
+    preset: "vit_b16" (the paper's default), "vit_b32", "biomedclip", "tiny" / "tiny_bert" (CPU
+    tests), or a NearlConfig.
+    pretrained: a local open_clip / OpenAI CLIP weights file, or a model download folder (BiomedCLIP:
+    open_clip_config.json + open_clip_pytorch_model.bin + tokenizer files); None = random backbone
+    (warns: accuracy is then meaningless), drawn from `backbone_init_seed` on a private RNG so a
+    checkpoint rebuilds it exactly. Nothing is ever downloaded.
+    overrides: any NearlConfig field, e.g. oca_rank=16, orthogonal=False.
+    """
+    config = preset_config(preset, interaction=interaction, **overrides)
+    backbone, identity = build_backbone(config.backbone, pretrained, quick_gelu=config.quick_gelu,
+                                        init_seed=backbone_init_seed)
+    config = config.replace(quick_gelu=identity.quick_gelu)
+    return NearlCLIP(config, backbone, identity, backend=backend)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from export.imaging import expand_frames
-from nearl_rt.atomic import atomic_output
+from nearl_rt.core.imaging import expand_frames
+from nearl_rt.core.atomic import atomic_output
 from nearl_rt.classifier import load_classifier, resolve_device
-from nearl_rt.cli import run_cli
+from nearl_rt.core.cli import run_cli
 from nearl_rt.data import (DataError, Preprocess, Split, add_image_arguments, intensity_from_args, is_image_file,
                            read_dataset, skip_summary)
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 
 Templates = Union[str, list, dict]
 DEFAULT_TEMPLATE = "a photo of {}."

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from export.imaging import resolve_policy
+from nearl_rt.core.imaging import resolve_policy
 from nearl_rt import train
-from nearl_rt.atomic import atomic_output
+from nearl_rt.core.atomic import atomic_output
 from nearl_rt.checkpoint import read_checkpoint
 from nearl_rt.classifier import METHODS, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
-from nearl_rt.cli import run_cli
+from nearl_rt.core.cli import run_cli
 from nearl_rt.data import parse_classes, read_dataset
-from nearl_rt.errors import NearlError, RandomBackboneWarning
+from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier
 from nearl_rt.metrics import SUMMARY_KEYS, mean_std
 from nearl_rt.sampling import sample_shots
@@ -267,14 +267,11 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             resume = (run_dir / "run.json").is_file()
             print(f"[{i}/{len(grid)}] {run_dir.name}: {'resuming' if resume else 'training'}", flush=True)
-            argv_train = ["--data", args.data, "--method", method, "--shots", str(k), "--seed", str(seed),
-                          "--out", str(run_dir), "--device", args.device, *rest]
-            for flag, value in (("--image-root", args.image_root), ("--classes", args.classes),
-                                ("--base-classes", args.base_classes), ("--novel-classes", args.novel_classes)):
-                if value is not None:
-                    argv_train += [flag, value]
-            argv_train += ["--base-to-novel"] * b2n + ["--resume"] * resume
-            train.main(argv_train)
+            train.run(argparse.Namespace(**{
+                **vars(train_args), "data": args.data, "method": method, "shots": k, "seed": seed,
+                "out": str(run_dir), "device": args.device, "image_root": args.image_root, "classes": args.classes,
+                "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
+                "resume": resume}))
             scored = run_dir / f"{args.checkpoint}.pt"
             metrics = evaluate_run(scored, ds, args, b2n, device)
             ckpt = read_checkpoint(scored)

@@ -20,7 +20,7 @@ import open_clip
 import torch
 
 from nearl_rt.backbone import TEST_VOCAB_DIR, BackboneIdentity, has_hf_text, model_config, read_download_folder
-from nearl_rt.errors import RandomBackboneWarning
+from nearl_rt.core.errors import RandomBackboneWarning
 
 DEFAULT_BACKBONE = "ViT-B-16"
 

@@ -29,15 +29,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nearl_rt
-from nearl_rt.atomic import atomic_output
+from nearl_rt.core.atomic import atomic_output
 from nearl_rt.checkpoint import non_finite_tensor
 from nearl_rt.classifier import METHODS, Classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
-from nearl_rt.cli import run_cli
+from nearl_rt.core.cli import run_cli
 from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
 from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
                            read_dataset, skip_summary)
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 from nearl_rt.linear_probe import fit_linear_probe
 from nearl_rt.prompts import load_templates
 from nearl_rt.sampling import sample_shots
@@ -414,7 +414,12 @@ def train_baseline(args, model, train, val, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """One training run with build_parser's options: the library entry point behind `python -m nearl_rt.train`
+    (the sweep and the demo call it). Returns 0."""
     for name, value in (("--shots", args.shots), ("--epochs", args.epochs), ("--steps", args.steps),
                         ("--batch-size", args.batch_size)):
         if value is not None and value < 1:

@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from export.onnx import export_model
-from export.preprocess_graph import export_preprocess_graph
+from nearl_rt.export.onnx import export_model
+from nearl_rt.export.preprocess_graph import export_preprocess_graph
 from tests.helpers import CLASSES, perturb_adapters, tiny
 
 TEMPLATE = "a chest x-ray showing {}."
@@ -56,7 +56,7 @@ def exported_int8(interaction: str, method: str = "dynamic") -> Path:
     callers compare runtimes on this one file."""
     import numpy as np
 
-    from export.quantize import Gates, ImageSet, quantize
+    from nearl_rt.export.quantize import Gates, ImageSet, quantize
     path = _DIR / f"{interaction}-int8-{method}.onnx"
     calibration = ImageSet(np.random.default_rng(1).standard_normal((32, 3, 32, 32), dtype=np.float32))
     quantize(exported(interaction), path, method=method, calibration=calibration if method == "static" else None,

@@ -1,8 +1,10 @@
 """Shared test utilities."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import nearl_rt
+from nearl_rt.core.cli import run_cli
 
 CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe", "a nodule"]
 # the two tiny backbones: open_clip ViT + CLIP text, timm ViT + Hugging Face BERT text (BiomedCLIP's kind)
@@ -62,3 +64,17 @@ def tiny(interaction="bidirectional", preset="tiny", **kw):
 def tiny_inputs(batch=3, classes=CLASSES, seed=1, preset="tiny"):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 32, 32, generator=g), nearl_rt.tokenize(classes, nearl_rt.PRESETS[preset].backbone)
+
+
+def cli(module, argv, capsys):
+    """Run a tool's main as its command line does: (exit code, stdout, stderr)."""
+    rc = run_cli(module.main, [str(a) for a in argv], prog=module.__name__)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def labels_npz(path, labels):
+    """A MedMNIST-style .npz with a train split of blank 8x8 images and these labels (for bad-input tests)."""
+    n = len(labels)
+    np.savez(path, train_images=np.zeros((n, 8, 8), np.uint8), train_labels=np.asarray(labels))
+    return path

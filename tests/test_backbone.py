@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import save_file
 
 import nearl_rt
-from nearl_rt.backbone import build_backbone, sha256_file
+from nearl_rt.backbone import build_backbone
+from nearl_rt.core.hashing import sha256_file
 from tests.helpers import perturb_adapters, tiny_inputs
 
 

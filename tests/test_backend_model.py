@@ -5,8 +5,7 @@ Also: the NEARL_RT_BACKEND override.
 import pytest
 import torch
 
-import kernels.oca_triton
-import kernels.use_attention_triton
+from nearl_rt.kernels import oca_triton, use_attention_triton
 from tests.helpers import TINY_PRESETS, perturb_adapters, tiny, tiny_inputs
 from tests.test_kernels_oca import DEVICE
 
@@ -33,8 +32,8 @@ def test_triton_backend_equals_torch_backend(interaction, preset, monkeypatch):
     """tiny_bert: BERT's key-padding mask reaches the USE kernel as the text `valid` mask."""
     monkeypatch.delenv("NEARL_RT_BACKEND", raising=False)
     ref_logits, ref_grads = logits_and_grads(interaction, "torch", preset)
-    oca_calls = spy(monkeypatch, kernels.oca_triton, "oca_triton")
-    use_calls = spy(monkeypatch, kernels.use_attention_triton, "use_attention_triton")
+    oca_calls = spy(monkeypatch, oca_triton, "oca_triton")
+    use_calls = spy(monkeypatch, use_attention_triton, "use_attention_triton")
     logits, grads = logits_and_grads(interaction, "triton", preset)
     assert oca_calls and use_calls, "backend='triton' did not run the fused ops"
     # both fp32: only the summation order differs, through two layers of both towers
@@ -48,7 +47,7 @@ def test_triton_backend_equals_torch_backend(interaction, preset, monkeypatch):
 
 def test_env_overrides_model_backend(monkeypatch):
     monkeypatch.setenv("NEARL_RT_BACKEND", "torch")
-    calls = spy(monkeypatch, kernels.oca_triton, "oca_triton")
+    calls = spy(monkeypatch, oca_triton, "oca_triton")
     model = tiny(backend="triton")
     model(*tiny_inputs(batch=1))
     assert not calls, "NEARL_RT_BACKEND=torch must override backend='triton'"

@@ -1,4 +1,4 @@
-"""bench/int8.py: exported files side by side (size, interleaved latency, closeness to the first file)."""
+"""nearl_rt/bench/int8.py: exported files side by side (size, interleaved latency, closeness to the first file)."""
 import json
 import subprocess
 import sys
@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from bench import int8 as bench_int8
-from export.runtime import NearlSession
-from nearl_rt.cli import run_cli
+from nearl_rt.bench import int8 as bench_int8
+from nearl_rt.core.session import NearlSession
+from nearl_rt.core.cli import run_cli
 from tests.export_cases import exported, exported_int8
 
 
@@ -46,6 +46,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_runs_as_a_script(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/int8.py", str(tmp_path / "missing.onnx")], capture_output=True,
+    proc = subprocess.run([sys.executable, "nearl_rt/bench/int8.py", str(tmp_path / "missing.onnx")], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith(f"{bench_int8.PROG}: error: not found: "), proc.stderr

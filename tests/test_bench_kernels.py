@@ -1,4 +1,4 @@
-"""bench/kernels.py: every case gets figures or its error, the JSON survives a crash mid-run, inputs are
+"""nearl_rt/bench/kernels.py: every case gets figures or its error, the JSON survives a crash mid-run, inputs are
 the model's dtypes rotated past the L2, and no GPU means one clear line. No test asserts a speed."""
 import json
 from functools import partial
@@ -6,8 +6,8 @@ from functools import partial
 import pytest
 import torch
 
-from bench import kernels as kb
-from nearl_rt.cli import run_cli
+from nearl_rt.bench import kernels as kb
+from nearl_rt.core.cli import run_cli
 
 OPS = kb.OPS
 
@@ -76,7 +76,7 @@ def test_inputs_are_model_dtypes_and_rotate_past_the_l2(dtype):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_without_cuda_is_one_clear_line(tmp_path, capsys):
-    assert run_cli(kb.main, ["--out", str(tmp_path / "k.json")], prog="bench/kernels.py") == 2
+    assert run_cli(kb.main, ["--out", str(tmp_path / "k.json")], prog="nearl_rt/bench/kernels.py") == 2
     err = capsys.readouterr().err
-    assert err.startswith("bench/kernels.py: error: ") and "--smoke" in err and err.count("\n") == 1
+    assert err.startswith("nearl_rt/bench/kernels.py: error: ") and "--smoke" in err and err.count("\n") == 1
     assert not (tmp_path / "k.json").exists()

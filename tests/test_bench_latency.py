@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import backends, harness, latency
-from bench.backends import BACKENDS, BenchContext
-from nearl_rt.cli import run_cli
+from nearl_rt.bench import backends, harness, latency
+from nearl_rt.bench.backends import BACKENDS, BenchContext
+from nearl_rt.core.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "spread", "images_per_s", "setup_s", "first_call_s")
@@ -68,7 +68,7 @@ def check_document(doc, backends, modes, batch_sizes):
 
 def export_available() -> bool:
     try:
-        return importlib.util.find_spec("export.onnx") is not None
+        return importlib.util.find_spec("nearl_rt.export.onnx") is not None
     except ModuleNotFoundError:
         return False
 

@@ -9,12 +9,10 @@ import zipfile
 from argparse import Namespace
 from pathlib import Path
 
-import pytest
 
 from bench import suite
 
 ROOT = Path(__file__).resolve().parents[1]
-RESOURCES = ROOT / "kernels" / "resources.py"
 
 
 def fake_wheel(folder: Path) -> str:
@@ -44,9 +42,6 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
     by_step = {s["step"]: s for s in summary["steps"]}
     assert list(by_step) == ["environment", "cuda_tests", "resources", "kernels", "latency", "launches"]
     for name, s in by_step.items():
-        if name == "resources" and not RESOURCES.exists():  # until issue 9's kernels/resources.py lands
-            assert s["status"] == "absent" and "kernels/resources.py" in s["reason"]
-            continue
         assert s["status"] == "ok", s
         assert 0 < s["timeout_s"] <= summary["budget_s"] and s["seconds"] <= s["timeout_s"]
     files = sorted(p.name for p in out.iterdir())

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import nearl_rt
-from kernels import oca_reference, use_attention_reference
-from kernels.oca_triton import oca_triton
-from kernels.use_attention_triton import use_attention_triton
-from export.onnx import export_model
-from export.runtime import NearlSession
+from nearl_rt.kernels import oca_reference, use_attention_reference
+from nearl_rt.kernels.oca_triton import oca_triton
+from nearl_rt.kernels.use_attention_triton import use_attention_triton
+from nearl_rt.export.onnx import export_model
+from nearl_rt.core.session import NearlSession
 from nearl_rt.backbone import build_backbone
 from tests.helpers import assert_orthogonal, frozen_clip_logits, oca_update_stats, perturb_adapters
 from tests.test_kernels_oca import OCA_PARAMS, assert_fused_matches
@@ -68,7 +68,7 @@ def test_trimmed_prompts_equal_the_full_256_tokens(frozen, inputs, mode):
     model = perturb_adapters(nearl(frozen, mode), noise=0.0)
     with torch.no_grad():
         trimmed = model(images, tokens)
-        assert model._prompts(tokens).tokens.shape[1] < 20
+        assert model.prompt_batch(tokens).tokens.shape[1] < 20
         model.trim_prompts = False
         full = model(images, tokens)
         assert (trimmed - frozen_clip_logits(frozen[1], images, tokens)).abs().max() > 1e-3  # adapters act
@@ -104,8 +104,8 @@ def test_fused_ops_on_bert_text_tokens(frozen, inputs):
     model = perturb_adapters(nearl(frozen), seed=7)
     images, tokens = inputs
     with torch.no_grad():
-        p = model._prompts(tokens)
-        t, mask = model._text_embed(p)
+        p = model.prompt_batch(tokens)
+        t, mask = model.embed_prompts(p)
         t = model.text_tower.block(0, t, mask)
         x = model.vision_tower.block(0, model.vision_tower.embed(images[:1]))
         use, oca = model.use, model.oca_t[0]

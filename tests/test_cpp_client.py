@@ -6,7 +6,7 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-from export.runtime import NearlSession
+from nearl_rt.core.session import NearlSession
 from tests.cpp_build import cpp_build
 from tests.export_cases import exported_with_preprocess
 from tests.helpers import CLASSES, TINY_PRESETS

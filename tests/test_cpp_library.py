@@ -13,7 +13,7 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-from export.runtime import NearlSession, preprocess_graph_path
+from nearl_rt.core.session import NearlSession, preprocess_graph_path
 from tests.cpp_build import CPP, cpp_build
 from tests.export_cases import exported_with_preprocess
 from tests.test_preprocess_graph import smooth_noisy

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.preprocess import preprocess_batch
+from nearl_rt.core.preprocess import preprocess_batch
 from nearl_rt.data import DataError, Preprocess, Split, load_images, parse_classes, read_dataset
 from nearl_rt.sampling import balanced_subset, sample_shots
 

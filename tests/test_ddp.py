@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from nearl_rt import train
-from nearl_rt.cli import run_cli
+from nearl_rt.core.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

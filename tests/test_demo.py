@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import nearl_rt
-from export.runtime import NearlSession
+from nearl_rt.core.session import NearlSession
 from nearl_rt.demo import DEMO_DATA, run_demo
-from nearl_rt.errors import NearlError
+from nearl_rt.core.errors import NearlError
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = {"train": 16, "val": 4, "test": 8}

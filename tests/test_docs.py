@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Not rglob from ROOT: CI creates its venv inside the checkout.
-DOC_DIRS = ("docs", "nearl_rt", "kernels", "export", "bench", "cpp", "tests")
+DOC_DIRS = ("docs", "nearl_rt", "export", "bench", "cpp", "tests")
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]]+\]:\s*(\S+)", re.M)
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
@@ -150,10 +150,44 @@ def cli_parser(module: str):
     return caught[0]
 
 
+SHORTCUT = re.compile(r'run_module\("([\w.]+)"')
+
+
+def target_module(module: str) -> str:
+    """The module a command runs: a checkout shortcut (export/*.py, bench/latency.py) names its target."""
+    spec = importlib.util.find_spec(module)
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    m = SHORTCUT.search(origin.read_text(encoding="utf-8")) if origin and origin.suffix == ".py" else None
+    return m.group(1) if m else module
+
+
+def aliases(module: str) -> tuple:
+    """Other names of the command `module`: its checkout shortcuts and `nearl-rt TOOL`."""
+    from nearl_rt.__main__ import TOOLS
+    names = [f"nearl-rt {tool}" for tool, target in TOOLS.items() if target == module]
+    for folder in ("export", "bench"):
+        for py in sorted((ROOT / folder).glob("*.py")):
+            m = SHORTCUT.search(py.read_text(encoding="utf-8"))
+            if m and m.group(1) == module:
+                names += [f"{folder}.{py.stem}", f"{folder}/{py.name}"]
+    return tuple(names)
+
+
+def test_shortcuts_and_tools_name_real_commands():
+    """Every checkout shortcut and every `nearl-rt TOOL` runs a module that has a command-line parser."""
+    from nearl_rt.__main__ import TOOLS
+    shortcuts = [f"{d}.{p.stem}" for d in ("export", "bench") for p in sorted((ROOT / d).glob("*.py"))
+                 if SHORTCUT.search(p.read_text(encoding="utf-8"))]
+    assert {"export.onnx", "export.triton", "export.serve", "export.preprocess_graph", "bench.latency"} <= set(shortcuts)
+    known = set(cli_modules(ROOT))
+    for module in {*map(target_module, shortcuts), *TOOLS.values()}:
+        assert module in known, f"{module} has no main building a parser"
+
+
 def commands(module: str, parser: argparse.ArgumentParser):
     """(names a page uses for the command, its long options), one per (sub)command."""
     base = module.removesuffix(".__main__")
-    names = (base, base.replace(".", "/") + ".py")
+    names = (base, base.replace(".", "/") + ".py", *aliases(base))
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for action in subs:
         for sub_name, sub in action.choices.items():
@@ -177,7 +211,7 @@ def undocumented_options(docs: dict, names: tuple, options: set) -> tuple[list, 
 def test_every_cli_option_is_documented():
     docs = {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))}
     modules = cli_modules(ROOT)
-    assert {"nearl_rt.train", "nearl_rt.__main__", "export.onnx", "bench.latency"} <= set(modules)
+    assert {"nearl_rt.train", "nearl_rt.__main__", "nearl_rt.export.onnx", "nearl_rt.bench.latency"} <= set(modules)
     problems = []
     for module in modules:
         parser = cli_parser(module)
@@ -221,8 +255,9 @@ def python_commands(markdown: str):
 def test_every_readme_command_parses():
     """Each README command line is accepted by its CLI's own parser (options, choices, required arguments),
     and every option its comment mentions exists: the front page never shows a command that cannot run."""
-    found = list(python_commands((ROOT / "README.md").read_text(encoding="utf-8")))
-    assert {m for m, _, _ in found} >= {"nearl_rt.__main__", "nearl_rt.train", "export.onnx", "bench.latency"}
+    found = [(target_module(m), a, o) for m, a, o in python_commands((ROOT / "README.md").read_text(encoding="utf-8"))]
+    assert {m for m, _, _ in found} >= {"nearl_rt.__main__", "nearl_rt.train", "nearl_rt.export.onnx",
+                                        "nearl_rt.bench.latency"}
     for module, args, mentioned in found:
         parser = cli_parser(module)
         if parser is None:

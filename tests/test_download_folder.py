@@ -10,8 +10,9 @@ import torch
 
 import nearl_rt
 from nearl_rt import evaluate, train
-from nearl_rt.backbone import _CONFIG_DIR, _HF_DIR, build_backbone, sha256_file
-from nearl_rt.cli import run_cli
+from nearl_rt.backbone import CONFIG_DIR, HF_DIR, build_backbone
+from nearl_rt.core.hashing import sha256_file
+from nearl_rt.core.cli import run_cli
 from tests.helpers import CLASSES, frozen_clip_logits, perturb_adapters
 from tests.test_data import make_tree
 
@@ -33,15 +34,15 @@ def fabricate(dest, source_model, *, old_keys=False):
     state = dict(source_model.state_dict())
     state["text.transformer.embeddings.position_ids"] = torch.arange(64)[None]
     torch.save(state, dest / "open_clip_pytorch_model.bin")
-    model_cfg = json.loads((_CONFIG_DIR / "nearl-tiny-bert.json").read_text())
+    model_cfg = json.loads((CONFIG_DIR / "nearl-tiny-bert.json").read_text())
     if old_keys:
         text = model_cfg["text_cfg"]
         text["proj"], text["pooler_type"] = text.pop("hf_proj_type"), text.pop("hf_pooler_type")
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": MEAN, "std": STD}}
     (dest / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    vocab = (_HF_DIR / "test-vocab" / "vocab.txt").read_text().split()
+    vocab = (HF_DIR / "test-vocab" / "vocab.txt").read_text().split()
     (dest / "vocab.txt").write_text("\n".join(vocab[:5] + vocab[5:][::-1]) + "\n")
-    shutil.copy(_HF_DIR / "test-vocab" / "tokenizer_config.json", dest)
+    shutil.copy(HF_DIR / "test-vocab" / "tokenizer_config.json", dest)
     return dest
 
 

@@ -10,10 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import export.onnx as export_onnx
+import nearl_rt.export.onnx as export_onnx
 import nearl_rt
-from export.onnx import ExportError, export_model, read_metadata
-from nearl_rt.cli import run_cli
+from nearl_rt.core.metadata import read_metadata
+from nearl_rt.export.onnx import ExportError, export_model
+from nearl_rt.core.cli import run_cli
+from nearl_rt.core.hashing import sha256_file
 from tests.export_cases import TEMPLATE, exported, tiny_model
 from tests.helpers import CLASSES, TINY_PRESETS
 
@@ -122,7 +124,7 @@ def test_float32_error_bound_stays_tight_on_a_well_conditioned_model():
     """The fallback bound (2x PyTorch's own float32 error vs float64) is far below TOLERANCE on the tiny
     model, so it only widens the check where float32 PyTorch itself is that far off (full-size BiomedCLIP:
     tests/test_biomedclip.py::test_export_parity)."""
-    from export.graph import export_module
+    from nearl_rt.export.graph import export_module
     model = tiny_model("bidirectional")
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -162,7 +164,7 @@ def test_cli_exports_next_to_checkpoint(checkpoint):
     assert f"wrote {out}" in proc.stdout
     assert "max |ORT - PyTorch| logits" in proc.stderr and "batch 3" in proc.stderr
     meta = read_metadata(out)
-    assert meta["checkpoint_sha256"] == nearl_rt.backbone.sha256_file(checkpoint)
+    assert meta["checkpoint_sha256"] == sha256_file(checkpoint)
     assert meta["interaction"] == "text_cacheable" and meta["class_names"] == CLASSES
 
 
@@ -201,7 +203,7 @@ def test_cli_bad_inputs(tmp_path, capsys, checkpoint):
 
 def test_cli_no_traceback_in_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "export.onnx", str(tmp_path / "missing.pt")],
+    proc = subprocess.run([sys.executable, "-m", "nearl_rt.export.onnx", str(tmp_path / "missing.pt")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"python -m export.onnx: error: checkpoint not found: "

@@ -1,4 +1,4 @@
-"""export.imaging: DICOM (pydicom's bundled test files), 16-bit / float images, the intensity policy, frames,
+"""nearl_rt.core.imaging: DICOM (pydicom's bundled test files), 16-bit / float images, the intensity policy, frames,
 and every bad input (one clear message naming the file)."""
 import argparse
 import json
@@ -12,10 +12,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from bench.decode import write_dicom
-from export.imaging import (DEFAULT_POLICY, Frame, ImageError, IntensityMismatchWarning, IntensityPolicy,
+from nearl_rt.bench.decode import write_dicom
+from nearl_rt.core.imaging import (DEFAULT_POLICY, Frame, ImageError, IntensityMismatchWarning, IntensityPolicy,
                             count_frames, expand_frames, load_image, resolve_policy, scale_to_uint8)
-from export.preprocess import preprocess_batch
+from nearl_rt.core.preprocess import preprocess_batch
 from nearl_rt.data import DataError, Split, intensity_from_args, load_images, read_dataset, skip_summary
 
 CFG = dict(size=32, mean=(0.48, 0.45, 0.40), std=(0.26, 0.26, 0.27))

@@ -1,13 +1,13 @@
-"""Launch budget of backend="triton" (counted on the CPU, kernels stubbed: bench/launch_budget.py, which also
+"""Launch budget of backend="triton" (counted on the CPU, kernels stubbed: nearl_rt/bench/launch_budget.py, which also
 measures host time). Counted as in the GPU review: aten ops that would each be a CUDA kernel plus the Triton
 launches, tiny preset in bf16, after a warm-up call, per layer over frozen CLIP computing the same logits.
 """
 import pytest
 import torch
 
-from bench.launch_budget import CLASSES, launches_per_layer
-from kernels.derived import derived
-from kernels.launches import recorded_launches
+from nearl_rt.bench.launch_budget import CLASSES, launches_per_layer
+from nearl_rt.kernels.derived import derived
+from nearl_rt.kernels.launches import recorded_launches
 from tests.helpers import perturb_adapters, tiny, tiny_inputs
 
 BUDGET = {"text_cacheable": 16, "bidirectional": 24}  # added kernels per layer (issue 9)

@@ -9,9 +9,9 @@ see the same input values (rounded to the dtype first).
 import pytest
 import torch
 
-import kernels
-from kernels import OpInputError, oca_reference
-from kernels.oca_triton import oca_triton
+from nearl_rt import kernels
+from nearl_rt.kernels import OpInputError, oca_reference
+from nearl_rt.kernels.oca_triton import oca_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -2,7 +2,7 @@
 
 CI compiles a representative subset (ViT-B/16, bf16 and fp32, B = 64, inference and training passes of the
 image-row sites: every kernel but the split combine at its largest per-program footprint, 18 compiles, ~20 s);
-`python -m kernels.resources` builds the full table (every geometry, dtype, batch and site, sm_90/sm_80).
+`python -m nearl_rt.kernels.resources` builds the full table (every geometry, dtype, batch and site, sm_90/sm_80).
 """
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.resources import ARCHS, SPILL_BOUND, blocks_per_sm, violations
+from nearl_rt.kernels.resources import ARCHS, SPILL_BOUND, blocks_per_sm, violations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_kernels_fit_sm90_offline(tmp_path):
         pytest.skip(why)
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.resources", "--arch", "sm_90", "--geometry", "vit_b16",
+    proc = subprocess.run([sys.executable, "-m", "nearl_rt.kernels.resources", "--arch", "sm_90", "--geometry", "vit_b16",
                            "--dtype", "bf16,fp32", "--batch", "64", "--site", "oca_image,use_image+own_text",
                            "--pass", "fwd,fwd+bwd", "--jobs", "2", "--json", str(out), "--check"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -5,8 +5,8 @@ Same tolerance rule as tests/test_kernels_oca.py (fused error vs fp64 <= 2 x eag
 import pytest
 import torch
 
-from kernels import OpInputError, use_attention_reference
-from kernels.use_attention_triton import use_attention_triton
+from nearl_rt.kernels import OpInputError, use_attention_reference
+from nearl_rt.kernels.use_attention_triton import use_attention_triton
 from tests.test_kernels_oca import CUDA, DEVICE, assert_fused_matches, run_with_grads
 
 PARAMS = ("q", "x", "t", "ln_x_w", "ln_x_b", "w_dx", "ln_t_w", "ln_t_b", "w_dt", "w_k", "b_k", "w_v", "b_v")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from export import onnx as export_onnx
-from export.imaging import IntensityMismatchWarning, IntensityPolicy, expand_frames
-from export.runtime import NearlSession
+from nearl_rt.export import onnx as export_onnx
+from nearl_rt.core.imaging import IntensityMismatchWarning, IntensityPolicy, expand_frames
+from nearl_rt.core.session import NearlSession
 import nearl_rt.__main__ as nearl_main
 from nearl_rt import predict, train
 from tests.test_imaging import write_dicom, xray16
-from tests.test_train_cli import cli
+from tests.helpers import cli
 
 
 def medical_folder(root):

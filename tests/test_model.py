@@ -98,9 +98,9 @@ def test_trimmed_prompts_equal_full_context(mode, preset, context):
         trimmed = model(images, tokens)
         model.trim_prompts = False
         full = model(images, tokens)
-    assert model._prompts(tokens).tokens.shape[1] == tokens.shape[1] == context
+    assert model.prompt_batch(tokens).tokens.shape[1] == tokens.shape[1] == context
     model.trim_prompts = True
-    assert model._prompts(tokens).tokens.shape[1] < 20
+    assert model.prompt_batch(tokens).tokens.shape[1] < 20
     torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-5)
 
 
@@ -188,7 +188,7 @@ def test_random_backbone_warns():
 
 def test_tokenize_matches_open_clip_and_backend_env_override(monkeypatch):
     import open_clip
-    import kernels
+    from nearl_rt import kernels
     toks = nearl_rt.tokenize(["a photo of a lung.", "x"])
     assert toks.dtype == torch.long and toks.shape == (2, 77)
     assert torch.equal(toks, open_clip.get_tokenizer("ViT-B-16")(["a photo of a lung.", "x"]))

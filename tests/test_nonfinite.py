@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-import export.onnx as export_onnx
+import nearl_rt.export.onnx as export_onnx
 import nearl_rt
-from export.onnx import ExportError, export_model
+from nearl_rt.export.onnx import ExportError, export_model
 from nearl_rt import __main__ as nearl_rt_main
 from nearl_rt import evaluate, predict, train
-from nearl_rt.cli import run_cli
+from nearl_rt.core.cli import run_cli
 from nearl_rt.demo import DEMO_DATA
-from nearl_rt.errors import CheckpointError
+from nearl_rt.core.errors import CheckpointError
 from tests.helpers import CLASSES, perturb_adapters, tiny
 
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

@@ -1,4 +1,4 @@
-"""export/preprocess_graph.py: the uint8 ONNX preprocessing equals export.preprocess (Pillow) within one
+"""nearl_rt/export/preprocess_graph.py: the uint8 ONNX preprocessing equals nearl_rt.core.preprocess (Pillow) within one
 uint8 step on a few values, end to end within 1e-5; NearlSession(preprocess="onnx"); clear errors."""
 import shutil
 
@@ -7,10 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import export.preprocess_graph as pg
-from export.imaging import load_image
-from export.preprocess import preprocess_image
-from export.runtime import NearlSession, preprocess_graph_path, sha256_file
+import nearl_rt.export.preprocess_graph as pg
+from nearl_rt.core.imaging import load_image
+from nearl_rt.core.preprocess import preprocess_image
+from nearl_rt.core.session import NearlSession, preprocess_graph_path, sha256_file
 from tests.export_cases import TINY_PREPROCESS_PROBS_ATOL, exported, exported_with_preprocess
 
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -96,13 +96,13 @@ def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     model = tmp_path / "m.onnx"
     shutil.copy(exported("bidirectional"), model)
     monkeypatch.setattr(pg, "MAX_SHARE", -1.0)
-    with pytest.raises(pg.PreprocessGraphError, match="disagrees with export.preprocess"):
+    with pytest.raises(pg.PreprocessGraphError, match="disagrees with nearl_rt.core.preprocess"):
         pg.export_preprocess_graph(model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 def test_cli_writes_graph(tmp_path, capsys, monkeypatch):
-    from nearl_rt.cli import run_cli
+    from nearl_rt.core.cli import run_cli
     monkeypatch.setattr(pg, "PROBS_ATOL", TINY_PREPROCESS_PROBS_ATOL)  # the tiny model, see export_cases
     model = tmp_path / "m.onnx"
     shutil.copy(exported("bidirectional"), model)
@@ -116,9 +116,9 @@ def test_cli_writes_graph(tmp_path, capsys, monkeypatch):
 
 def test_export_cli_preprocess_flag(tmp_path, capsys, monkeypatch):
     """`python -m export.onnx CKPT --preprocess` writes both files; the graph belongs to the classifier."""
-    import export.onnx as export_onnx
+    import nearl_rt.export.onnx as export_onnx
     import nearl_rt
-    from nearl_rt.cli import run_cli
+    from nearl_rt.core.cli import run_cli
     from tests.export_cases import tiny_model
     monkeypatch.setattr(pg, "PROBS_ATOL", TINY_PREPROCESS_PROBS_ATOL)  # the tiny model, see export_cases
     ckpt = nearl_rt.save_checkpoint(tiny_model("bidirectional"), tmp_path / "tiny.pt")

@@ -12,9 +12,9 @@ from sklearn.linear_model import LogisticRegression
 
 import nearl_rt
 import nearl_rt.data
-import export.onnx as export_onnx
-from export.graph import export_module
-from export.onnx import export_model
+import nearl_rt.export.onnx as export_onnx
+from nearl_rt.export.graph import export_module
+from nearl_rt.export.onnx import export_model
 from nearl_rt import evaluate, predict, sweep, train
 from nearl_rt.classifier import load_classifier
 from nearl_rt.coop import attach_context, coop_template, init_context
@@ -24,7 +24,7 @@ from nearl_rt.metrics import harmonic_mean
 from nearl_rt.prompts import TemplateError, load_templates, shipped_template_sets
 from tests.helpers import CLASSES, TINY_PRESETS, perturb_adapters, tiny, tiny_inputs
 from tests.test_data import make_tree
-from tests.test_train_cli import _npz, cli
+from tests.helpers import cli, labels_npz
 
 MODES = ["bidirectional", "text_cacheable"]
 QUICK = ["--preset", "tiny", "--epochs", "1", "--batch-size", "4", "--no-progress"]
@@ -306,7 +306,7 @@ def test_sweep_base_to_novel_reports_base_novel_hm(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ bad input
 BAD = {
     "unknown method": (sweep, lambda t: [*_sweep_base(t), "--methods", "nearl,cocoop"], "unknown or repeated method"),
-    "K above a class's count": (sweep, lambda t: ["--data", _npz(t / "x.npz", [0] * 20 + [1] * 6), "--out", t / "out",
+    "K above a class's count": (sweep, lambda t: ["--data", labels_npz(t / "x.npz", [0] * 20 + [1] * 6), "--out", t / "out",
                                                   "--shots", "1,8", "--methods", "zeroshot", "--split", "train"],
                                 "--shots 8 is larger than class 'class 1' has: 6 image"),
     "linear probe in a base-to-novel sweep": (sweep, lambda t: [*_sweep_base(t), "--methods", "zeroshot,linear_probe",

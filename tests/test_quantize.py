@@ -1,4 +1,4 @@
-"""int8 export (export.quantize, `python -m export.onnx CKPT --int8`): dynamic and static QDQ in both modes,
+"""int8 export (nearl_rt.export.quantize, `python -m export.onnx CKPT --int8`): dynamic and static QDQ in both modes,
 the nodes kept in float32, the verification gates, metadata, the CLI and its bad input."""
 import json
 import re
@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-import export.onnx as export_onnx
+import nearl_rt.export.onnx as export_onnx
 import nearl_rt
-from export.imaging import IntensityPolicy
-from export.onnx import read_metadata
-from export.quantize import Gates, ImageSet, QuantizationError, fp32_matmuls, quantize
-from export.runtime import NearlSession
-from nearl_rt.cli import run_cli
+from nearl_rt.core.imaging import IntensityPolicy
+from nearl_rt.core.metadata import read_metadata
+from nearl_rt.export.quantize import Gates, ImageSet, QuantizationError, fp32_matmuls, quantize
+from nearl_rt.core.session import NearlSession
+from nearl_rt.core.cli import run_cli
 from tests.export_cases import exported, exported_int8, tiny_model
 from tests.helpers import perturb_adapters, tiny
 
@@ -74,8 +74,8 @@ def test_int8_close_to_fp32_with_fp32_logits_path(mode, method, tmp_path):
 def test_frozen_clip_is_quantised_the_same_way(tmp_path):
     """bench/latency.py's int8 floor: frozen CLIP through quantize_graph keeps its own last MatMul before
     logits in float32, as the NEARL file does, and has its weight matmuls in int8."""
-    from bench.frozen_clip import export_frozen_clip
-    from export.quantize import quantize_graph
+    from nearl_rt.bench.frozen_clip import export_frozen_clip
+    from nearl_rt.export.quantize import quantize_graph
     src, dst = export_frozen_clip(tiny_model("text_cacheable"), tmp_path / "frozen.onnx"), tmp_path / "frozen.int8.onnx"
     kept = quantize_graph(src, dst)
     assert kept == fp32_matmuls(onnx.load(str(src))) and len(kept) == 1
@@ -102,7 +102,7 @@ def test_dynamic_int8_depends_on_the_batch_static_does_not():
 def test_triton_repository_takes_an_int8_export(tmp_path):
     """export.triton writes and checks a repository from an int8 file as from its fp32 source: same signature
     (the int8 graph keeps the float32 images input and logits/probs outputs), the file copied unchanged."""
-    from export.triton import Options, check_model_dir, parse_config, write_repository
+    from nearl_rt.serving.triton_repository import Options, check_model_dir, parse_config, write_repository
     q = exported_int8("text_cacheable")
     model_dir = write_repository(q, tmp_path / "repo", Options(gpu=False))
     ref_dir = write_repository(exported("text_cacheable"), tmp_path / "ref", Options(gpu=False))

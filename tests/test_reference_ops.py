@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels import OpInputError, oca_reference, use_attention_reference
+from nearl_rt.kernels import OpInputError, oca_reference, use_attention_reference
 
 
 def oca_inputs(R=3, N=5, D=24, G=2, M=3, r=4, dtype=torch.float32, seed=0):

@@ -1,4 +1,4 @@
-"""export.runtime.NearlSession: no PyTorch, same preprocessing and predictions as the model, clear errors."""
+"""nearl_rt.core.session.NearlSession: no PyTorch, same preprocessing and predictions as the model, clear errors."""
 import os
 import subprocess
 import sys
@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.decode import write_dicom
-from export.imaging import DEFAULT_POLICY
-from export.preprocess import preprocess_batch, preprocess_image
-from export.runtime import NearlSession
+from nearl_rt.bench.decode import write_dicom
+from nearl_rt.core.imaging import DEFAULT_POLICY
+from nearl_rt.core.preprocess import preprocess_batch, preprocess_image
+from nearl_rt.core.session import NearlSession
 from tests.export_cases import exported, tiny_model
 from tests.helpers import CLASSES, TINY_PRESETS
 from tests.test_imaging import linear, xray16
@@ -28,7 +28,7 @@ def random_images(n, seed=0):
 
 
 def test_runtime_does_not_import_torch():
-    code = "import sys, export.runtime; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, nearl_rt.core.session; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr

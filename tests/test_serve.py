@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.decode import write_dicom
-from export.runtime import NearlSession
-from export.serve import ServeError, ServerProcess, ensure_env, free_ports
-from export.triton import Options, write_repository
+from nearl_rt.bench.decode import write_dicom
+from nearl_rt.core.session import NearlSession
+from nearl_rt.serving.server import ServeError, ServerProcess, ensure_env, free_ports
+from nearl_rt.serving.triton_repository import Options, write_repository
 from tests.export_cases import TINY_PREPROCESS_PROBS_ATOL, exported, exported_with_preprocess
 
 CLIENT = Path(__file__).with_name("serve_client.py")
@@ -233,7 +233,7 @@ def _standin_server(python, repo, tmp_path):
 
 
 def test_with_preprocess_ensemble_serves_through_tritonserver(server_python, tmp_path):
-    """export.triton's repository with --with-preprocess, the onnxruntime backend replaced by a Python stand-in
+    """nearl_rt.serving.triton_repository's repository with --with-preprocess, the onnxruntime backend replaced by a Python stand-in
     that runs the same model.onnx files: Triton accepts the ensemble's wiring and it answers uint8 images of
     any size with what NearlSession computes through the same preprocessing graph."""
     model = exported_with_preprocess("bidirectional")
@@ -269,7 +269,7 @@ def test_with_preprocess_ensemble_serves_through_tritonserver(server_python, tmp
             # The same graphs on the same onnxruntime build: float32 rounding only.
             np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5, err_msg=f"{h}x{w}x{c}")
             np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-6, err_msg=f"{h}x{w}x{c}")
-            # Pillow's resize vs the graph's: export/preprocess_graph.py's bound for the tiny model.
+            # Pillow's resize vs the graph's: nearl_rt/export/preprocess_graph.py's bound for the tiny model.
             np.testing.assert_allclose(probs, pillow.run(pillow.preprocess([image]))[1], rtol=0,
                                        atol=TINY_PREPROCESS_PROBS_ATOL)
         # labels.txt through Triton's classification extension: top-2 "score:index:label" on the classifier.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nearl_rt
-from export.preprocess import preprocess_batch
+from nearl_rt.core.preprocess import preprocess_batch
 
 
 @pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])

@@ -11,7 +11,7 @@ from torch import nn
 
 import nearl_rt
 from nearl_rt.adapters import expected_adapter_shapes
-from nearl_rt.backbone import _HF_DIR, _create, build_backbone, model_config
+from nearl_rt.backbone import HF_DIR, build_backbone, create_open_clip, model_config
 from nearl_rt.towers import build_towers
 from tests.helpers import assert_orthogonal, oca_update_stats, perturb_adapters, tiny, tiny_inputs
 
@@ -49,7 +49,7 @@ def test_tokens_of_another_tokenizer_fail_clearly():
 
 
 def _bert_dir(tmp_path, **changes):
-    config = json.loads((_HF_DIR / "nearl-tiny-bert" / "config.json").read_text())
+    config = json.loads((HF_DIR / "nearl-tiny-bert" / "config.json").read_text())
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({**config, **changes}))
@@ -59,7 +59,7 @@ def _bert_dir(tmp_path, **changes):
 def _tiny_bert_with(text_changes: dict):
     cfg = model_config("nearl-tiny-bert")
     cfg["text_cfg"].update(text_changes)
-    return _create("nearl-tiny-bert", cfg, False, 0)
+    return create_open_clip("nearl-tiny-bert", cfg, False, 0)
 
 
 def test_unequal_depths_fail_clearly(tmp_path):
@@ -81,11 +81,11 @@ def test_unsupported_towers_fail_clearly(tmp_path):
 
 
 def test_unknown_hf_text_model_and_missing_transformers_fail_clearly(monkeypatch, tmp_path):
-    from nearl_rt.backbone import _offline
+    from nearl_rt.backbone import offline_config
     cfg = model_config("nearl-tiny-bert")
     cfg["text_cfg"]["hf_model_name"] = "someone/other-bert"
     with pytest.raises(nearl_rt.BackboneError, match="'someone/other-bert' needs its Hugging Face config.json"):
-        _offline(cfg, "a config")
+        offline_config(cfg, "a config")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "transformers" else find_spec(n, *a))
     with pytest.raises(nearl_rt.BackboneError, match=r"needs the transformers package: pip install 'nearl-rt\[hf\]'"):
@@ -96,7 +96,7 @@ def test_unknown_hf_text_model_and_missing_transformers_fail_clearly(monkeypatch
 def test_tokenize_without_a_folder_uses_the_test_vocabulary_and_warns():
     with pytest.warns(nearl_rt.RandomBackboneWarning, match="test vocabulary stands in.*backbone=DIR"):
         toks = nearl_rt.tokenize(["Normal lungs.", "pneumonia"], backbone="nearl-tiny-bert")
-    vocab = (_HF_DIR / "test-vocab" / "vocab.txt").read_text().split("\n")
+    vocab = (HF_DIR / "test-vocab" / "vocab.txt").read_text().split("\n")
     ids = {w: vocab.index(w) for w in ("[CLS]", "[SEP]", "normal", "lungs", ".", "pneumonia")}
     assert toks.shape == (2, 64) and toks[:, 6:].eq(0).all()
     assert toks[0, :5].tolist() == [ids[w] for w in ("[CLS]", "normal", "lungs", ".", "[SEP]")]

@@ -16,20 +16,13 @@ from sklearn.linear_model import LogisticRegression
 import nearl_rt
 from nearl_rt import evaluate, predict, train
 from nearl_rt.classifier import frozen_image_features
-from nearl_rt.cli import run_cli
 from nearl_rt.data import Preprocess
 from nearl_rt.sampling import balanced_subset
-from tests.helpers import frozen_clip_logits
+from tests.helpers import cli, frozen_clip_logits, labels_npz
 from tests.test_data import make_tree, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--preset", "tiny", "--shots", "4", "--epochs", "3", "--batch-size", "4", "--lr", "0.05", "--no-progress"]
-
-
-def cli(module, argv, capsys):
-    rc = run_cli(module.main, [str(a) for a in argv], prog=module.__name__)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def adapters(path):
@@ -144,12 +137,6 @@ def test_zeroshot_and_linear_probe(pneumonia_npz, tmp_path, capsys):
     assert summary["accuracy"]["std"] == 0 and 0 <= summary["accuracy"]["mean"] <= 1
 
 
-def _npz(path, labels):
-    n = len(labels)
-    np.savez(path, train_images=np.zeros((n, 8, 8), np.uint8), train_labels=np.asarray(labels))
-    return path
-
-
 def _bad_image_tree(root):
     make_tree(root, {"a": 2, "b": 1}, "train")
     make_tree(root, {"a": 2, "b": 2}, "val")
@@ -161,10 +148,10 @@ BAD = {
     "empty dataset": (lambda t: (t / "d").mkdir() or t / "d", [], "no class sub-folders"),
     "class with no images": (lambda t: (make_tree(t / "d", {"a": 3}), (t / "d" / "b").mkdir()) and t / "d", [],
                              "class 'b' has no images"),
-    "K too large": (lambda t: _npz(t / "x.npz", [0] * 20 + [1] * 6), ["--shots", "8"],
+    "K too large": (lambda t: labels_npz(t / "x.npz", [0] * 20 + [1] * 6), ["--shots", "8"],
                     "--shots 8 is larger than class 'class 1' has: 6 image"),
     "corrupt image": (lambda t: _bad_image_tree(t / "d"), ["--shots", "2"], "cannot read image .*broken.png"),
-    "label out of range": (lambda t: _npz(t / "x.npz", [0, 1, 5]), ["--classes", "a,b"],
+    "label out of range": (lambda t: labels_npz(t / "x.npz", [0, 1, 5]), ["--classes", "a,b"],
                            "label 5 of image #2 .* out of range for 2 classes"),
     "missing split-JSON path": (lambda t: (write_png(t / "i.png", 0), (t / "s.json").write_text(json.dumps(
         {"train": [["i.png", 0, "n"], ["nope.png", 1, "p"]]})))[0].parent / "s.json", [], "not found, first .*nope.png"),

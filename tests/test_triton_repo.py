@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 import nearl_rt
-from export.triton import (Options, RepositoryError, check_model_dir, main, model_config_pb2, parse_config,
+from nearl_rt.serving.triton_repository import (Options, RepositoryError, check_model_dir, main, model_config_pb2, parse_config,
                            write_repository)
-from export.runtime import preprocess_graph_path
+from nearl_rt.core.session import preprocess_graph_path
 from tests.export_cases import exported, exported_with_preprocess, tiny_model
 from tests.helpers import CLASSES
 

@@ -15,7 +15,7 @@ namespace {
 constexpr const char* kPrefix = "nearl.";
 constexpr const char* kCpu = "CPUExecutionProvider";
 constexpr const char* kCuda = "CUDAExecutionProvider";
-// nearl.* values stored as JSON (export/runtime.py decode_metadata), and those every model has.
+// nearl.* values stored as JSON (nearl_rt/core/session.py decode_metadata), and those every model has.
 const char* const kJsonKeys[] = {"class_names", "input_size", "mean", "std", "intensity", "templates"};
 const char* const kRequiredKeys[] = {"class_names", "input_size", "mean", "std"};
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
-from nearl_rt.errors import BackboneError
+from nearl_rt.core.errors import BackboneError
 
 
 @dataclass

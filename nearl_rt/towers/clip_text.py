@@ -9,7 +9,7 @@ import torch
 from open_clip.model import CLIP
 from torch import nn
 
-from nearl_rt.errors import BackboneError
+from nearl_rt.core.errors import BackboneError
 from nearl_rt.towers import PromptBatch
 
 

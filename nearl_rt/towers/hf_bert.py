@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder
 
-from nearl_rt.errors import BackboneError
+from nearl_rt.core.errors import BackboneError
 from nearl_rt.towers import PromptBatch
 
 

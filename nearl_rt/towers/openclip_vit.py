@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from open_clip.transformer import VisionTransformer
 
-from nearl_rt.errors import BackboneError
+from nearl_rt.core.errors import BackboneError
 
 
 def accepts(backbone) -> bool:

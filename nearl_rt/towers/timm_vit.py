@@ -9,7 +9,7 @@ import torch
 from open_clip.timm_model import TimmModel
 from timm.models.vision_transformer import VisionTransformer
 
-from nearl_rt.errors import BackboneError
+from nearl_rt.core.errors import BackboneError
 
 
 def accepts(backbone) -> bool:

@@ -1,1 +1,0 @@
-"""ONNX export (`python -m export.onnx ckpt.pt`) and the onnxruntime runtime."""

@@ -1,0 +1,42 @@
+"""Evaluation preprocessing in NumPy + Pillow only (no PyTorch), shared by training, evaluation and the
+onnxruntime runtime so that a served model sees exactly what the trained one saw.
+
+It reproduces open_clip's evaluation transform (resize_mode "shortest"):
+RGB -> resize the shorter side to `size` (bicubic) -> centre crop size x size -> [0, 1] -> (x - mean) / std.
+Files and arrays become RGB through nearl_rt.core.imaging (DICOM, 16-bit images and the intensity policy).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from nearl_rt.core.imaging import ImageLike, IntensityPolicy, load_image
+
+_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+                     interpolation: str = "bicubic") -> np.ndarray:
+    """One RGB PIL image -> float32 [3, size, size], normalised."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _INTERPOLATION[interpolation])
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_batch(images: Iterable[ImageLike], size: int, mean: Sequence[float], std: Sequence[float],
+                     interpolation: str = "bicubic", intensity: Optional[IntensityPolicy] = None) -> np.ndarray:
+    """Paths / Frames / PIL images / arrays -> float32 [B, 3, size, size] (nearl_rt.core.imaging.load_image)."""
+    out = [preprocess_image(load_image(im, intensity), size, mean, std, interpolation) for im in images]
+    if not out:
+        raise ValueError("no images given")
+    return np.stack(out)

@@ -1,0 +1,158 @@
+"""Serve an exported NEARL-CLIP with onnxruntime alone (NumPy + Pillow + onnxruntime; no PyTorch).
+
+    session = NearlSession("model.onnx")             # CUDA when available, else CPU
+    session.predict(["a.png", "b.dcm", pil_image, uint16_array], top_k=2)
+    # -> [[("pneumonia", 0.91), ("normal", 0.09)], ...]
+
+Images are decoded and preprocessed exactly as training did (nearl_rt.core.imaging + nearl_rt.core.preprocess, with
+the intensity policy, input size, mean, std and interpolation stored in the model's metadata);
+`preprocess="onnx"` runs the resize / crop / normalise of the model's preprocessing graph
+(`python -m export.onnx CKPT --preprocess`) instead, the graph the C++ library runs (decoding stays
+nearl_rt.core.imaging's).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from nearl_rt.core.hashing import sha256_file
+from nearl_rt.core.imaging import Frame, IntensityPolicy, load_image, resolve_policy
+from nearl_rt.core.metadata import PREPROCESS_KIND, classifier_metadata, preprocess_graph_path, read_metadata
+from nearl_rt.core.preprocess import ImageLike, preprocess_batch
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build and machine have it, else CPU."""
+    available = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
+        else ["CPUExecutionProvider"]
+
+
+class NearlSession:
+    """An exported NEARL-CLIP classifier (from `python -m export.onnx`) in an onnxruntime session.
+
+    intensity: how >8-bit images map to 0..255; default (and the right choice) the policy stored in the
+    model (models exported before policies were recorded: the default policy); another one warns."""
+
+    def __init__(self, path, providers: Optional[Sequence] = None,
+                 session_options: Optional[ort.SessionOptions] = None, intensity: Optional[IntensityPolicy] = None,
+                 preprocess: str = "pillow"):
+        """preprocess: "pillow" (nearl_rt.core.preprocess) or "onnx" (the preprocessing graph next to the model,
+        run on the CPU provider: its CUDA antialias kernel is unverified, see docs/cpp.md)."""
+        if preprocess not in ("pillow", "onnx"):
+            raise ValueError(f"preprocess={preprocess!r}: use 'pillow' or 'onnx'")
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ONNX model not found: {path} (export one with `python -m export.onnx CKPT`)")
+        try:
+            self.session = ort.InferenceSession(path, session_options,
+                                                providers=list(providers or default_providers()))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+        self.metadata = classifier_metadata(self.session, path)
+        self.class_names: list[str] = self.metadata["class_names"]
+        self.input_size: tuple[int, int] = tuple(self.metadata["input_size"])
+        self.intensity: IntensityPolicy = resolve_policy(self.metadata.get("intensity"), intensity, path)
+        shape = self.session.get_inputs()[0].shape
+        self.fixed_batch: Optional[int] = shape[0] if isinstance(shape[0], int) else None
+        self.providers = self.session.get_providers()
+        self._cuda = self.providers[0] == "CUDAExecutionProvider"
+        self._graph = _open_preprocess_graph(path, self.metadata, session_options) if preprocess == "onnx" else None
+
+    def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """File paths (images, DICOM), Frames, PIL images or arrays -> float32 [B, 3, H, W], as training
+        preprocessed them."""
+        if isinstance(images, (str, os.PathLike, np.ndarray, Frame)) or not hasattr(images, "__iter__"):
+            images = [images]
+        h, w = self.input_size
+        if h != w:
+            raise ValueError(f"non-square input size {self.input_size} is not supported by nearl_rt.core.preprocess")
+        if self._graph is not None:
+            pixels = [np.asarray(load_image(im, self.intensity)) for im in images]
+            if not pixels:
+                raise ValueError("no images given")
+            return np.concatenate([self._graph.run(["images"], {"image": p[None]})[0] for p in pixels])
+        return preprocess_batch(images, h, self.metadata["mean"], self.metadata["std"],
+                                self.metadata.get("interpolation", "bicubic"), self.intensity)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed float32 [B, 3, H, W] -> (logits, probs), float32 [B, C]."""
+        self._check_batch(batch)
+        if self.fixed_batch is None:
+            return self._run(batch)
+        outs = [self._run_padded(batch[i:i + self.fixed_batch]) for i in range(0, len(batch), self.fixed_batch)]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+    def predict(self, images: Sequence[ImageLike], top_k: Optional[int] = None,
+                batch_size: int = 32) -> list[list[tuple[str, float]]]:
+        """Per image, (class name, probability) pairs, most probable first (all classes, or top_k)."""
+        k = len(self.class_names) if top_k is None else int(top_k)
+        if not 1 <= k <= len(self.class_names):
+            raise ValueError(f"top_k={top_k} must be between 1 and the number of classes ({len(self.class_names)})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        x = self.preprocess(images)
+        probs = np.concatenate([self.run(x[i:i + batch_size])[1] for i in range(0, len(x), batch_size)])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+
+    def _check_batch(self, batch) -> None:
+        h, w = self.input_size
+        want = f"float32 [batch, 3, {h}, {w}] (use NearlSession.preprocess for images)"
+        if not isinstance(batch, np.ndarray):
+            raise TypeError(f"expected a NumPy array {want}, got {type(batch).__name__}")
+        if batch.dtype != np.float32:
+            raise ValueError(f"input has dtype {batch.dtype}; expected {want}")
+        if batch.ndim != 4:
+            raise ValueError(f"input has shape {batch.shape} ({batch.ndim} dims); expected {want}")
+        if batch.shape[1] != 3:
+            raise ValueError(f"input has {batch.shape[1]} channels (shape {batch.shape}); expected {want}")
+        if tuple(batch.shape[2:]) != (h, w):
+            raise ValueError(f"input is {batch.shape[2]}x{batch.shape[3]} pixels (shape {batch.shape}); expected {want}")
+        if batch.shape[0] == 0:
+            raise ValueError(f"input has an empty batch; expected {want}")
+
+    def _run_padded(self, batch: np.ndarray):
+        n = len(batch)
+        if n < self.fixed_batch:
+            batch = np.concatenate([batch, np.zeros((self.fixed_batch - n, *batch.shape[1:]), np.float32)])
+        logits, probs = self._run(batch)
+        return logits[:n], probs[:n]
+
+    def _run(self, batch: np.ndarray):
+        batch = np.ascontiguousarray(batch)
+        if not self._cuda:
+            logits, probs = self.session.run(["logits", "probs"], {"images": batch})
+            return logits, probs
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("images", batch)
+        for name in ("logits", "probs"):
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        logits, probs = binding.copy_outputs_to_cpu()
+        return logits, probs
+
+
+def _open_preprocess_graph(classifier_path: str, metadata: dict, session_options) -> ort.InferenceSession:
+    """The preprocessing graph of `classifier_path`, checked to belong to it (sha256, size, mean, std)."""
+    path = preprocess_graph_path(classifier_path)
+    fix = f"write it with `python -m export.preprocess_graph {classifier_path}`"
+    if not path.is_file():
+        raise FileNotFoundError(f"preprocessing graph not found: {path} ({fix})")
+    try:
+        session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ValueError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+    meta = read_metadata(session)
+    if meta.get("kind") != PREPROCESS_KIND:
+        raise ValueError(f"{path} is not a nearl preprocessing graph (no nearl.kind = {PREPROCESS_KIND!r}); {fix}")
+    if meta.get("classifier_sha256") != sha256_file(classifier_path):
+        raise ValueError(f"{path} was written for another classifier (its nearl.classifier_sha256 does not match "
+                         f"{classifier_path}); {fix}")
+    for key in ("input_size", "mean", "std"):
+        if meta.get(key) != metadata[key]:
+            raise ValueError(f"{path} has {key} {meta.get(key)} but the classifier {metadata[key]}; {fix}")
+    return session

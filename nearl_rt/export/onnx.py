@@ -1,0 +1,375 @@
+"""`python -m export.onnx CKPT`: a trained checkpoint as one ONNX file that onnxruntime serves as it is.
+
+Input `images` float32 [batch, 3, H, W] (normalised); outputs `logits` and `probs` float32 [batch, C].
+The class prompts (bidirectional) or the cached class text stream (text_cacheable) are constants.
+The file is verified before it is kept: onnx.checker, then onnxruntime CPU vs PyTorch on fresh
+random inputs at two batch sizes; on any failure no file is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import onnx
+import torch
+from onnxscript import opset23 as op23
+from onnxscript.onnx_types import BOOL, FLOAT
+
+from nearl_rt.export.graph import export_module, reference_ops
+from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
+from nearl_rt.core.metadata import read_metadata, write_metadata
+from nearl_rt.core.atomic import atomic_output
+from nearl_rt.core.errors import NearlError
+
+log = logging.getLogger("nearl_rt.export.onnx")  # by name: also when run as __main__
+
+# Measured on CPU onnxruntime with vit_b16 (README "Export and serving"): opset 23's native Attention was
+# not faster than opset 18's MatMul/Softmax attention beyond noise; 18 runs on more onnxruntime builds.
+DEFAULT_OPSET = 18
+MIN_OPSET = 18
+# |ORT - PyTorch fp32| <= ATOL + RTOL * max|PyTorch logit|. fp32: both sides round in float32 but sum in
+# different orders (~1e-6 relative per op through a dozen layers). fp16: float16 has a unit roundoff
+# of 4.9e-4; through 12 layers of matmuls and LayerNorms the normalised features move by ~1e-3 and the
+# logits (cosine x exp(logit_scale) <= 100) by that times the scale.
+TOLERANCE = {False: (1e-4, 1e-5), True: (5e-2, 1e-2)}
+CLASSIFIER_DOC = "NEARL-CLIP classifier: images -> logits, probs"
+
+
+class ExportError(NearlError):
+    """The export failed, or the exported file does not reproduce the PyTorch model."""
+
+
+def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
+                 batch_size: Union[str, int] = "dynamic", verify: bool = True,
+                 checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None) -> Path:
+    """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
+
+    opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
+    outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
+    int; verify: onnx.checker + onnxruntime CPU vs PyTorch at two batch sizes (raises ExportError on a
+    mismatch); checkpoint_sha256: recorded in the metadata; intensity: the image intensity policy the model
+    was trained with (nearl_rt.core.imaging; recorded so NearlSession applies it). Returns the written path.
+    """
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset={opset!r}: use an int >= {MIN_OPSET}")
+    fixed_batch = _parse_batch_size(batch_size)
+    export_module(model)  # checks the model before anything is written
+    if model.dtype != torch.float32:  # the reference (and the fp32 export) is the float32 model
+        model = copy.deepcopy(model).float()
+    module = export_module(model)
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
+    with atomic_output(out_path) as tmp:
+        proto = trace_to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
+        write_metadata(proto, classifier_metadata_values(model, opset, fp16, fixed_batch, checkpoint_sha256,
+                                                        intensity), doc=CLASSIFIER_DOC)
+        onnx.save(proto, tmp)
+        if optimize:
+            _optimize_offline(tmp)
+        if verify:
+            for batch, diff in verify_onnx(tmp, module, fp16=fp16, fixed_batch=fixed_batch).items():
+                log.info("verified %s: batch %d, max |ORT - PyTorch| logits %.3g, probs %.3g",
+                         out_path.name, batch, diff["logits"], diff["probs"])
+    return out_path
+
+
+def _parse_batch_size(batch_size) -> Optional[int]:
+    if batch_size == "dynamic":
+        return None
+    try:
+        n = int(batch_size)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(batch_size, bool) or n < 1 or str(n) != str(batch_size).strip():
+        raise ValueError(f"batch_size={batch_size!r}: use 'dynamic' or a positive int")
+    return n
+
+
+def trace_to_onnx(module, opset: int, fixed_batch: Optional[int]) -> onnx.ModelProto:
+    """The ONNX graph of an nn.Module whose `.model` is a NearlCLIP (nearl_rt.export.graph's modules, the benchmark's
+    frozen CLIP): dynamo exporter, input `images` (dynamic batch axis unless fixed), outputs logits/probs."""
+    src = module.model
+    was_training = src.training
+    src.eval()
+    size = _input_size(src)
+    example = torch.randn(fixed_batch or 2, 3, *size, device=src.class_tokens.device)
+    dynamic = None if fixed_batch else {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    try:
+        with reference_ops(src), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
+                                        input_names=["images"], output_names=["logits", "probs"],
+                                        dynamic_shapes=dynamic, custom_translation_table=_translations(opset),
+                                        optimize=True, verbose=False)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"torch.onnx export failed ({e.__class__.__name__}: {first})") from e
+    finally:
+        src.train(was_training)
+    return program.model_proto
+
+
+def _sdpa_as_attention(query: FLOAT, key: FLOAT, value: FLOAT, attn_mask: Optional[BOOL] = None,
+                       dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                       enable_gqa: bool = False):
+    """SDPA as opset 23's native Attention. onnxruntime's CPU kernel needs the mask's query axis spelled
+    out, so a key-padding mask [.., 1, K] is broadcast to [.., Lq, K] first."""
+    if attn_mask is not None:
+        lq = op23.Shape(query, start=2, end=3)
+        shape = op23.Concat(op23.Constant(value_ints=[1, 1]), lq, op23.Constant(value_ints=[1]), axis=0)
+        attn_mask = op23.Expand(attn_mask, shape)
+    y, _, _, _ = op23.Attention(query, key, value, attn_mask, scale=scale, is_causal=is_causal)
+    return y
+
+
+def _translations(opset: int) -> dict:
+    return {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_attention} if opset >= 23 else {}
+
+
+def _input_size(model) -> tuple[int, int]:
+    size = model.preprocess_cfg["size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optional[int],
+                               checkpoint_sha256: Optional[str], intensity: Optional[IntensityPolicy] = None) -> dict:
+    """The nearl.* metadata of a classifier exported from `model` (nearl_rt.core.metadata writes it)."""
+    from nearl_rt import __version__
+    cfg = model.preprocess_cfg
+    return {
+        "class_names": list(model.class_names),
+        "template": model.template or "",
+        "templates": model.templates,  # the prompt ensemble baked into the graph
+        "interaction": model.interaction,
+        "input_size": list(_input_size(model)),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+        "intensity": (intensity or DEFAULT_POLICY).to_dict(),
+        "backbone": model.backbone_identity.name,
+        "backbone_sha256": model.backbone_identity.sha256 or "",
+        "nearl_rt_version": __version__,
+        "checkpoint_sha256": checkpoint_sha256 or "",
+        "opset": str(opset),
+        "precision": "fp16" if fp16 else "fp32",
+        "batch_size": str(fixed_batch) if fixed_batch else "dynamic",
+    }
+
+
+def _optimize_offline(path: Path) -> None:
+    """Replace `path` by onnxruntime's offline-optimised graph (extended level: portable across CPU and
+    CUDA, unlike the layout-specific "all" level), keeping the metadata."""
+    import onnxruntime as ort
+    meta = read_metadata(path)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    proto = onnx.load(str(path))
+    write_metadata(proto, meta, doc=CLASSIFIER_DOC)
+    onnx.save(proto, str(path))
+
+
+def _float32_error_bound(module, images: torch.Tensor, ref32: np.ndarray) -> float:
+    """Twice PyTorch's own float32 error on the logits, measured against a float64 copy of the model
+    (flash-attention's rule). Deep random-weight towers (full-size BiomedCLIP) are ill-conditioned enough that
+    float32 PyTorch itself is ~1e-3 off: onnxruntime is then judged against that, not against TOLERANCE."""
+    model64 = copy.deepcopy(module.model).double()
+    ref64 = model64.classify(images.double().to(model64.class_tokens.device)).cpu().numpy()
+    return 2.0 * float(np.abs(ref32 - ref64).max())
+
+
+def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] = None, seed: int = 0) -> dict:
+    """onnx.checker, then onnxruntime CPU vs the float32 PyTorch `module` (an nearl_rt.export.graph module) on
+    fresh random inputs: batch 1 and 3 (or the fixed batch). Returns {batch: {"logits": d, "probs": d}}
+    max |diff|; raises ExportError when a difference exceeds TOLERANCE or an output is not finite."""
+    import onnxruntime as ort
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    size = _input_size(module.model)
+    g = torch.Generator().manual_seed(seed)
+    atol, rtol = TOLERANCE[fp16]
+    result = {}
+    with reference_ops(module.model), torch.no_grad():
+        for batch in ([fixed_batch] if fixed_batch else [1, 3]):
+            images = torch.randn(batch, 3, *size, generator=g)
+            ref = [t.cpu().numpy() for t in module(images.to(module.model.class_tokens.device))]
+            got = session.run(["logits", "probs"], {"images": images.numpy()})
+            bad = [f"{side}'s {name}" for side, outs in (("onnxruntime", got), ("PyTorch", ref))
+                   for name, a in zip(("logits", "probs"), outs) if not np.isfinite(a).all()]
+            if bad:  # a NaN cannot be compared against a tolerance
+                raise ExportError(f"non-finite output at batch {batch}: {', '.join(bad)} hold NaN or Inf (the "
+                                  f"model's weights{', or float16 arithmetic,' if fp16 else ''} overflow); the file "
+                                  f"was not written")
+            diff = {name: float(np.abs(a - b).max()) for name, a, b in zip(("logits", "probs"), got, ref)}
+            tol = atol + rtol * float(np.abs(ref[0]).max())
+            if diff["logits"] > tol and not fp16:
+                tol = max(tol, _float32_error_bound(module, images, ref[0]))
+            if diff["logits"] > tol:
+                raise ExportError(f"onnxruntime disagrees with PyTorch at batch {batch}: max |diff| of the logits "
+                                  f"{diff['logits']:.3g} > tolerance {tol:.3g}; the file was not written")
+            result[batch] = diff
+    return result
+
+
+def load_exportable(checkpoint, pretrained: Optional[str] = None):
+    """The model a checkpoint holds, if it is one export.onnx writes (a NEARL model with class names, else
+    ExportError), and its recorded intensity policy: (model, policy)."""
+    from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
+    extra = read_checkpoint(checkpoint).get("extra") or {}
+    method = extra.get("method", "nearl")
+    if method == "linear_probe":
+        raise ExportError(f"{checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
+                          f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
+    if method == "coop":
+        raise ExportError(f"{checkpoint} is a coop baseline: its learned prompt context is not exported. "
+                          f"Export a checkpoint trained with --method nearl")
+    model = load_checkpoint(checkpoint, pretrained=pretrained, backend="torch")
+    if not model.class_names:
+        raise ExportError(f"{checkpoint} stores no class names: set classes before saving the checkpoint")
+    return model, resolve_policy(extra.get("intensity"), None, checkpoint)
+
+
+def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None, **options):
+    """Export a checkpoint's model (see load_exportable) with its recorded intensity policy and sha256;
+    options go to export_model. Returns (path, model)."""
+    from nearl_rt.core.hashing import sha256_file
+    model, intensity = load_exportable(checkpoint, pretrained)
+    path = export_model(model, out_path, checkpoint_sha256=sha256_file(checkpoint), intensity=intensity, **options)
+    return path, model
+
+
+def main(argv=None) -> int:
+    from nearl_rt.core.hashing import sha256_file
+    from nearl_rt.core.cli import log_to_stderr
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
+    parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
+    parser.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--fp16", action="store_true", help="float16 model; input and outputs stay float32")
+    parser.add_argument("--optimize", action="store_true", help="store onnxruntime's offline-optimised graph")
+    parser.add_argument("--batch-size", default="dynamic", help="'dynamic' (default) or a fixed batch size")
+    parser.add_argument("--pretrained", help="the backbone weights file or download folder on this machine (if it moved)")
+    parser.add_argument("--preprocess", action="store_true",
+                        help="also write OUT.preprocess.onnx: uint8 images of any size -> the model's input "
+                             "(nearl_rt/export/preprocess_graph.py; for C++ and other clients without Pillow)")
+    add_int8_arguments(parser)
+    args = parser.parse_args(argv)
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    _parse_batch_size(args.batch_size)  # fail on a bad option before loading anything
+    gates = check_int8_arguments(args)
+    log_to_stderr("nearl_rt.export")  # onnx, quantize, preprocess_graph
+    if args.int8:
+        model, intensity = load_exportable(args.checkpoint, args.pretrained)
+        paths = export_int8(model, args, gates, sha256_file(args.checkpoint), intensity)
+    else:
+        path, model = export_checkpoint(args.checkpoint, out, pretrained=args.pretrained, opset=args.opset,
+                                        fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
+              f"{len(model.class_names)} classes)")
+        paths = [path]
+    if args.preprocess:
+        from nearl_rt.export.preprocess_graph import export_preprocess_graph
+        for path in paths:
+            print(f"wrote {export_preprocess_graph(path)}")
+    return 0
+
+
+def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("int8 (CPU serving; see docs/int8.md)")
+    g.add_argument("--int8", action="store_true",
+                   help="also write CKPT.int8.onnx, quantised (dynamic int8 weights; static QDQ with --calibrate). "
+                        "With -o, only the int8 file is written there")
+    g.add_argument("--calibrate", metavar="DATA", help="static int8: calibrate activation ranges on images of this "
+                   "dataset (folder, split .json or .npz with the model's classes); a held-out part verifies")
+    g.add_argument("--verify-data", metavar="DATA", help="labelled images to verify the int8 model on (default: the "
+                   "held-out part of --calibrate, else random inputs)")
+    g.add_argument("--image-root", help="folder a split JSON's paths are relative to")
+    g.add_argument("--data-split", help="split of DATA to draw images from (default: train, else the only one)")
+    g.add_argument("--calibration-count", type=int, default=128, help="calibration images (default 128)")
+    g.add_argument("--verify-count", type=int, default=128, help="verification images drawn from data (default 128)")
+    g.add_argument("--min-agreement", type=float, default=99.0, help="gate: %% of images whose top-1 class the int8 "
+                   "model keeps (default 99)")
+    g.add_argument("--max-accuracy-change", type=float, default=0.5, help="gate: |delta accuracy| in points, with "
+                   "labelled images (default 0.5)")
+    g.add_argument("--max-prob-diff", type=float, help="gate: max |delta prob| (default: reported, not gated)")
+
+
+def check_int8_arguments(args):
+    """The int8 options' Gates, after refusing inconsistent combinations (before anything is loaded)."""
+    from nearl_rt.export.quantize import MIN_CALIBRATION_IMAGES, MIN_VERIFICATION_IMAGES, Gates
+    if not args.int8:
+        used = [f for f in ("calibrate", "verify_data") if getattr(args, f)]
+        if used:
+            raise ExportError(f"--{used[0].replace('_', '-')} applies to int8 models: add --int8")
+        return None
+    if args.fp16:
+        raise ExportError("--int8 and --fp16 exclude each other: int8 quantises the fp32 model (drop --fp16)")
+    for name in ("calibration_count", "verify_count"):
+        if getattr(args, name) < 1:
+            raise ExportError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.calibrate and args.calibration_count < MIN_CALIBRATION_IMAGES:
+        raise ExportError(f"--calibration-count {args.calibration_count}: static int8 needs at least "
+                          f"{MIN_CALIBRATION_IMAGES} calibration images")
+    if (args.calibrate or args.verify_data) and args.verify_count < MIN_VERIFICATION_IMAGES:
+        raise ExportError(f"--verify-count {args.verify_count}: the int8 gates need at least "
+                          f"{MIN_VERIFICATION_IMAGES} verification images")
+    return Gates(min_agreement=args.min_agreement / 100.0, max_accuracy_change=args.max_accuracy_change,
+                 max_prob_diff=args.max_prob_diff)
+
+
+def export_int8(model, args, gates, checkpoint_sha256: str, intensity: IntensityPolicy) -> list[Path]:
+    """--int8: the verified fp32 export (kept next to the checkpoint unless -o names the int8 file), then
+    its quantised version, verified against it. Returns the files written."""
+    from nearl_rt.export.quantize import images_from_dataset, quantize
+    draw = dict(split=args.data_split, image_root=args.image_root, intensity=intensity)
+    calibration = verification = None
+    if args.calibrate:
+        calibration, verification = images_from_dataset(args.calibrate, model.class_names, model.preprocess_cfg,
+                                                        counts=(args.calibration_count, args.verify_count), **draw)
+    if args.verify_data:
+        verification, = images_from_dataset(args.verify_data, model.class_names, model.preprocess_cfg,
+                                            counts=(args.verify_count,), seed=1, **draw)
+    ckpt = Path(args.checkpoint)
+    int8 = Path(args.output) if args.output else ckpt.with_suffix(".int8.onnx")
+    fp32 = None if args.output else ckpt.with_suffix(".onnx")
+    for path in (int8, fp32):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
+    # Both files are made in a scratch folder beside the output and kept only once the int8 one passed.
+    with tempfile.TemporaryDirectory(prefix=".nearl-int8-", dir=int8.resolve().parent) as scratch:
+        tmp_fp32, tmp_int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        export_model(model, tmp_fp32, opset=args.opset, optimize=args.optimize, batch_size=args.batch_size,
+                     checkpoint_sha256=checkpoint_sha256, intensity=intensity)
+        method = "static" if calibration is not None else "dynamic"
+        report = quantize(tmp_fp32, tmp_int8, method=method, calibration=calibration, verification=verification,
+                          gates=gates)
+        if fp32 is not None:
+            tmp_fp32.replace(fp32)
+            print(f"wrote {fp32} ({fp32.stat().st_size / 2**20:.1f} MiB, fp32)")
+        tmp_int8.replace(int8)
+    line = (f"top-1 agreement {100 * report['top1_agreement']:.1f}%, max |delta prob| "
+            f"{report['max_abs_prob_diff']:.4f} on {report['images']} {report['source']} images")
+    if "accuracy" in report:
+        line += f", accuracy {100 * report['accuracy']['fp32']:.2f}% -> {100 * report['accuracy']['int8']:.2f}%"
+    print(f"wrote {int8} ({int8.stat().st_size / 2**20:.1f} MiB, int8 {method}, {model.interaction}, "
+          f"{len(model.class_names)} classes; {line})")
+    return [p for p in (fp32, int8) if p is not None]
+
+
+if __name__ == "__main__":
+    from nearl_rt.core.cli import run_cli
+    sys.exit(run_cli(main, prog="python -m export.onnx"))
