@@ -88,3 +88,10 @@ def test_steps_is_the_default_budget_and_epochs_replaces_it(pneumonia_npz, tmp_p
     assert rc == 2 and "--epochs 2 and --steps 3 both set the training length; give one" in err
     rc, _, err = cli(train, [*base, "--steps", "0", "--out", tmp_path / "b"], capsys)
     assert rc == 2 and "--steps must be >= 1, got 0" in err and not (tmp_path / "b").exists()
+    # a run written before --steps existed (its run.json has no "steps") resumes with its --epochs
+    assert cli(train, [*base, "--epochs", "2", "--stop-after", "1", "--out", tmp_path / "old"], capsys)[0] == 0
+    settings = json.loads((tmp_path / "old" / "run.json").read_text())
+    del settings["steps"]
+    (tmp_path / "old" / "run.json").write_text(json.dumps(settings))
+    rc, out, _ = cli(train, [*base, "--epochs", "2", "--resume", "--out", tmp_path / "old"], capsys)
+    assert rc == 0 and "resuming" in out and len(train_losses(tmp_path / "old")) == 2
