@@ -6,6 +6,7 @@ command line override it. `write_config` writes a run's fully resolved options b
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -96,6 +97,8 @@ def config_defaults(parser: argparse.ArgumentParser, data: dict, path, *,
         dest = str(key).replace("-", "_")
         if dest in refused:
             raise NearlError(f"--config {path}: {key} cannot be set in a config file here ({parser.prog} sets it)")
+        if dest in known:
+            raise NearlError(f"--config {path}: {key} is given twice (as {dest} and with dashes); keep one")
         if dest in actions:
             known[dest] = typed_value(actions[dest], key, value, path)
         else:
@@ -119,7 +122,6 @@ def unknown_keys(rest: dict, path, prog: str) -> None:
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """parser.parse_args(argv) with --config FILE.yaml's values as defaults (the parser must have --config)."""
-    import sys
     argv = sys.argv[1:] if argv is None else list(argv)
     path = config_path(argv)
     if path is not None:
@@ -142,3 +144,15 @@ def resolved_options(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     """A namespace's values of `parser`'s options (what write_config writes), in the parser's order."""
     skipped = set(skip)
     return {dest: getattr(args, dest) for dest in options(parser) if dest not in skipped and hasattr(args, dest)}
+
+
+def non_default_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: Iterable[str] = ()) -> list:
+    """The command-line flags that give `args`'s values of the options not at their default (in the parser's
+    order): one canonical form however the values were given."""
+    flags = []
+    for dest, action in options(parser).items():
+        value = getattr(args, dest, action.default)
+        if dest in set(skip) or value == action.default or not action.option_strings:
+            continue
+        flags += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+    return flags
