@@ -38,8 +38,8 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     rc, out, _ = cli(train, ["--data", pneumonia_npz, "--out", a, *TRAIN], capsys)
     assert rc == 0 and "17,652 trainable parameters" in out
-    assert sorted(p.name for p in a.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl", "run.json", "shots.json",
-                                                   "train_state.pt"]
+    assert sorted(p.name for p in a.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "run.json",
+                                                   "shots.json", "train_state.pt"]
     # interrupted after one epoch, then resumed: bit-for-bit the uninterrupted run
     assert cli(train, ["--data", pneumonia_npz, "--out", b, *TRAIN, "--stop-after", "1"], capsys)[0] == 0
     assert len(log(b)) == 1
@@ -55,7 +55,7 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # training moved the adapters (the untrained update is exactly zero)
     trained = adapters(a / "last.pt")
-    assert all(trained[k].abs().max() > 0 for k in trained if k.endswith("scale"))
+    assert all(trained[k].abs().max() > 0 for k in trained if k.endswith("w_o"))
     rc, out, _ = cli(train, ["--data", pneumonia_npz, "--out", b, *TRAIN, "--resume"], capsys)
     assert rc == 0 and "complete" in out
     (b / "train_state.pt").write_bytes((b / "train_state.pt").read_bytes()[:100])
