@@ -39,7 +39,7 @@ from nearl_rt.checkpoint import read_checkpoint
 from nearl_rt.classifier import METHODS, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
-from nearl_rt.core.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, read_config,
+from nearl_rt.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, read_config,
                                        non_default_flags, resolved_options, unknown_keys, write_config)
 from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning

@@ -41,7 +41,7 @@ from nearl_rt.checkpoint import non_finite_tensor
 from nearl_rt.classifier import METHODS, Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
-from nearl_rt.core.config_file import add_config_argument, parse_with_config, resolved_options, write_config
+from nearl_rt.config_file import add_config_argument, parse_with_config, resolved_options, write_config
 from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
 from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
                            read_dataset, skip_summary)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import nearl_rt
 from nearl_rt import __main__ as nearl_main
 from nearl_rt import evaluate, sweep, train
-from nearl_rt.core.config_file import parse_with_config
+from nearl_rt.config_file import parse_with_config
 from nearl_rt.export.onnx import export_checkpoint
 from nearl_rt.pretrained import ADAPTER_FILE, CARD_FILE, CONFIG_FILE
 from tests.helpers import cli, perturb_adapters

@@ -23,11 +23,13 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def config_path(argv: Sequence[str]) -> Optional[str]:
-    """The value of --config in `argv`, or None."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument(CONFIG_OPTION)
-    known, _ = pre.parse_known_args(list(argv))
-    return known.config
+    """The value of --config in `argv`, or None (parse_with_config checks that argparse read the same)."""
+    for i, word in enumerate(argv):
+        if word == CONFIG_OPTION and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(CONFIG_OPTION + "="):
+            return word.split("=", 1)[1]
+    return None
 
 
 def read_config(path) -> dict:
@@ -128,7 +130,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
         known, rest = config_defaults(parser, read_config(path), path)
         unknown_keys(rest, path, parser.prog)
         apply_defaults(parser, known)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config != path:
+        raise NearlError(f"write {CONFIG_OPTION} in full (an abbreviation is not read)")
+    return args
 
 
 def write_config(path, values: dict, header: str = "") -> Path:
