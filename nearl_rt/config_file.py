@@ -53,8 +53,8 @@ def read_config(path) -> dict:
 
 def options(parser: argparse.ArgumentParser) -> dict:
     """dest -> action for a parser's options (not help, not --config itself)."""
-    return {a.dest: a for a in parser._actions  # noqa: SLF001 - argparse has no public list of its actions
-            if a.dest not in ("help", "config") and not isinstance(a, argparse._HelpAction)}  # noqa: SLF001
+    return {a.dest: a for a in parser._actions  # argparse has no public list of its actions
+            if a.dest not in ("help", "config") and not isinstance(a, argparse._HelpAction)}
 
 
 def typed_value(action: argparse.Action, key: str, value, path):
@@ -110,7 +110,7 @@ def config_defaults(parser: argparse.ArgumentParser, data: dict, path, *,
 
 def apply_defaults(parser: argparse.ArgumentParser, values: dict) -> None:
     """Make `values` the parser's defaults; an option they give is no longer required on the command line."""
-    for action in parser._actions:  # noqa: SLF001
+    for action in parser._actions:
         if action.dest in values:
             action.required = False
     parser.set_defaults(**values)

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from nearl_rt.checkpoint import FORMAT, FORMAT_VERSION, checkpoint_payload, validate_payload
+from nearl_rt.core.atomic import atomic_folder
 from nearl_rt.core.errors import CheckpointError, NearlError
 from nearl_rt.core.hashing import sha256_file
 
@@ -68,14 +64,8 @@ def save_pretrained(payload: dict, outdir, *, metrics: Optional[list] = None, da
     OUTDIR must be new or empty."""
     from safetensors.torch import save_file
     outdir = Path(outdir)
-    if outdir.exists() and not (outdir.is_dir() and not any(outdir.iterdir())):
-        raise NearlError(f"{outdir} exists and is not an empty folder; choose a new OUTDIR")
-    parent = outdir.parent if str(outdir.parent) else Path(".")
-    if not parent.is_dir():
-        raise NearlError(f"cannot write {outdir}: folder {parent} does not exist")
     card = model_card(payload, metrics or [], dataset)  # fails (missing extra) before anything is written
-    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
-    try:
+    with atomic_folder(outdir) as tmp:
         save_file({k: v.contiguous() for k, v in payload["adapter"].items()}, tmp / ADAPTER_FILE,
                   metadata={"format": FOLDER_FORMAT})
         config = folder_config(payload, sha256_file(tmp / ADAPTER_FILE))
@@ -86,18 +76,7 @@ def save_pretrained(payload: dict, outdir, *, metrics: Optional[list] = None, da
                              f"carry ({e})") from None
         (tmp / CONFIG_FILE).write_text(text + "\n")
         card.save(tmp / CARD_FILE)
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.replace(tmp, outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return outdir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_model_pretrained(model, outdir, extra: Optional[dict] = None, **card) -> Path:
