@@ -39,14 +39,14 @@ from nearl_rt.checkpoint import read_checkpoint
 from nearl_rt.classifier import METHODS, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
-from nearl_rt.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, read_config,
-                                       non_default_flags, resolved_options, unknown_keys, write_config)
+from nearl_rt.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, non_default_flags,
+                                  read_config, resolved_options, unknown_keys, write_config)
 from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier, read_predictions, reported_calibration, write_predictions
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
 from nearl_rt.sampling import sample_shots
-from nearl_rt.tracking import Tracker
+from nearl_rt.tracking import Tracker, parse_report_to
 
 # Options the sweep sets for every run itself.
 OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
@@ -341,7 +341,8 @@ def main(argv=None) -> int:
               **resolved_options(train.build_parser(), train_args, skip=(*OWN_TRAIN_DESTS, "device", "config"))}
     write_config(out / "config.yaml", config, f"python -m nearl_rt.sweep --config {out / 'config.yaml'} runs this sweep")
     # every run reports to the sweep's MLflow store unless --tracking-uri names one
-    tracking_uri = train_args.tracking_uri or (out / "mlruns").resolve().as_uri()
+    mlflow = "mlflow" in parse_report_to(train_args.report_to)
+    tracking_uri = train_args.tracking_uri or ((out / "mlruns").resolve().as_uri() if mlflow else None)
 
     grid = [(m, k, s) for m in methods for k in shots for s in seeds]
     runs, executed, started = [], 0, time.perf_counter()
