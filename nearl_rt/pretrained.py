@@ -93,15 +93,19 @@ def save_checkpoint_pretrained(checkpoint, outdir, eval_files=(), dataset: Optio
     payload = read_checkpoint(path)
     run_dir = path.parent
     evaluations = []
-    if (run_dir / "eval.json").is_file():  # a sweep's run: its metrics on the sweep's split
+    swept = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else {}
+    if swept and swept.get("checkpoint", "best.pt") == path.name:  # a sweep's run scored through this checkpoint
         sweep = run_dir.parent.parent / "sweep.json"
         split = _read_json(sweep).get("split", "test") if sweep.is_file() else "test"
-        evaluations.append((split, _read_json(run_dir / "eval.json").get("metrics") or {}))
+        evaluations.append((split, swept.get("metrics") or {}))
     for file in eval_files:
         report = _read_json(Path(file))
         if not isinstance(report.get("results"), dict) or len(report["results"]) != 1:
             raise NearlError(f"--eval {file} is not the --json file of `evaluate` on one checkpoint")
-        evaluations.append((report.get("split", "test"), next(iter(report["results"].values()))))
+        (scored, metrics), = report["results"].items()
+        if resolve_checkpoint(scored).resolve() != path.resolve():
+            raise NearlError(f"--eval {file} holds the metrics of {scored}, not of {path}: evaluate {path} itself")
+        evaluations.append((report.get("split", "test"), metrics))
     if dataset is None and (run_dir / "run.json").is_file():
         dataset = Path(_read_json(run_dir / "run.json").get("data") or "").stem or None
     return save_pretrained(payload, outdir, metrics=card_metrics(payload.get("extra") or {}, evaluations),

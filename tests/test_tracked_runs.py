@@ -184,6 +184,9 @@ def test_save_pretrained_folder_loads_evaluates_and_exports_like_its_checkpoint(
     share = tmp_path / "share"
     rc, printed, err = cli(nearl_main, ["save-pretrained", run, share, "--eval", tmp_path / "eval.json"], capsys)
     assert rc == 0 and f"wrote {share}" in printed, err
+    rc, _, err = cli(nearl_main, ["save-pretrained", run / "last.pt", tmp_path / "x", "--eval", tmp_path / "eval.json"],
+                     capsys)  # evaluate scored best.pt: its metrics are not last.pt's
+    assert rc == 2 and "holds the metrics of" in err and not (tmp_path / "x").exists()
     assert sorted(p.name for p in share.iterdir()) == [CARD_FILE, ADAPTER_FILE, CONFIG_FILE]
     for f in share.iterdir():  # no pickle, no torch zip
         head = f.read_bytes()[:2]
