@@ -372,8 +372,9 @@ def write_repository(model, repo, opts: Options = Options(), *, force: bool = Fa
     """
     _check_options(opts)
     model, repo = Path(model), Path(repo)
-    if not model.is_file():
-        raise RepositoryError(f"model not found: {model} (give an exported .onnx or a nearl-rt checkpoint)")
+    if not model.exists():
+        raise RepositoryError(f"model not found: {model} (give an exported .onnx, a nearl-rt checkpoint or a "
+                              f"save-pretrained folder)")
     names = [opts.name] + ([opts.preprocess_name, opts.ensemble_name] if opts.with_preprocess else [])
     for name in names:
         version_dir = repo / name / str(opts.version)
