@@ -79,9 +79,7 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
     if model.dtype != torch.float32:  # the reference (and the fp32 export) is the float32 model
         model = copy.deepcopy(model).float()
     module = export_module(model, temperature)
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
+    out_path = _output_file(out_path)
     with atomic_output(out_path) as tmp:
         proto = trace_to_onnx(export_module(copy.deepcopy(model).half(), temperature) if fp16 else module, opset,
                               fixed_batch, fused=fused)
@@ -107,6 +105,14 @@ def _parse_batch_size(batch_size) -> Optional[int]:
     if isinstance(batch_size, bool) or n < 1 or str(n) != str(batch_size).strip():
         raise ValueError(f"batch_size={batch_size!r}: use 'dynamic' or a positive int")
     return n
+
+
+def _output_file(path) -> Path:
+    """`path` as a Path, refused when it names a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a directory (give a file name ending in .onnx)")
+    return path
 
 
 def trace_to_onnx(module, opset: int, fixed_batch: Optional[int], fused: bool = False) -> onnx.ModelProto:
@@ -307,13 +313,15 @@ def main(argv=None) -> int:
         paths = export_int8(model, args, gates, checkpoint_sha256(args.checkpoint), recorded)
     else:
         model, recorded = load_exportable(args.checkpoint, args.pretrained)
-        with atomic_output(out) as tmp:  # with --openvino-bf16, kept only once bf16 passed its gates
-            export_model(model, tmp, opset=args.opset, fp16=args.fp16, optimize=args.optimize,
-                         batch_size=args.batch_size, fused=args.fused, checkpoint_sha256=sha256_file(args.checkpoint),
-                         **recorded)
-            extra = ""
-            if args.openvino_bf16:
+        options = dict(opset=args.opset, fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size,
+                       fused=args.fused, checkpoint_sha256=checkpoint_sha256(args.checkpoint), **recorded)
+        extra = ""
+        if args.openvino_bf16:
+            with atomic_output(_output_file(out)) as tmp:  # kept only once bf16 passed its gates
+                export_model(model, tmp, **options)
                 extra = f"; OpenVINO bf16: {_record_openvino_bf16(tmp, model, args, gates, recorded)}"
+        else:
+            export_model(model, out, **options)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
               f"{len(model.class_names)} classes{extra})")
         paths = [out]
