@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nearl_rt.explain import Probabilities, as_classifier, calibrated_softmax, model_untouched, saliency_maps
+from nearl_rt.saliency import DEFAULT_METHOD, Probabilities, as_classifier, calibrated_softmax, model_untouched, saliency_maps
 
 FRACTIONS = (0.1, 0.2, 0.5)
 
@@ -58,7 +58,7 @@ def delete_patches(images: torch.Tensor, chosen: Sequence[np.ndarray], patch: tu
     return out
 
 
-def deletion_test(classifier, images: torch.Tensor, method: str = "gradcam", *, fractions=FRACTIONS,
+def deletion_test(classifier, images: torch.Tensor, method: str = DEFAULT_METHOD, *, fractions=FRACTIONS,
                   random_draws: int = 5, seed: int = 0, batch_size: int = 8,
                   probabilities: Probabilities = None) -> DeletionResult:
     """The deletion test on preprocessed images [N, 3, size, size] (see the module's docstring)."""

@@ -1,4 +1,4 @@
-"""`python -m nearl_rt.bench.explain`: how good and how costly the saliency maps (nearl_rt.explain) are
+"""`python -m nearl_rt.bench.explain`: how good and how costly the saliency maps (nearl_rt.saliency) are
 (docs/explain.md).
 
 - `bright-patch`: images whose class is a bright square at a random position, a tiny model's adapters
@@ -28,7 +28,7 @@ from nearl_rt.core.cli import run_cli
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.core.preprocess import resize_crop_geometry
 from nearl_rt.data import Preprocess, Split, intensity_from_args, load_images, read_dataset
-from nearl_rt.explain import METHODS, explain_sources, saliency_maps
+from nearl_rt.saliency import METHODS, explain_sources, saliency_maps
 from nearl_rt.faithfulness import FRACTIONS, deletion_test
 from nearl_rt.model import build_model
 
