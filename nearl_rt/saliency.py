@@ -280,6 +280,7 @@ def render_overlay(explanation: Explanation, path) -> None:
     the class, its probability and the method in the title. Written whole or not at all."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.cm import ScalarMappable
         from matplotlib.figure import Figure
     except ImportError as e:
         raise NearlError(f"overlays need matplotlib ({e}): pip install 'nearl-rt[explain]'") from None
@@ -291,21 +292,23 @@ def render_overlay(explanation: Explanation, path) -> None:
     heat = ax.imshow(explanation.saliency, cmap="jet", alpha=OVERLAY_ALPHA, vmin=0.0, vmax=1.0)
     ax.set_axis_off()
     ax.set_title(f"{explanation.class_name}: p = {explanation.probability:.3f} ({explanation.method})", fontsize=10)
-    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, label="saliency")
+    fig.colorbar(ScalarMappable(heat.norm, heat.cmap), ax=ax, fraction=0.046, pad=0.04, label="saliency")  # opaque
     with atomic_output(Path(path)) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
 
 
 def write_explanations(classifier, names: Sequence[str], sources: Sequence, preprocess: Preprocess, outdir, *,
                        class_name: Optional[str] = None, method: str = DEFAULT_METHOD) -> list:
-    """For each image source: OUTDIR/NNNN_NAME.png (render_overlay) and .npy (the map, float32 [H, W] in the
+    """For each image source: OUTDIR/NNNN_NAME.png (NAME: the file name without its extension) (render_overlay) and .npy (the map, float32 [H, W] in the
     decoded image's geometry). Returns the written PNG paths."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
     explanations = explain_sources(classifier, list(sources), preprocess, class_name=class_name, method=method)
     for i, (name, e) in enumerate(zip(names, explanations)):
-        stem = outdir / f"{i:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(str(name)).name)}"
+        base, ext = os.path.splitext(Path(str(name)).name)
+        base = base if ext[1:].isalnum() or not ext else base + ext  # drop .png / .dcm, keep FILE:frame=N whole
+        stem = outdir / f"{i:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', base)}"
         with atomic_output(stem.with_name(stem.name + ".npy")) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, e.saliency)

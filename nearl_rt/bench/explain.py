@@ -28,12 +28,13 @@ from nearl_rt.core.cli import run_cli
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.core.preprocess import resize_crop_geometry
 from nearl_rt.data import Preprocess, Split, intensity_from_args, load_images, read_dataset
-from nearl_rt.saliency import METHODS, explain_sources, saliency_maps
+from nearl_rt.saliency import METHODS, explain_sources, render_overlay, saliency_maps
 from nearl_rt.faithfulness import FRACTIONS, deletion_test
 from nearl_rt.model import build_model
 
 BRIGHT_CLASSES = ["plain noise", "a bright square"]
 BRIGHT_TEMPLATE = "an image of {}."
+OVERLAYS = 3  # example overlays per method (--overlays)
 
 
 def bright_patch_set(n: int, seed: int, shape: tuple = (64, 80), side: int = 24,
@@ -93,8 +94,9 @@ def bright_patch_model(preset: str = "tiny", interaction: str = "bidirectional",
     return fit_adapters(model, images, labels, steps=steps, seed=seed)
 
 
-def bright_patch_report(model, *, test: int = 64, seed: int = 1, methods=METHODS) -> dict:
-    """Accuracy, peak-in-square rate (images of the square's class) and deletion summary per method."""
+def bright_patch_report(model, *, test: int = 64, seed: int = 1, methods=METHODS, overlays=None) -> dict:
+    """Accuracy, peak-in-square rate (images of the square's class) and deletion summary per method;
+    `overlays`: a folder to draw the first OVERLAYS square images' maps into (METHOD_N.png)."""
     images, labels, boxes = bright_patch_set(test, seed)
     classifier = Classifier(model)
     preprocess = Preprocess(model.preprocess_cfg)
@@ -104,8 +106,13 @@ def bright_patch_report(model, *, test: int = 64, seed: int = 1, methods=METHODS
     squares = np.flatnonzero(labels == 1)
     report = {"accuracy": accuracy, "test_images": test, "square_images": len(squares)}
     for method in methods:
-        found = [peak_in_box(e.saliency, boxes[i]) for i, e in zip(squares, explain_sources(
-            classifier, [images[i] for i in squares], preprocess, class_name=BRIGHT_CLASSES[1], method=method))]
+        explanations = list(explain_sources(classifier, [images[i] for i in squares], preprocess,
+                                            class_name=BRIGHT_CLASSES[1], method=method))
+        found = [peak_in_box(e.saliency, boxes[i]) for i, e in zip(squares, explanations)]
+        if overlays is not None:
+            Path(overlays).mkdir(parents=True, exist_ok=True)
+            for n, e in enumerate(explanations[:OVERLAYS]):
+                render_overlay(e, Path(overlays) / f"{method}_{n}.png")
         report[method] = {"peak_in_square": float(np.mean(found)),
                           "deletion": deletion_test(classifier, x[squares], method).summary()}
     return report
@@ -149,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--test", type=int, default=64, help="test images (half of them with a square)")
     b.add_argument("--steps", type=int, default=50, help="training steps (batch 32)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overlays", metavar="DIR", help=f"also draw the first {OVERLAYS} square images' maps here")
     f = sub.add_parser("faithfulness", help="the deletion test of a checkpoint on a dataset's split")
     f.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory")
     f.add_argument("--data", required=True, help="image folder tree, split .json or MedMNIST .npz")
@@ -196,7 +204,7 @@ def main(argv=None) -> int:
         model = bright_patch_model(args.preset, args.interaction, train=args.train, steps=args.steps, seed=args.seed)
         report = {"preset": args.preset, "interaction": args.interaction, "train": args.train, "steps": args.steps,
                   "seed": args.seed, **bright_patch_report(model, test=args.test, seed=args.seed + 1,
-                                                           methods=args.methods)}
+                                                           methods=args.methods, overlays=args.overlays)}
         print(f"bright-square set, {args.preset} {args.interaction}: test accuracy {report['accuracy']:.3f} "
               f"({report['test_images']} images)")
         for m in args.methods:
