@@ -14,6 +14,7 @@ from nearl_rt import predict
 from nearl_rt.bench.explain import BRIGHT_CLASSES, bright_patch_model, bright_patch_report
 from nearl_rt.classifier import Classifier
 from nearl_rt.core.errors import NearlError
+from nearl_rt.faithfulness import delete_patches, patch_scores
 from nearl_rt.saliency import METHODS, saliency_maps, to_image_geometry
 from tests.helpers import cli, perturb_adapters, tiny
 
@@ -102,6 +103,18 @@ def test_to_image_geometry_undoes_the_resize_and_centre_crop():
     assert (out.argmax(axis=1) == 20).all() and out[:, :18].max() == 0 and out[:, 23:].max() == 0
 
 
+def test_deletion_removes_exactly_the_chosen_patches_row_major():
+    images = torch.randn(2, 3, 16, 24)
+    out = delete_patches(images, [np.array([0, 4]), np.array([], np.int64)], (8, 8))  # 2 x 3 patches of 8 x 8
+    assert (out[0, :, :8, :8] == 0).all() and (out[0, :, 8:, 8:16] == 0).all()
+    kept = torch.ones(2, 3, 16, 24, dtype=torch.bool)
+    kept[0, :, :8, :8] = kept[0, :, 8:, 8:16] = False
+    assert torch.equal(out[kept], images[kept])
+    maps = np.zeros((1, 16, 24), np.float32)
+    maps[0, 8:, 16:] = 1.0  # the last patch of the second row
+    assert patch_scores(maps, (8, 8)).argmax() == 5
+
+
 def test_bad_input_is_one_clear_line(tmp_path):
     model = explained_model("tiny", "bidirectional")
     image = np.zeros((32, 32), np.uint8)
@@ -132,6 +145,8 @@ def test_predict_explain_on_the_demo_x_rays_and_a_dicom(tmp_path, capsys):
         saliency = np.load(npy)
         assert saliency.ndim == 2 and np.isfinite(saliency).all() and 0 <= saliency.min() <= saliency.max() <= 1
     assert np.load(maps[-1]).shape == (128, 128)  # the DICOM's own geometry
+    from_path = nearl_rt.explain(ckpt, dicom, class_name="pneumonia")  # the checkpoint's policy and calibration
+    np.testing.assert_allclose(from_path.saliency, np.load(maps[-1]), atol=1e-6)
     rc, _, err = cli(predict, [ckpt, dicom, "--explain", out, "--class", "effusion"], capsys)
     assert rc != 0 and len(err.strip().splitlines()) == 1 and "effusion" in err
     rc, _, err = cli(predict, [tmp_path / "c.onnx", dicom, "--explain", out], capsys)
