@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nearl_rt.saliency import DEFAULT_METHOD, Probabilities, as_classifier, calibrated_softmax, model_untouched, saliency_maps
+from nearl_rt.saliency import (DEFAULT_METHOD, Probabilities, as_classifier, calibrated_softmax, model_untouched,
+                                saliency_maps)
 
 FRACTIONS = (0.1, 0.2, 0.5)
 

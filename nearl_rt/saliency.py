@@ -145,7 +145,7 @@ def check_method(method: str) -> None:
 def saliency_maps(classifier: Classifier, images: torch.Tensor, targets: Sequence[int], method: str = DEFAULT_METHOD,
                   probabilities: Optional[Probabilities] = None) -> np.ndarray:
     """float32 [B, size, size] in [0, 1]: per preprocessed image [B, 3, size, size] the map for class targets[b].
-    `probabilities` (integrated gradients and occlusion) turns logits into the scores whose drop is measured (default: the
+    `probabilities` (integrated gradients and occlusion) turns logits into the scores explained (default: the
     classifier's calibrated softmax; a multi-label model passes its per-finding sigmoid)."""
     check_method(method)
     ph, pw = classifier.model.vision_tower.patch_size
@@ -206,7 +206,8 @@ def _library(name: str):
         import captum.attr
         return captum.attr.Occlusion if name == "occlusion" else captum.attr.IntegratedGradients
     except ImportError as e:
-        raise NearlError(f"saliency maps need pytorch-grad-cam and captum ({e}): pip install 'nearl-rt[explain]'") from None
+        raise NearlError(f"saliency maps need pytorch-grad-cam and captum ({e}): "
+                         f"pip install 'nearl-rt[explain]'") from None
 
 
 class _Logits(nn.Module):
@@ -299,8 +300,8 @@ def render_overlay(explanation: Explanation, path) -> None:
 
 def write_explanations(classifier, names: Sequence[str], sources: Sequence, preprocess: Preprocess, outdir, *,
                        class_name: Optional[str] = None, method: str = DEFAULT_METHOD) -> list:
-    """For each image source: OUTDIR/NNNN_NAME.png (NAME: the file name without its extension) (render_overlay) and .npy (the map, float32 [H, W] in the
-    decoded image's geometry). Returns the written PNG paths."""
+    """For each image source: OUTDIR/NNNN_NAME.png (render_overlay; NAME: the file name without its extension)
+    and .npy (the map, float32 [H, W] in the decoded image's geometry). Returns the written PNG paths."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
