@@ -90,8 +90,7 @@ def bright_patch_model(preset: str = "tiny", interaction: str = "bidirectional",
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomBackboneWarning)
         torch.manual_seed(seed)
-        # W_o = 0 start: with s = 0 (the default) training sits for long on a plateau where both classes score alike
-        model = build_model(preset, interaction=interaction, backbone_init_seed=seed, zero_init="out_proj")
+        model = build_model(preset, interaction=interaction, backbone_init_seed=seed)
     model.set_classes(BRIGHT_CLASSES, BRIGHT_TEMPLATE)
     images, labels, _ = bright_patch_set(train, seed)
     return fit_adapters(model, images, labels, steps=steps, seed=seed)
