@@ -53,7 +53,7 @@ def collect_inputs(inputs: list, split: str, image_root, frames: str = "refuse")
             names += [str(p) for p in files]
             sources += [str(p) for p in files]
         elif path.suffix in (".npz", ".json"):
-            part = read_dataset(path, image_root).split(split)
+            part = read_dataset(path, image_root, names_matter=False).split(split)
             names += [s if isinstance(s, str) else f"{path}:{split}:{i}" for i, s in enumerate(part.sources)]
             sources += part.sources
         elif path.is_file():
