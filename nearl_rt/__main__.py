@@ -18,7 +18,8 @@ from nearl_rt.core.cli import run_cli
 # nearl-rt TOOL ...: the module whose main(argv) it runs (what `python -m MODULE` runs; a checkout also has the
 # shortcuts `python -m export.onnx|triton|serve|preprocess_graph` and `python bench/latency.py`).
 TOOLS = {
-    "train": "nearl_rt.train", "evaluate": "nearl_rt.evaluate", "predict": "nearl_rt.predict",
+    "train": "nearl_rt.train", "evaluate": "nearl_rt.evaluate", "calibrate": "nearl_rt.calibrate",
+    "predict": "nearl_rt.predict",
     "sweep": "nearl_rt.sweep", "export": "nearl_rt.export.onnx", "preprocess-graph": "nearl_rt.export.preprocess_graph",
     "triton": "nearl_rt.serving.triton_repository", "serve": "nearl_rt.serving.server", "bench": "nearl_rt.bench.latency",
 }
@@ -90,6 +91,7 @@ def checkpoint_summary(path) -> dict:
         "backbone": payload["backbone"],
         "intensity": str(resolve_policy((payload.get("extra") or {}).get("intensity"), None, path)),
         "adapter_parameters": sum(t.numel() for t in payload["adapter"].values()),
+        "calibration": (payload.get("extra") or {}).get("calibration"),  # temperature, operating point, thresholds
     }
 
 

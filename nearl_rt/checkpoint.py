@@ -126,6 +126,17 @@ def read_checkpoint(path) -> dict:
     return payload
 
 
+def update_extra(path, entries: dict) -> Path:
+    """Rewrite checkpoint `path` (validated first) with `entries` merged into its `extra`, atomically; everything
+    else stays as it was."""
+    read_checkpoint(path)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["extra"] = {**(payload.get("extra") or {}), **entries}
+    with atomic_output(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
 def _resolve_pretrained(path, backbone: dict, pretrained) -> Optional[str]:
     want = backbone.get("sha256")
     if want is None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nearl_rt.calibration import Calibration
 from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
 from nearl_rt.coop import PromptContext, attach_context, coop_template
 from nearl_rt.data import DataError, Preprocess, Split, load_images
@@ -43,9 +44,11 @@ def frozen_image_features(model, images: torch.Tensor) -> torch.Tensor:
 
 class Classifier:
     """logits(images) for a NEARL-CLIP model; `head` = (weight [C, E], bias [C]) makes it a linear probe;
-    a model with a `prompt_context` (nearl_rt.coop) is a CoOp classifier."""
+    a model with a `prompt_context` (nearl_rt.coop) is a CoOp classifier. `calibration` (the checkpoint's,
+    nearl_rt.calibration) makes its probabilities: softmax(logits / temperature)."""
 
-    def __init__(self, model, method: str = "nearl", head: Optional[tuple] = None):
+    def __init__(self, model, method: str = "nearl", head: Optional[tuple] = None,
+                 calibration: Optional[Calibration] = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
         if (method == "linear_probe") != (head is not None):
@@ -54,6 +57,12 @@ class Classifier:
             raise ValueError("a coop classifier needs a model with a prompt_context (nearl_rt.coop.attach_context); "
                              "other methods have none")
         self.model, self.method, self.head = model, method, head
+        self.calibration = calibration or Calibration()
+
+    @property
+    def random_backbone(self) -> bool:
+        """Whether the frozen backbone has random weights (its outputs are a pipeline check, nothing more)."""
+        return self.model.backbone_identity.sha256 is None
 
     @property
     def class_names(self) -> list:
@@ -86,12 +95,16 @@ class Classifier:
         return frozen_image_features(self.model, images).to(weight.dtype) @ weight.t() + bias
 
     @torch.no_grad()
+    def split_logits(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
+                     skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+        """Raw logits [N, C] (float32) for a split's images (see score_split)."""
+        self.model.eval()
+        return score_split(lambda x: self.logits(x).float().cpu().numpy(), split, preprocess, batch_size, skip_bad)
+
     def probabilities(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
                       skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
-        """Class probabilities [N, C] for a split's images (see score_split)."""
-        self.model.eval()
-        return score_split(lambda x: self.logits(x).float().softmax(-1).cpu().numpy(), split, preprocess,
-                           batch_size, skip_bad)
+        """Calibrated class probabilities [N, C] for a split's images (see score_split)."""
+        return calibrated(self, split, preprocess, batch_size, skip_bad)
 
     def checkpoint_extra(self) -> dict:
         extra = {"method": self.method}
@@ -104,12 +117,19 @@ class Classifier:
 
 class OnnxClassifier:
     """An exported model file (fp32, fp16 or int8 .onnx) scored through nearl_rt.NearlSession, the
-    way it is served, so its metrics compare with its checkpoint's on the same images."""
+    way it is served, so its metrics compare with its checkpoint's on the same images. Its calibration is the
+    one the file carries (its graph's probs are softmax(logits / temperature))."""
 
     def __init__(self, path):
         from nearl_rt.core.session import NearlSession
         self.session = NearlSession(path)
         self.method = f"onnx ({self.session.metadata.get('precision', 'fp32')})"
+        self.calibration = Calibration(self.session.temperature, self.session.operating_point,
+                                       dict(self.session.thresholds))
+
+    @property
+    def random_backbone(self) -> bool:
+        return not self.session.metadata.get("backbone_sha256")
 
     @property
     def class_names(self) -> list:
@@ -127,15 +147,26 @@ class OnnxClassifier:
             raise DataError(f"an exported .onnx file scores only the classes it was exported with "
                             f"{self.class_names}, not {list(class_names)}: score its checkpoint with --classes")
 
+    def split_logits(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
+                     skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+        return score_split(lambda x: self.session.run(x.numpy())[0], split, preprocess, batch_size, skip_bad)
+
     def probabilities(self, split: Split, preprocess: Preprocess, batch_size: int = 64,
                       skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
-        return score_split(lambda x: self.session.run(x.numpy())[1], split, preprocess, batch_size, skip_bad)
+        return calibrated(self, split, preprocess, batch_size, skip_bad)
+
+
+def calibrated(classifier, split: Split, preprocess: Preprocess, batch_size: int,
+               skip_bad: bool) -> tuple[np.ndarray, np.ndarray, list]:
+    """(softmax(logits / the classifier's temperature) [N, C] in float64, kept indices, skipped images)."""
+    logits, kept, skipped = classifier.split_logits(split, preprocess, batch_size, skip_bad)
+    return classifier.calibration.probabilities(logits), kept, skipped
 
 
 def score_split(probs_of, split: Split, preprocess: Preprocess, batch_size: int,
                 skip_bad: bool) -> tuple[np.ndarray, np.ndarray, list]:
-    """`probs_of(preprocessed float32 batch) -> [b, C]` over a split's images, read a batch at a time.
-    Returns (probs [N, C], kept indices, skipped image descriptions)."""
+    """`probs_of(preprocessed float32 batch) -> [b, C]` (logits or probabilities) over a split's images, read a
+    batch at a time. Returns (scores [N, C], kept indices, skipped image descriptions)."""
     probs, kept, skipped = [], [], []
     for start in range(0, len(split), batch_size):
         idx = list(range(start, min(start + batch_size, len(split))))
@@ -185,6 +216,7 @@ def load_classifier(path, *, pretrained=None, backend: str = "auto",
             raise CheckpointError(f"{path} is a linear_probe checkpoint without a valid linear_head "
                                   f"(weight [C, E], bias [C] for its {len(model.class_names)} classes)")
         head = (h["weight"].to(model.class_tokens.device), h["bias"].to(model.class_tokens.device))
+    calibration = Calibration.from_dict(extra.get("calibration"), str(path))
     if method == "coop":
         ctx = extra.get("coop_context")
         width = model.text_tower.width
@@ -192,5 +224,5 @@ def load_classifier(path, *, pretrained=None, backend: str = "auto",
             raise CheckpointError(f"{path} is a coop checkpoint without valid context vectors "
                                   f"(extra['coop_context'] [n, {width}])")
         attach_context(model, PromptContext(ctx))
-    return Classifier(model, method, head), extra
+    return Classifier(model, method, head, calibration), extra
 

@@ -1,7 +1,8 @@
 """`python -m nearl_rt.predict CKPT INPUTS...`: top-k classes with probabilities for image files, folders
 of images (PNG/JPEG/16-bit TIFF/DICOM, ...), or the images of a dataset file (.npz / split .json,
 `--split`); `--frames each` predicts every frame of a multi-frame file (named FILE:frame=N). Prints CSV
-(`input,rank,class,probability`), or writes CSV / JSON to `--output` (by its extension)."""
+(`input,rank,class,probability`), or writes CSV / JSON to `--output` (by its extension). The probabilities are
+the model's calibrated ones; `--decision` (binary models) adds the class decided at the stored threshold."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ from nearl_rt.core.cli import run_cli
 from nearl_rt.data import (DataError, Preprocess, Split, add_image_arguments, intensity_from_args, is_image_file,
                            read_dataset, skip_summary)
 from nearl_rt.core.errors import NearlError
+from nearl_rt.core.session import binary_threshold
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="predict the first N images only")
     p.add_argument("--topk", type=int, default=1, help="classes per image")
     p.add_argument("--output", help="write .csv or .json here instead of printing CSV")
+    p.add_argument("--decision", action="store_true",
+                   help="binary models: also the class decided at the stored operating point's threshold")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     add_image_arguments(p, training=False)
@@ -68,21 +72,25 @@ def collect_inputs(inputs: list, split: str, image_root, frames: str = "refuse")
     return names, sources
 
 
-def rows(names: list, probs: np.ndarray, class_names: list, topk: int) -> list:
+def rows(names: list, probs: np.ndarray, class_names: list, topk: int, threshold=None) -> list:
+    """Per image its top-k classes; with a binary model's threshold also the class decided at it."""
     out = []
     order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     for name, p, top in zip(names, probs, order):
         out.append({"input": name, "top": [{"class": class_names[c], "probability": float(p[c])} for c in top]})
+        if threshold is not None:
+            out[-1]["decision"] = class_names[int(p[1] >= threshold)]
     return out
 
 
 def to_csv(results: list) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["input", "rank", "class", "probability"])
+    decided = bool(results) and "decision" in results[0]
+    w.writerow(["input", "rank", "class", "probability"] + (["decision"] if decided else []))
     for r in results:
         for rank, t in enumerate(r["top"], 1):
-            w.writerow([r["input"], rank, t["class"], f"{t['probability']:.6f}"])
+            w.writerow([r["input"], rank, t["class"], f"{t['probability']:.6f}"] + ([r["decision"]] if decided else []))
     return buf.getvalue()
 
 
@@ -99,11 +107,12 @@ def main(argv=None) -> int:
                                     device=resolve_device(args.device))
     if args.topk > len(classifier.class_names):
         raise NearlError(f"--topk {args.topk} exceeds the checkpoint's {len(classifier.class_names)} classes")
+    threshold = binary_threshold(classifier.class_names, classifier.calibration.thresholds) if args.decision else None
     split = Split(sources, np.zeros(len(sources), dtype=np.int64))
     preprocess = Preprocess(classifier.preprocess_cfg,
                             intensity=intensity_from_args(args, extra.get("intensity"), args.checkpoint))
     probs, kept, skipped = classifier.probabilities(split, preprocess, args.batch_size, args.skip_bad_images)
-    results = rows([names[i] for i in kept], probs, classifier.class_names, args.topk)
+    results = rows([names[i] for i in kept], probs, classifier.class_names, args.topk, threshold)
     if skipped:
         print(skip_summary(skipped), file=sys.stderr)
     if args.output is None:

@@ -6,8 +6,10 @@ directory, evaluated on the test split, and summarised.
 
 DIR receives runs/<method>_k<K>_s<seed>/ (a `python -m nearl_rt.train` run directory plus eval.json),
 results.json (every run's settings and metrics, and mean ± std per method and K), results.md (one table
-per metric, the best mean per column in bold) and accuracy_vs_shots.png (one line per method with a ±std
-band; accuracy and macro-F1, or base-to-novel harmonic mean and novel accuracy). Rerunning the same
+per metric, the best mean per column in bold; AUROC and AUPRC with the 95 % bootstrap interval of the mean
+over the seeds) and accuracy_vs_shots.png (one line per method with a ±std band; accuracy and macro-F1, or
+base-to-novel harmonic mean and novel accuracy). Every run directory also gets predictions.csv (evaluate's
+--predictions). Rerunning the same
 command resumes: a finished run (it has eval.json) is skipped, an interrupted one continues from its last
 epoch. Options after the sweep's own are passed to every `train` run unchanged.
 """
@@ -33,15 +35,18 @@ from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
-from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier
-from nearl_rt.metrics import SUMMARY_KEYS, mean_std
+from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier, read_predictions, reported_calibration, write_predictions
+from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
 from nearl_rt.sampling import sample_shots
 
 # Options the sweep sets for every run itself.
 OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
                      "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes")
 PLOT = {False: ("accuracy", "macro_f1"), True: ("hm_accuracy", "novel_accuracy")}
-LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy", "auc": "AUC",
+INTERVAL_KEYS = ("auc", "auprc")  # table cells with the 95 % interval of the mean over the seeds
+PREDICTIONS = "predictions.csv"
+LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy", "auc": "AUROC",
+          "auprc": "AUPRC",
           "hm_accuracy": "harmonic mean (base, novel accuracy)", "novel_accuracy": "novel accuracy",
           "base_accuracy": "base accuracy"}
 
@@ -63,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split every run is evaluated on")
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate a fixed class-balanced subset of N images")
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs of this invocation (rerun to go on)")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="N",
+                   help=f"bootstrap resamples for the 95%% intervals of every run and of the AUROC/AUPRC tables "
+                        f"(default {DEFAULT_RESAMPLES}; 0: none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (also passed to train)")
     return p
 
@@ -133,9 +141,30 @@ def summarise(runs: list, keys) -> dict:
     out: dict = {}
     for r in runs:
         out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r["metrics"])
-    return {method: {k: {"runs": len(ms), **{key: mean_std([m[key] for m in ms]) for key in keys}}
+    return {method: {k: {"runs": len(ms), **{key: mean_std([m.get(key, np.nan) for m in ms]) for key in keys}}
                      for k, ms in sorted(per_k.items(), key=lambda kv: int(kv[0]))}
             for method, per_k in out.items()}
+
+
+def seed_mean_intervals(runs: list, summary: dict, resamples: int) -> None:
+    """Add `ci95` to the AUROC and AUPRC of every (method, K) of `summary`: the 95 % interval of the mean over its
+    seeds, from one bootstrap of the test images applied to every seed's predictions.csv (cells whose runs
+    lack the file, or scored different images, get none)."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["method"], str(r["shots"])), []).append(r)
+    for (method, k), members in groups.items():
+        names = members[0]["metrics"].get("class_names")
+        files = [Path(r["run_dir"]) / PREDICTIONS for r in members]
+        if names is None or not all(f.is_file() for f in files):
+            continue
+        read = [read_predictions(f, names) for f in files]
+        if any(images != read[0][0] for images, _, _ in read):
+            continue
+        ci = bootstrap_intervals(read[0][1], np.stack([probs for _, _, probs in read]), resamples=resamples)
+        for key in INTERVAL_KEYS:
+            if key in ci:
+                summary[method][k][key]["ci95"] = ci[key]
 
 
 def markdown(summary: dict, methods: list, shots: list, keys, header: str) -> str:
@@ -155,6 +184,8 @@ def markdown(summary: dict, methods: list, shots: list, keys, header: str) -> st
                     cells.append("—")
                     continue
                 text = f"{cell[key]['mean']:.4f} ± {cell[key]['std']:.4f}"
+                if "ci95" in cell[key]:
+                    text += " [{:.3f}, {:.3f}]".format(*cell[key]["ci95"])
                 cells.append(f"**{text}**" if math.isclose(cell[key]["mean"], best[k]) else text)
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -188,9 +219,12 @@ def plot(summary: dict, methods: list, shots: list, keys, path: Path, title: str
     plt.close(fig)
 
 
-def write_results(out: Path, settings: dict, runs: list, methods: list, shots: list, b2n: bool, total: int) -> None:
+def write_results(out: Path, settings: dict, runs: list, methods: list, shots: list, b2n: bool, total: int,
+                  resamples: int = DEFAULT_RESAMPLES) -> None:
     keys = B2N_KEYS if b2n else SUMMARY_KEYS
     summary = summarise(runs, keys)
+    if resamples and not b2n:
+        seed_mean_intervals(runs, summary, resamples)
     with atomic_output(out / "results.json") as tmp:
         tmp.write_text(json.dumps({"settings": settings, "runs": runs, "summary": summary}, indent=1) + "\n")
     random_backbone = any(r.get("random_backbone") for r in runs)
@@ -199,7 +233,10 @@ def write_results(out: Path, settings: dict, runs: list, methods: list, shots: l
     header = (f"## K-shot sweep on {settings['data']}{note}\n\n{len(runs)} of {total} runs; mean ± std over seeds "
               f"{seeds} on the {settings['split']} split"
               + (f" ({settings['eval_limit']}-image class-balanced subset)" if settings["eval_limit"] else "")
-              + "; **bold**: the best mean per column.")
+              + "; **bold**: the best mean per column"
+              + ("" if b2n or not resamples else "; [low, high]: 95 % interval of the mean over the seeds (bootstrap "
+                                                 "of the test images, stratified by class, the same resamples for every "
+                                                 "seed)") + ".")
     table_keys = ("base_accuracy", "novel_accuracy", "hm_accuracy", "hm_macro_f1") if b2n else SUMMARY_KEYS
     with atomic_output(out / "results.md") as tmp:
         tmp.write_text(markdown(summary, methods, shots, table_keys, header))
@@ -209,10 +246,15 @@ def write_results(out: Path, settings: dict, runs: list, methods: list, shots: l
 
 
 def evaluate_run(run_dir: Path, ds, args, b2n: bool, device) -> dict:
+    """A finished run's metrics on the sweep's split; its per-image predictions.csv beside them (one class set)."""
     classifier, extra = load_classifier(run_dir, device=device)
-    return evaluate_classifier(classifier, extra, ds, args.split, base_to_novel=b2n,
-                               base=parse_classes(args.base_classes), novel=parse_classes(args.novel_classes),
-                               limit=args.eval_limit, intensity=resolve_policy(extra.get("intensity"), None, run_dir))
+    m, parts = evaluate_classifier(classifier, extra, ds, args.split, base_to_novel=b2n,
+                                   base=parse_classes(args.base_classes), novel=parse_classes(args.novel_classes),
+                                   limit=args.eval_limit, resamples=args.bootstrap,
+                                   intensity=resolve_policy(extra.get("intensity"), None, run_dir))
+    if not b2n:
+        write_predictions(run_dir / PREDICTIONS, parts["all"], reported_calibration(m))
+    return m
 
 
 def main(argv=None) -> int:
@@ -222,6 +264,8 @@ def main(argv=None) -> int:
         raise NearlError(f"--eval-limit must be >= 1, got {args.eval_limit}")
     if args.max_runs is not None and args.max_runs < 1:
         raise NearlError(f"--max-runs must be >= 1, got {args.max_runs}")
+    if args.bootstrap != 0 and args.bootstrap < DEFAULT_RESAMPLES:
+        raise NearlError(f"--bootstrap {args.bootstrap}: use 0 (no intervals) or at least {DEFAULT_RESAMPLES} resamples")
     train_args = check_train_options(rest)
     b2n = args.base_to_novel or args.base_classes is not None
     if b2n and "linear_probe" in methods:
@@ -281,7 +325,7 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(grid)}] {run_dir.name}: {key} {metrics[key]:.4f} in {_duration(record['wall_s'])}; "
                   f"{i} of {len(grid)} runs done, ETA {_duration(per_run * remaining)}", flush=True)
         runs.append(record)
-    write_results(out, settings, runs, methods, shots, b2n, len(grid))
+    write_results(out, settings, runs, methods, shots, b2n, len(grid), args.bootstrap)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'accuracy_vs_shots.png'} "
           f"({len(runs)} of {len(grid)} runs)")
     return 0

@@ -2,7 +2,9 @@
 
 RUN_DIR receives: run.json (the run's settings), shots.json (the K-shot indices), metrics.jsonl (one line
 per epoch), last.pt and best.pt (nearl_rt checkpoints; best on validation accuracy, then loss) and
-train_state.pt (adapter + optimizer + RNG state, for --resume). Every file is written atomically.
+train_state.pt (adapter + optimizer + RNG state, for --resume). Every file is written atomically. When the
+last epoch is done, best.pt's temperature and decision thresholds (--operating-point) are fitted on the
+validation shots and stored in it (nearl_rt.calibrate).
 Multi-process: `torchrun --nproc_per_node N -m nearl_rt.train ...` (DistributedDataParallel; gloo on
 CPU, nccl on CUDA); each global batch is split across processes, so N processes follow the
 single-process run up to floating-point summation order.
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,15 +29,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nearl_rt
+from nearl_rt.calibrate import calibrate_checkpoint, describe, logits_of
+from nearl_rt.calibration import DEFAULT_RULE, RULE_HELP, CalibrationError, OperatingPointRule
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.checkpoint import non_finite_tensor
-from nearl_rt.classifier import METHODS, Classifier, resolve_device
+from nearl_rt.classifier import METHODS, Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
 from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
                            read_dataset, skip_summary)
-from nearl_rt.core.errors import NearlError
+from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.linear_probe import fit_linear_probe
 from nearl_rt.prompts import load_templates
 from nearl_rt.sampling import sample_shots
@@ -43,10 +48,11 @@ from nearl_rt.sampling import sample_shots
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
             "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames", "templates", "coop_context", "base_to_novel",
-            "base_classes", "novel_classes")
+            "base_classes", "novel_classes", "operating_point")
 # What runs recorded before a key existed did (they resume under it).
 RUN_KEY_DEFAULTS = {"intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
-                    "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None}
+                    "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None,
+                    "operating_point": DEFAULT_RULE}
 STATE = "train_state.pt"
 EPOCH_METHODS = ("nearl", "coop")  # trained for --epochs; the others are fitted in one step
 
@@ -86,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer weight decay (the linear probe picks its L2 strength on the validation shots)")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--operating-point", default=DEFAULT_RULE, metavar="RULE",
+                   help=f"how best.pt's decision thresholds are chosen on the validation shots: {RULE_HELP} "
+                        f"(default: youden)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they change anatomy)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     add_image_arguments(p, training=True)
@@ -389,6 +398,24 @@ def train_baseline(args, model, train, val, out: Path) -> None:
     print(f"{args.method}: val loss {val_metrics['loss']:.4f}, val acc {val_metrics['accuracy']:.4f}")
 
 
+def calibrate_best(args, out: Path, val, shots: dict, device) -> None:
+    """Fit best.pt's temperature and --operating-point thresholds on the validation shots and store them in it;
+    a rule the shots cannot meet leaves best.pt uncalibrated, with a warning naming the fix."""
+    best = out / "best.pt"
+    with warnings.catch_warnings():  # a random backbone was announced when training started
+        warnings.simplefilter("ignore", RandomBackboneWarning)
+        classifier, _ = load_classifier(best, pretrained=args.pretrained, backend=args.backend, device=device)
+    logits = logits_of(classifier, Preprocess(classifier.preprocess_cfg, intensity=args.policy).eval(val[0]))
+    try:
+        calibration, report = calibrate_checkpoint(best, logits, val[1], classifier.class_names, args.rule, {
+            "data": os.path.abspath(args.data), "split": shots["val_split"], "subset": "the run's validation shots"})
+    except CalibrationError as e:
+        print(f"warning: {best} is not calibrated: {e}. Calibrate it on more images with `python -m nearl_rt.calibrate "
+              f"{out} --data DATA`", file=sys.stderr)
+        return
+    print(f"calibrated {best}: {describe(calibration, report)}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     return run(build_parser().parse_args(argv))
@@ -403,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise NearlError(f"--stop-after must be >= 1, got {args.stop_after}")
     args.policy = intensity_from_args(args)  # stored in every checkpoint's extra: evaluate / predict / export reuse it
+    args.rule = OperatingPointRule.parse(args.operating_point)
     out = Path(args.out)
     if args.method == "coop" and args.templates:
         raise NearlError("--method coop learns its own prompt context; --templates does not apply to it")
@@ -457,6 +485,10 @@ def run(args: argparse.Namespace) -> int:
             if created and d.main and not (out / STATE).exists():
                 shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no half-made run
             raise
+        done = args.method not in EPOCH_METHODS or args.stop_after is None or \
+            (resume_state["epoch"] if resume_state else 0) + args.stop_after >= args.epochs
+        if d.main and done:
+            calibrate_best(args, out, val, shots, d.device)
         d.barrier()
     finally:
         d.close()

@@ -5,6 +5,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from PIL import Image
+from scipy.special import softmax
 
 from nearl_rt.core.session import NearlSession
 from tests.cpp_build import cpp_build
@@ -39,12 +40,13 @@ def assert_same(cpp: dict, python: list, names: list):
 
 @pytest.mark.parametrize("mode,preset,precision", [(m, p, "fp32") for p in TINY_PRESETS
                                                    for m in ("bidirectional", "text_cacheable")]
-                         + [("text_cacheable", "tiny", "int8_static")])
+                         + [("text_cacheable", "tiny", "int8_static"), ("bidirectional", "tiny", "calibrated")])
 def test_cpp_client_equals_nearl_session(client, mode, preset, precision, tmp_path):
     """A raw float32 batch and PNG / JPEG images of other sizes (through the preprocessing graph) give the
     same top-k classes and probabilities as NearlSession (same onnxruntime library; 9 digits printed), for
-    fp32 and int8 files alike (static int8: a dynamic one's results depend on how images are batched, see
-    test_quantize.py::test_dynamic_int8_depends_on_the_batch_static_does_not)."""
+    fp32, int8 and calibrated files alike (static int8: a dynamic one's results depend on how images are
+    batched, see test_quantize.py::test_dynamic_int8_depends_on_the_batch_static_does_not); a calibrated file's
+    probabilities are softmax(logits / its temperature) in both."""
     path = exported_with_preprocess(mode, preset=preset, precision=precision)
     session = NearlSession(path, providers=["CPUExecutionProvider"], preprocess="onnx")
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
@@ -57,7 +59,9 @@ def test_cpp_client_equals_nearl_session(client, mode, preset, precision, tmp_pa
     proc = subprocess.run([str(client), str(path), "--top-k", "2", "--threads", "1", str(raw), *map(str, images)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    probs = session.run(x)[1]
+    logits, probs = session.run(x)
+    np.testing.assert_allclose(probs, softmax(logits.astype(np.float64) / session.temperature, axis=1), atol=1e-6)
+    assert (precision == "calibrated") == (session.temperature != 1.0)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :2]
     expected = [[(CLASSES[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
     expected += session.predict(images, top_k=2)

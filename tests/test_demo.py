@@ -50,8 +50,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     images = sorted((DEMO_DATA / "test" / "pneumonia").glob("*.png"))[:3]
     session = NearlSession(out / "model.onnx")
     served = np.array([[p for _, p in sorted(top)] for top in session.predict([str(p) for p in images])])
-    with torch.no_grad():
-        ref = model.classify(torch.from_numpy(session.preprocess([str(p) for p in images]))).softmax(-1).numpy()
+    calibration = torch.load(out / "run" / "best.pt", weights_only=True)["extra"]["calibration"]
+    assert session.temperature == calibration["temperature"] and session.thresholds == calibration["thresholds"]
+    with torch.no_grad():  # the served probabilities are calibrated: softmax(logits / T)
+        logits = model.classify(torch.from_numpy(session.preprocess([str(p) for p in images])))
+        ref = (logits / session.temperature).softmax(-1).numpy()
     np.testing.assert_allclose(served, ref, atol=1e-5)
     assert "(true: normal) -> " in text and "(true: pneumonia) -> " in text
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nearl_rt.metrics import aggregate, binary_auc, classification_metrics, confusion_matrix
+from nearl_rt.metrics import SUMMARY_KEYS, aggregate, binary_auc, classification_metrics, confusion_matrix
 
 
 def brute_auc(pos, scores):
@@ -86,7 +86,7 @@ def test_bad_shapes_are_refused():
 
 def test_aggregate_mean_and_sample_std():
     rng = np.random.default_rng(3)
-    runs = [{k: float(rng.random()) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")} for _ in range(3)]
+    runs = [{k: float(rng.random()) for k in SUMMARY_KEYS} for _ in range(3)]
     agg = aggregate(runs)
     vals = np.array([r["macro_f1"] for r in runs])
     assert agg["runs"] == 3

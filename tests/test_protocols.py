@@ -2,12 +2,14 @@
 C search, and the K-shot sweep (tiny preset; the sweep on the real chest X-rays)."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 
 import nearl_rt
@@ -20,7 +22,8 @@ from nearl_rt.classifier import load_classifier
 from nearl_rt.coop import attach_context, coop_template, init_context
 from nearl_rt.data import Preprocess
 from nearl_rt.linear_probe import select_c, softmax_head
-from nearl_rt.metrics import harmonic_mean
+from nearl_rt.evaluate import read_predictions
+from nearl_rt.metrics import bootstrap_intervals, harmonic_mean
 from nearl_rt.prompts import TemplateError, load_templates, shipped_template_sets
 from tests.helpers import CLASSES, TINY_PRESETS, perturb_adapters, tiny, tiny_inputs
 from tests.test_data import make_tree
@@ -149,8 +152,8 @@ def test_coop_run_checkpoint_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     data = np.load(pneumonia_npz)
     x = Preprocess(classifier.model.preprocess_cfg).eval([Image.fromarray(a).convert("RGB")
                                                           for a in data["test_images"][:3]])
-    with torch.no_grad():
-        probs = classifier.logits(x).softmax(-1)
+    with torch.no_grad():  # calibrated at the end of training
+        probs = (classifier.logits(x).double() / classifier.calibration.temperature).softmax(-1)
     rc, out, _ = cli(predict, [run, pneumonia_npz, "--limit", "3"], capsys)
     top = [float(r.split(",")[3]) for r in out.strip().splitlines()[1:]]
     assert rc == 0
@@ -276,7 +279,18 @@ def test_sweep_on_real_xrays_writes_outputs_and_resumes(pneumonia_npz, tmp_path,
         cells = [r.split("|")[col].strip() for r in rows]
         means = [float(c.strip("*").split(" ± ")[0]) for c in cells]
         assert [c.startswith("**") for c in cells] == [mean == max(means) for mean in means]
-    assert all(f"### {name}" in md for name in ("balanced accuracy", "macro-F1", "AUC"))
+    assert all(f"### {name}" in md for name in ("balanced accuracy", "macro-F1", "AUROC", "AUPRC"))
+    # every run wrote its per-image predictions; AUROC / AUPRC cells add the 95 % interval of the seed mean,
+    # one stratified bootstrap of the test images applied to both seeds' predictions
+    cell = [r for r in runs if r["method"] == "linear_probe" and r["shots"] == 2]
+    read = [read_predictions(Path(r["run_dir"]) / "predictions.csv", r["metrics"]["class_names"]) for r in cell]
+    for (_, labels, probs), r in zip(read, cell):
+        assert r["metrics"]["auprc"] == np.mean([skm.average_precision_score(labels == c, probs[:, c]) for c in (0, 1)])
+    interval = bootstrap_intervals(read[0][1], np.stack([p for _, _, p in read]))
+    for key, title in (("auc", "AUROC"), ("auprc", "AUPRC")):
+        summary = results["summary"]["linear_probe"]["2"][key]
+        assert summary["ci95"] == interval[key] and interval[key][0] <= summary["mean"] <= interval[key][1]
+        assert "[{:.3f}, {:.3f}]".format(*interval[key]) in md.split(f"### {title}")[1].split("###")[0]
     png = (out / "accuracy_vs_shots.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     with Image.open(out / "accuracy_vs_shots.png") as im:

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.special import softmax
 
 from nearl_rt.bench.decode import write_dicom
 from nearl_rt.core.session import NearlSession
 from nearl_rt.serving.server import ServeError, ServerProcess, ensure_env, free_ports
 from nearl_rt.serving.triton_repository import Options, write_repository
-from tests.export_cases import TINY_PREPROCESS_PROBS_ATOL, exported, exported_with_preprocess
+from tests.export_cases import (CALIBRATION, TINY_PREPROCESS_PROBS_ATOL, exported, exported_calibrated,
+                                exported_with_preprocess)
 
 CLIENT = Path(__file__).with_name("serve_client.py")
 STANDIN = Path(__file__).with_name("triton_standin_model.py")
@@ -81,7 +83,8 @@ class Server(ServerProcess):
 
 @pytest.fixture(scope="module")
 def server(server_python, tmp_path_factory):
-    s = Server(server_python, exported("bidirectional"), tmp_path_factory.mktemp("serve") / "server.log")
+    # a calibrated model: its probs are softmax(logits / T), what every serving path must return
+    s = Server(server_python, exported_calibrated("bidirectional"), tmp_path_factory.mktemp("serve") / "server.log")
     try:
         s.start()
     except ServeError as e:
@@ -120,12 +123,15 @@ def test_64_concurrent_requests_over_http_and_grpc_equal_nearlsession(server, tm
     images = _images(rng, tmp_path)
     out = np.load(server.client("load", {**xs, **images}, tmp_path))
     session = NearlSession(server.model, providers=["CPUExecutionProvider"])
+    assert session.temperature == CALIBRATION.temperature
     # The server runs the same onnxruntime build on batches of other compositions: float32 GEMMs may
     # block differently per batch size (a few ulp of logits of magnitude <= ~100).
     for key, x in xs.items():
         logits, probs = session.run(x)
         np.testing.assert_allclose(out[f"{key}_logits"], logits, rtol=1e-5, atol=1e-5, err_msg=key)
         np.testing.assert_allclose(out[f"{key}_probs"], probs, rtol=1e-5, atol=1e-6, err_msg=key)
+        calibrated = softmax(out[f"{key}_logits"].astype(np.float64) / session.temperature, axis=1)
+        np.testing.assert_allclose(out[f"{key}_probs"], calibrated, rtol=0, atol=1e-5, err_msg=key)
     for key, encoded in images.items():
         path = tmp_path / key  # no suffix: the server does not know the format either
         path.write_bytes(encoded.tobytes())
@@ -248,7 +254,7 @@ def test_with_preprocess_ensemble_serves_through_tritonserver(server_python, tmp
     """nearl_rt.serving.triton_repository's repository with --with-preprocess, the onnxruntime backend replaced by a Python stand-in
     that runs the same model.onnx files: Triton accepts the ensemble's wiring and it answers uint8 images of
     any size with what NearlSession computes through the same preprocessing graph."""
-    model = exported_with_preprocess("bidirectional")
+    model = exported_with_preprocess("bidirectional", precision="calibrated")  # probs = softmax(logits / T)
     repo = tmp_path / "repo"
     write_repository(model, repo, Options(gpu=False, with_preprocess=True, max_batch_size=8))
     for name in ("nearl_clip", "nearl_clip_preprocess"):
@@ -268,6 +274,7 @@ def test_with_preprocess_ensemble_serves_through_tritonserver(server_python, tmp
                 assert time.monotonic() < deadline, f"the ensemble was not ready:\n{log.read_text()[-4000:]}"
                 time.sleep(0.5)
         graph = NearlSession(model, providers=["CPUExecutionProvider"], preprocess="onnx")
+        assert graph.temperature == CALIBRATION.temperature
         pillow = NearlSession(model, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(11)
         for h, w, c in ((37, 53, 3), (64, 20, 1), (32, 32, 3), (101, 77, 3)):
@@ -281,6 +288,8 @@ def test_with_preprocess_ensemble_serves_through_tritonserver(server_python, tmp
             # The same graphs on the same onnxruntime build: float32 rounding only.
             np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5, err_msg=f"{h}x{w}x{c}")
             np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-6, err_msg=f"{h}x{w}x{c}")
+            np.testing.assert_allclose(probs, softmax(logits.astype(np.float64) / graph.temperature, axis=1),
+                                       rtol=0, atol=1e-5, err_msg=f"{h}x{w}x{c}")
             # Pillow's resize vs the graph's: nearl_rt/export/preprocess_graph.py's bound for the tiny model.
             np.testing.assert_allclose(probs, pillow.run(pillow.preprocess([image]))[1], rtol=0,
                                        atol=TINY_PREPROCESS_PROBS_ATOL)

@@ -68,11 +68,12 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     assert rc == 0 and "balanced_accuracy" in out
     report = json.loads((tmp_path / "eval.json").read_text())["results"][str(a)]
     model = nearl_rt.load_checkpoint(a / "best.pt")
+    temperature = torch.load(a / "best.pt", weights_only=True)["extra"]["calibration"]["temperature"]
     data = np.load(pneumonia_npz)
     subset = balanced_subset(data["test_labels"][:, 0], 40)
     x = Preprocess(model.preprocess_cfg).eval([_pil(data["test_images"][i]) for i in subset])
-    with torch.no_grad():
-        probs = model.classify(x).softmax(-1)
+    with torch.no_grad():  # the probabilities are calibrated: training fitted the temperature on its validation shots
+        probs = (model.classify(x).double() / temperature).softmax(-1)
     labels = data["test_labels"][subset, 0]
     assert report["num_images"] == 40 and np.bincount(labels).tolist() == [20, 20]
     assert report["accuracy"] == pytest.approx(float((probs.argmax(-1).numpy() == labels).mean()))
@@ -123,10 +124,11 @@ def test_zeroshot_and_linear_probe(pneumonia_npz, tmp_path, capsys):
     reference = LogisticRegression(C=c, max_iter=1000).fit(feats.numpy(), y).predict_proba(feats.numpy())
     probs = (feats.float() @ head["weight"].t() + head["bias"]).softmax(-1)
     np.testing.assert_allclose(probs.numpy(), reference, atol=1e-5)  # the head is stored in float32
-    # evaluate / predict use the head: their probabilities are softmax(features @ W.T + b)
+    # evaluate / predict use the head: their probabilities are softmax((features @ W.T + b) / T), T calibrated
     rc, out, _ = cli(predict, [lp, pneumonia_npz, "--limit", "3", "--topk", "2"], capsys)
+    temperature = ckpt["extra"]["calibration"]["temperature"]
     with torch.no_grad():
-        p = (frozen_image_features(model, x[:3]) @ head["weight"].t() + head["bias"]).softmax(-1)
+        p = ((frozen_image_features(model, x[:3]) @ head["weight"].t() + head["bias"]).double() / temperature).softmax(-1)
     top = [float(r.split(",")[3]) for r in out.strip().splitlines()[1::2]]
     np.testing.assert_allclose(top, p.max(-1).values.numpy(), atol=1e-5)
     # several runs aggregate: zero-shot does not depend on the seed's shots, so its std is 0

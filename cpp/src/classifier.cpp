@@ -15,8 +15,9 @@ namespace {
 constexpr const char* kPrefix = "nearl.";
 constexpr const char* kCpu = "CPUExecutionProvider";
 constexpr const char* kCuda = "CUDAExecutionProvider";
-// nearl.* values stored as JSON (nearl_rt/core/session.py decode_metadata), and those every model has.
-const char* const kJsonKeys[] = {"class_names", "input_size", "mean", "std", "intensity", "templates"};
+// nearl.* values stored as JSON (nearl_rt/core/metadata.py JSON_KEYS), and those every model has.
+const char* const kJsonKeys[] = {"class_names", "input_size", "mean", "std", "intensity", "templates", "quantization",
+                                 "thresholds"};
 const char* const kRequiredKeys[] = {"class_names", "input_size", "mean", "std"};
 
 // One environment per process, alive as long as any session (onnxruntime requires it to outlive them).

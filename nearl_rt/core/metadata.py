@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Mapping
 
 PREFIX = "nearl."
-JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity", "templates", "quantization")
+JSON_KEYS = ("class_names", "input_size", "mean", "std", "intensity", "templates", "quantization", "thresholds")
 # What every classifier file has; a file without them was not written by nearl_rt.export.onnx.
 CLASSIFIER_KEYS = ("class_names", "input_size", "mean", "std")
+# A calibrated classifier (nearl_rt.calibration): its graph's probs are softmax(logits / temperature); thresholds
+# are the decision thresholds on those probs, {class name: t} (one-vs-rest; a binary model's positive class),
+# chosen by the rule in operating_point. A file without them: temperature 1, no thresholds.
+CALIBRATION_KEYS = ("temperature", "operating_point", "thresholds")
 PREPROCESS_KIND = "preprocess"  # nearl.kind of a preprocessing graph
 PRODUCER = "nearl-rt"
 
@@ -65,6 +69,18 @@ def classifier_metadata(source, name) -> dict:
         raise MetadataError(f"{name} lacks the nearl.* metadata {missing}: it was not written by export.onnx "
                             f"(export a checkpoint with `python -m export.onnx CKPT`)")
     return meta
+
+
+def calibration_values(temperature: float, operating_point: str, thresholds: Mapping[str, float]) -> dict:
+    """The decoded metadata entries of a calibration (for write_metadata, with the other values)."""
+    return {"temperature": repr(float(temperature)), "operating_point": operating_point,
+            "thresholds": {str(k): float(v) for k, v in thresholds.items()}}
+
+
+def read_calibration(meta: Mapping[str, object]) -> tuple[float, str | None, dict]:
+    """(temperature, operating_point, thresholds) of decoded metadata: (1.0, None, {}) when it has none."""
+    return (float(meta.get("temperature", 1.0)), meta.get("operating_point") or None,
+            {str(k): float(v) for k, v in (meta.get("thresholds") or {}).items()})
 
 
 def encode(values: Mapping[str, object]) -> dict:

@@ -3,6 +3,12 @@
     session = NearlSession("model.onnx")             # CUDA when available, else CPU
     session.predict(["a.png", "b.dcm", pil_image, uint16_array], top_k=2)
     # -> [[("pneumonia", 0.91), ("normal", 0.09)], ...]
+    session.predict(["a.png"], decision=True)         # binary: + the class decided at the stored threshold
+    # -> [("pneumonia", [("pneumonia", 0.91), ("normal", 0.09)])]
+
+The probabilities are the model's calibrated ones (its graph divides the logits by the temperature it was
+calibrated with, `session.temperature`); `logits` stay raw. `session.thresholds` and `session.operating_point`
+are the decision thresholds stored with it (nearl_rt.calibration).
 
 Images are decoded and preprocessed exactly as training did (nearl_rt.core.imaging + nearl_rt.core.preprocess, with
 the intensity policy, input size, mean, std and interpolation stored in the model's metadata);
@@ -20,7 +26,8 @@ import onnxruntime as ort
 
 from nearl_rt.core.hashing import sha256_file
 from nearl_rt.core.imaging import IntensityPolicy, load_image, resolve_policy
-from nearl_rt.core.metadata import PREPROCESS_KIND, classifier_metadata, preprocess_graph_path, read_metadata
+from nearl_rt.core.metadata import (PREPROCESS_KIND, classifier_metadata, preprocess_graph_path, read_calibration,
+                                    read_metadata)
 from nearl_rt.core.preprocess import ImageLike, image_list, preprocess_batch
 
 
@@ -56,6 +63,7 @@ class NearlSession:
         self.class_names: list[str] = self.metadata["class_names"]
         self.input_size: tuple[int, int] = tuple(self.metadata["input_size"])
         self.intensity: IntensityPolicy = resolve_policy(self.metadata.get("intensity"), intensity, path)
+        self.temperature, self.operating_point, self.thresholds = read_calibration(self.metadata)
         shape = self.session.get_inputs()[0].shape
         self.fixed_batch: Optional[int] = shape[0] if isinstance(shape[0], int) else None
         self.providers = self.session.get_providers()
@@ -85,18 +93,29 @@ class NearlSession:
         outs = [self._run_padded(batch[i:i + self.fixed_batch]) for i in range(0, len(batch), self.fixed_batch)]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
-    def predict(self, images: Sequence[ImageLike], top_k: Optional[int] = None,
-                batch_size: int = 32) -> list[list[tuple[str, float]]]:
-        """Per image, (class name, probability) pairs, most probable first (all classes, or top_k)."""
+    def predict(self, images: Sequence[ImageLike], top_k: Optional[int] = None, batch_size: int = 32,
+                decision: bool = False) -> list:
+        """Per image, (class name, probability) pairs, most probable first (all classes, or top_k).
+
+        decision=True (binary models with a stored threshold): per image (decided class, pairs), the decided
+        class being the positive class (index 1) when its probability is >= the threshold, else the other."""
         k = len(self.class_names) if top_k is None else int(top_k)
         if not 1 <= k <= len(self.class_names):
             raise ValueError(f"top_k={top_k} must be between 1 and the number of classes ({len(self.class_names)})")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        threshold = self.decision_threshold() if decision else None
         x = self.preprocess(images)
         probs = np.concatenate([self.run(x[i:i + batch_size])[1] for i in range(0, len(x), batch_size)])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [[(self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+        ranked = [[(self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+        if threshold is None:
+            return ranked
+        return [(self.class_names[int(p[1] >= threshold)], pairs) for p, pairs in zip(probs, ranked)]
+
+    def decision_threshold(self) -> float:
+        """The stored threshold on the positive class's (index 1) probability of a binary model."""
+        return binary_threshold(self.class_names, self.thresholds)
 
     def _check_batch(self, batch) -> None:
         h, w = self.input_size
@@ -133,6 +152,19 @@ class NearlSession:
         self.session.run_with_iobinding(binding)
         logits, probs = binding.copy_outputs_to_cpu()
         return logits, probs
+
+
+def binary_threshold(class_names: Sequence[str], thresholds: dict) -> float:
+    """The decision threshold on a binary model's positive-class (index 1) probability; ValueError naming the fix
+    for a multi-class model or one without a stored threshold."""
+    if len(class_names) != 2:
+        raise ValueError(f"a decision at the stored threshold is for binary models; this one has {len(class_names)} "
+                         f"classes (its one-vs-rest thresholds: {thresholds or 'none stored'})")
+    positive = class_names[1]
+    if positive not in thresholds:
+        raise ValueError(f"the model stores no decision threshold for {positive!r}: calibrate its checkpoint "
+                         f"(`python -m nearl_rt.calibrate CKPT --data DATA`; export it again for an .onnx file)")
+    return float(thresholds[positive])
 
 
 def _open_preprocess_graph(classifier_path: str, metadata: dict, session_options) -> ort.InferenceSession:

@@ -1,6 +1,8 @@
 """The modules that become ONNX graphs: a NearlCLIP classifier with its class prompts baked in.
 
-Both take `images` float32 [B, 3, H, W] (normalised) and return (`logits`, `probs`) float32 [B, C].
+Both take `images` float32 [B, 3, H, W] (normalised) and return (`logits`, `probs`) float32 [B, C]: the
+logits raw, the probabilities calibrated, softmax(logits / temperature), when the checkpoint stores a
+temperature (nearl_rt.calibration; plain softmax(logits) otherwise).
 
 - bidirectional: the whole lock-step model; the trimmed class prompts are constants and the text
   tower runs for B x C rows inside the graph.
@@ -13,8 +15,10 @@ split in float32, and the logits and softmax run in float32 here.
 """
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
@@ -31,22 +35,24 @@ def _check_model(model) -> None:
 
 
 class _Classifier(nn.Module):
-    def __init__(self, model: NearlCLIP):
+    def __init__(self, model: NearlCLIP, temperature: Optional[float] = None):
         super().__init__()
         _check_model(model)
+        if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature={temperature!r}: use a finite value > 0 (or None: no calibration)")
         self.model = model
+        self.temperature = temperature
 
-    @staticmethod
-    def _outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _outputs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
-        return logits, torch.softmax(logits, dim=-1)
+        return logits, torch.softmax(logits if self.temperature is None else logits / self.temperature, dim=-1)
 
 
 class BidirectionalGraph(_Classifier):
     """images -> (logits, probs) of the whole lock-step model, class prompts as constants."""
 
-    def __init__(self, model: NearlCLIP):
-        super().__init__(model)
+    def __init__(self, model: NearlCLIP, temperature: Optional[float] = None):
+        super().__init__(model, temperature)
         self.prompts: PromptBatch = model.trimmed_prompts(model.class_tokens)
         with torch.no_grad():
             self.text_embed = model.embed_prompts(self.prompts)  # (prompt embeddings, text attention mask)
@@ -63,8 +69,8 @@ class BidirectionalGraph(_Classifier):
 class TextCacheableGraph(_Classifier):
     """images -> (logits, probs) of the image stream; the class text stream is constant."""
 
-    def __init__(self, model: NearlCLIP):
-        super().__init__(model)
+    def __init__(self, model: NearlCLIP, temperature: Optional[float] = None):
+        super().__init__(model, temperature)
         with torch.no_grad():
             self.text: TextStream = model.encode_text_stream(model.class_tokens)
             self.class_features = pool_prompts(self.text.features, model.prompt_pool)  # prompt ensemble
@@ -75,11 +81,11 @@ class TextCacheableGraph(_Classifier):
         return self._outputs(m.scaled_logits(img.float(), self.class_features.float()))
 
 
-def export_module(model: NearlCLIP) -> nn.Module:
-    """The module to export for `model`'s interaction mode."""
+def export_module(model: NearlCLIP, temperature: Optional[float] = None) -> nn.Module:
+    """The module to export for `model`'s interaction mode; `temperature` calibrates its probs."""
     _check_model(model)
     cls = BidirectionalGraph if model.interaction == "bidirectional" else TextCacheableGraph
-    return cls(model).eval()
+    return cls(model, temperature).eval()
 
 
 @contextmanager

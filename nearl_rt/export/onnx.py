@@ -1,6 +1,8 @@
 """`python -m export.onnx CKPT`: a trained checkpoint as one ONNX file that onnxruntime serves as it is.
 
-Input `images` float32 [batch, 3, H, W] (normalised); outputs `logits` and `probs` float32 [batch, C].
+Input `images` float32 [batch, 3, H, W] (normalised); outputs `logits` (raw) and `probs` float32 [batch, C]
+(softmax(logits / T) with the temperature T the checkpoint was calibrated with, recorded in the metadata with
+its decision thresholds).
 The class prompts (bidirectional) or the cached class text stream (text_cacheable) are constants.
 The file is verified before it is kept: onnx.checker, then onnxruntime CPU vs PyTorch on fresh
 random inputs at two batch sizes; on any failure no file is left behind.
@@ -23,9 +25,10 @@ import torch
 from onnxscript import opset23 as op23
 from onnxscript.onnx_types import BOOL, FLOAT
 
+from nearl_rt.calibration import Calibration
 from nearl_rt.export.graph import export_module, reference_ops
 from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
-from nearl_rt.core.metadata import read_metadata, write_metadata
+from nearl_rt.core.metadata import calibration_values, read_metadata, write_metadata
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.core.errors import NearlError
 
@@ -62,30 +65,35 @@ class ExportError(NearlError):
 
 def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
                  batch_size: Union[str, int] = "dynamic", verify: bool = True,
-                 checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None) -> Path:
+                 checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None,
+                 calibration: Optional[Calibration] = None) -> Path:
     """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
 
     opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
     outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
     int; verify: onnx.checker + onnxruntime CPU vs PyTorch at two batch sizes (raises ExportError on a
     mismatch); checkpoint_sha256: recorded in the metadata; intensity: the image intensity policy the model
-    was trained with (nearl_rt.core.imaging; recorded so NearlSession applies it). Returns the written path.
+    was trained with (nearl_rt.core.imaging; recorded so NearlSession applies it); calibration: the checkpoint's
+    (nearl_rt.calibration): its temperature divides the logits before the graph's softmax, and it is recorded
+    with the operating point's thresholds in the metadata. Returns the written path.
     """
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset={opset!r}: use an int >= {MIN_OPSET}")
     fixed_batch = _parse_batch_size(batch_size)
-    export_module(model)  # checks the model before anything is written
+    temperature = calibration.temperature if calibration is not None and calibration.fitted else None
+    export_module(model, temperature)  # checks the model before anything is written
     if model.dtype != torch.float32:  # the reference (and the fp32 export) is the float32 model
         model = copy.deepcopy(model).float()
-    module = export_module(model)
+    module = export_module(model, temperature)
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ExportError(f"cannot write {out_path}: it is a directory (give a file name ending in .onnx)")
     with atomic_output(out_path) as tmp:
-        proto = trace_to_onnx(export_module(copy.deepcopy(model).half()) if fp16 else module, opset, fixed_batch)
+        proto = trace_to_onnx(export_module(copy.deepcopy(model).half(), temperature) if fp16 else module, opset,
+                              fixed_batch)
         write_metadata(proto, classifier_metadata_values(model, opset, fp16, fixed_batch, checkpoint_sha256,
-                                                        intensity), doc=CLASSIFIER_DOC)
+                                                        intensity, calibration), doc=CLASSIFIER_DOC)
         onnx.save(proto, tmp)
         if optimize:
             _optimize_offline(tmp)
@@ -170,10 +178,13 @@ def _input_size(model) -> tuple[int, int]:
 
 
 def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optional[int],
-                               checkpoint_sha256: Optional[str], intensity: Optional[IntensityPolicy] = None) -> dict:
+                               checkpoint_sha256: Optional[str], intensity: Optional[IntensityPolicy] = None,
+                               calibration: Optional[Calibration] = None) -> dict:
     """The nearl.* metadata of a classifier exported from `model` (nearl_rt.core.metadata writes it)."""
     from nearl_rt import __version__
     cfg = model.preprocess_cfg
+    calibrated = {} if calibration is None or not calibration.fitted else calibration_values(
+        calibration.temperature, calibration.operating_point, calibration.thresholds)
     return {
         "class_names": list(model.class_names),
         "template": model.template or "",
@@ -192,6 +203,7 @@ def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optio
         "opset": str(opset),
         "precision": "fp16" if fp16 else "fp32",
         "batch_size": str(fixed_batch) if fixed_batch else "dynamic",
+        **calibrated,
     }
 
 
@@ -292,7 +304,7 @@ def _check_float32_error(ort_logits: np.ndarray, torch_logits: np.ndarray, ref64
 
 def load_exportable(checkpoint, pretrained: Optional[str] = None):
     """The model a checkpoint holds, if it is one export.onnx writes (a NEARL model with class names, else
-    ExportError), and its recorded intensity policy: (model, policy)."""
+    ExportError), and what it records for the export: (model, {"intensity": policy, "calibration": ...})."""
     from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
     extra = read_checkpoint(checkpoint).get("extra") or {}
     method = extra.get("method", "nearl")
@@ -305,15 +317,16 @@ def load_exportable(checkpoint, pretrained: Optional[str] = None):
     model = load_checkpoint(checkpoint, pretrained=pretrained, backend="torch")
     if not model.class_names:
         raise ExportError(f"{checkpoint} stores no class names: set classes before saving the checkpoint")
-    return model, resolve_policy(extra.get("intensity"), None, checkpoint)
+    return model, {"intensity": resolve_policy(extra.get("intensity"), None, checkpoint),
+                   "calibration": Calibration.from_dict(extra.get("calibration"), str(checkpoint))}
 
 
 def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None, **options):
-    """Export a checkpoint's model (see load_exportable) with its recorded intensity policy and sha256;
-    options go to export_model. Returns (path, model)."""
+    """Export a checkpoint's model (see load_exportable) with its recorded intensity policy, calibration and
+    sha256; options go to export_model. Returns (path, model)."""
     from nearl_rt.core.hashing import sha256_file
-    model, intensity = load_exportable(checkpoint, pretrained)
-    path = export_model(model, out_path, checkpoint_sha256=sha256_file(checkpoint), intensity=intensity, **options)
+    model, recorded = load_exportable(checkpoint, pretrained)
+    path = export_model(model, out_path, checkpoint_sha256=sha256_file(checkpoint), **recorded, **options)
     return path, model
 
 
@@ -338,8 +351,8 @@ def main(argv=None) -> int:
     gates = check_int8_arguments(args)
     log_to_stderr("nearl_rt.export")  # onnx, quantize, preprocess_graph
     if args.int8:
-        model, intensity = load_exportable(args.checkpoint, args.pretrained)
-        paths = export_int8(model, args, gates, sha256_file(args.checkpoint), intensity)
+        model, recorded = load_exportable(args.checkpoint, args.pretrained)
+        paths = export_int8(model, args, gates, sha256_file(args.checkpoint), recorded)
     else:
         path, model = export_checkpoint(args.checkpoint, out, pretrained=args.pretrained, opset=args.opset,
                                         fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size)
@@ -396,11 +409,12 @@ def check_int8_arguments(args):
                  max_prob_diff=args.max_prob_diff)
 
 
-def export_int8(model, args, gates, checkpoint_sha256: str, intensity: IntensityPolicy) -> list[Path]:
+def export_int8(model, args, gates, checkpoint_sha256: str, recorded: dict) -> list[Path]:
     """--int8: the verified fp32 export (kept next to the checkpoint unless -o names the int8 file), then
-    its quantised version, verified against it. Returns the files written."""
+    its quantised version (its graph, temperature included, and metadata come from the fp32 one), verified
+    against it. `recorded`: load_exportable's intensity policy and calibration. Returns the files written."""
     from nearl_rt.export.quantize import images_from_dataset, quantize
-    draw = dict(split=args.data_split, image_root=args.image_root, intensity=intensity)
+    draw = dict(split=args.data_split, image_root=args.image_root, intensity=recorded["intensity"])
     calibration = verification = None
     if args.calibrate:
         calibration, verification = images_from_dataset(args.calibrate, model.class_names, model.preprocess_cfg,
@@ -418,7 +432,7 @@ def export_int8(model, args, gates, checkpoint_sha256: str, intensity: Intensity
     with tempfile.TemporaryDirectory(prefix=".nearl-int8-", dir=int8.resolve().parent) as scratch:
         tmp_fp32, tmp_int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         export_model(model, tmp_fp32, opset=args.opset, optimize=args.optimize, batch_size=args.batch_size,
-                     checkpoint_sha256=checkpoint_sha256, intensity=intensity)
+                     checkpoint_sha256=checkpoint_sha256, **recorded)
         method = "static" if calibration is not None else "dynamic"
         report = quantize(tmp_fp32, tmp_int8, method=method, calibration=calibration, verification=verification,
                           gates=gates)
