@@ -199,6 +199,9 @@ def test_cli_exports_next_to_checkpoint(checkpoint):
     assert f"wrote {out}" in proc.stdout
     assert "max |ORT - PyTorch| logits" in proc.stderr and "batches 1, 3, 4" in proc.stderr
     assert "error vs float64" in proc.stderr
+    assert "Skipping constant folding" not in proc.stderr  # onnxscript's note about its own work (issue 28, item 8)
+    warned = [line for line in proc.stderr.splitlines() if "random weights" in line]
+    assert len(warned) == 1 and warned[0].startswith("python -m export.onnx: warning: "), proc.stderr
     meta = read_metadata(out)
     assert meta["checkpoint_sha256"] == sha256_file(checkpoint)
     assert meta["interaction"] == "text_cacheable" and meta["class_names"] == CLASSES
