@@ -26,7 +26,8 @@ from nearl_rt.core.cli import run_cli
 from nearl_rt.core.errors import RandomBackboneWarning
 
 CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe", "a nodule"]
-PROJECTION = "model.backbone.visual.proj"
+# The image projection to the joint space: open_clip's ViT, timm's ViT (BiomedCLIP).
+PROJECTIONS = ("model.backbone.visual.proj", "model.backbone.visual.head.proj.weight")
 
 
 def build(preset: str, mode: str, seed: int, noise: float):
@@ -41,9 +42,9 @@ def build(preset: str, mode: str, seed: int, noise: float):
 def bumped(src: Path, dst: Path, bump: float) -> Path:
     """`src` with one weight of the image projection moved by bump x max |weight|."""
     proto = onnx.load(str(src))
-    init = next((i for i in proto.graph.initializer if i.name == PROJECTION), None)
+    init = next((i for i in proto.graph.initializer if i.name in PROJECTIONS), None)
     if init is None:
-        raise ValueError(f"{src} has no initializer {PROJECTION} to perturb")
+        raise ValueError(f"{src} has none of the initializers {PROJECTIONS} to perturb")
     a = numpy_helper.to_array(init).copy()
     a.flat[a.size // 3] += bump * np.abs(a).max()
     init.CopyFrom(numpy_helper.from_array(a, init.name))
