@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure the project claims, in one run under one deadline: see bench/suite.py and docs/gpu-suite.md.
+# It prints the Python/torch/CUDA/Triton it runs with against the checked releases, then compiles the kernels
+# with the machine's Triton (python -m nearl_rt.kernels.resources --check) before any timing.
 #
 #   bash bench/gpu_suite.sh OUTDIR [--budget 470] [--wheels DIR] [--compile] [--ort] [--dry-run]
 #   bash bench/gpu_suite.sh --prepare-wheels DIR [--python-version 3.12]   # on a connected machine

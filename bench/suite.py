@@ -12,6 +12,10 @@ Markdown (also printed at the end), to paste into bench/RESULTS.md.
 
 --dry-run runs every step on the CPU with tiny shapes (Triton interpreter), so the suite itself is known
 to work before GPU time is spent on it.
+
+The suite prints the versions it runs with against those the project checked (TABLE_TRITON, CHECKED_TORCH),
+and its first step after the environment compiles the kernels with the machine's own Triton and ptxas
+(`python -m nearl_rt.kernels.resources --check`): a spill or a compile failure is known before any timing.
 """
 from __future__ import annotations
 
@@ -36,6 +40,12 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
              "manylinux1_x86_64")
 CUDA_TEST_FILES = ("tests/test_kernels_oca.py", "tests/test_kernels_use.py", "tests/test_backend_model.py",
                    "tests/test_cuda_graph.py")
+# torch releases (major.minor) the CPU checks ran on: 2.11, the GPU image's, and CI's 2.14 (docs/gpu-suite.md)
+CHECKED_TORCH = ("2.11", "2.14")
+# what the resources step compiles: the geometry and dtype the later steps time, every batch, site and pass
+# (30 distinct compiles for sm_90); the dry run one subset of it
+RESOURCES_SUBSET = ("--geometry", "vit_b16", "--dtype", "fp16")
+RESOURCES_DRY = ("--geometry", "vit_b16", "--dtype", "fp16", "--batch", "64", "--pass", "fwd")
 
 
 @dataclass
@@ -62,12 +72,12 @@ def steps(out: Path, dry: bool, compile_: bool, ort: bool) -> list[Step]:
         ["--device", "cuda", "--batch-sizes", "1,8,64", "--iters", "30", "--warmup", "5"]
     tests = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
     tests += ["-k", "cuda"] if dry else []  # on a CPU the CUDA-only tests are collected and skip
+    resources = [py, "-m", "nearl_rt.kernels.resources", "--arch", "sm_90", "--check",
+                 "--json", str(out / "resources.json"), *(RESOURCES_DRY if dry else RESOURCES_SUBSET)]
     return [
         Step("environment", [py, "bench/suite.py", "env", str(out / "env.json")], 30, 5, "env.json"),
+        Step("resources", resources, 45, 10, "resources.json", absent="nearl_rt/kernels/resources.py"),
         Step("cuda_tests", tests, 120, 30),
-        Step("resources", [py, "-m", "nearl_rt.kernels.resources", "--arch", "sm_90", "--json", str(out / "resources.json"),
-                           *(["--geometry", "vit_b16", "--dtype", "fp16", "--batch", "64", "--pass", "fwd"] if dry else [])],
-             90, 10, "resources.json", absent="nearl_rt/kernels/resources.py"),
         Step("kernels", kernels + ["--time-budget", "{left}"], 120, 30, "kernels.json"),
         Step("latency", latency, 150, 40, "latency.json"),
         Step("launches", [py, "-m", "nearl_rt.bench.launches", "--out", str(out / "launches.json"), *(["--quick"] if dry else [])],
@@ -103,6 +113,8 @@ def run_suite(args, plan=None) -> int:
             summary["steps"].append(record)
             print(f"{PROG}: {step.name:12s} {record['status']:8s} {record.get('seconds', 0):6.1f} s"
                   f"{'  ' + record['reason'] if record.get('reason') else ''}", flush=True)
+            if step.name == "environment" and (env := _load(out / "env.json")):
+                print(f"{PROG}: {versions_line(env)}", flush=True)
             _write_json(out / "summary.json", summary)
     summary.update(complete=True, wall_s=round(time.monotonic() - start, 1))
     _write_json(out / "summary.json", summary)
@@ -125,7 +137,13 @@ def markdown_report(out: Path, summary: dict) -> str:
         gpu = env.get("gpu") or {}
         lines += ["", f"Machine: {gpu.get('name', 'no GPU')}" + (f", {gpu['sms']} SMs, L2 {gpu['l2_mib']:.0f} MiB, "
                   f"driver {gpu.get('nvidia_smi', {}).get('driver_version', '?')}" if gpu else "") +
-                  f"; torch {env['torch']}, triton {env['versions'].get('triton')}, Python {env['python']}"]
+                  f"; {versions_line(env)}"]
+    resources = _load(out / "resources.json")
+    if resources:
+        problems = resources["problems"]
+        verdict = f"{len(problems)} do not fit: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "") \
+            if problems else "every row fits (no spill, shared memory within the limit)"
+        lines += ["", f"Resources (triton {resources['triton']}, {len(resources['rows'])} rows compiled): {verdict}"]
     kernels = _load(out / "kernels.json")
     if kernels and kernels.get("table"):
         lines += ["", f"Kernels ({kernels['device']}, {kernels['dtype']}, copy {kernels['copy_GBps']} GB/s): "
@@ -151,6 +169,22 @@ def markdown_report(out: Path, summary: dict) -> str:
         lines += [f"| {r['mode']} | {r['B']} | {r['forward']} | {r['per_forward']:.1f} | {r['added_per_layer']:+.1f} |"
                   for r in launches["rows"]]
     return "\n".join(lines)
+
+
+def versions_line(env: dict) -> str:
+    """Python, torch, CUDA and Triton of the run, each against the releases the project checked."""
+    checked = env.get("checked", {})
+    notes = [f"{name} {version} " + ("(checked)" if ok else f"(not among the checked {', '.join(among)})")
+             for name, (version, among, ok) in checked.items()]
+    return f"Python {env['python']}, CUDA {env.get('cuda')}; " + ", ".join(notes)
+
+
+def toolchain_checks(torch_version: str, triton_version: str) -> dict:
+    """name -> (running version, the checked releases, whether it is one of them)."""
+    from nearl_rt.kernels.resources import TABLE_TRITON
+    torch_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    return {"torch": (torch_version, list(CHECKED_TORCH), torch_minor in CHECKED_TORCH),
+            "triton": (triton_version, list(TABLE_TRITON), triton_version in TABLE_TRITON)}
 
 
 def _load(path: Path):
@@ -196,6 +230,7 @@ def environment(path: Path) -> int:
             env["versions"][module] = __import__(module).__version__
         except Exception as e:  # noqa: BLE001 - recorded: absent or broken
             env["versions"][module] = f"unavailable ({type(e).__name__})"
+    env["checked"] = toolchain_checks(torch.__version__, env["versions"]["triton"])
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,

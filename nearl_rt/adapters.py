@@ -25,7 +25,8 @@ class OCA(nn.Module):
         self.w_v = _trunc_normal(ds, r, std=ds ** -0.5)
         zero_out = config.zero_init == "out_proj"
         self.w_o = nn.Parameter(torch.zeros(r, width)) if zero_out else _trunc_normal(r, width, std=r ** -0.5)
-        # s = 0 makes the update exactly zero at init; with W_o = 0 instead, s starts at 1.
+        # W_o = 0 (default) makes the update exactly zero at init with s = 1, and W_o receives a gradient from
+        # the first step on; zero_init="scale" keeps a random W_o and starts s at 0 instead.
         self.scale = nn.Parameter(torch.tensor(1.0 if zero_out else 0.0))
         self.eps = config.oca_eps
         self.orthogonal = config.orthogonal

@@ -23,7 +23,7 @@ class NearlConfig:
     oca_eps: float = 1e-6               # eps of the parallel/orthogonal split
     orthogonal: bool = True             # ablation: False adds H itself
     keep_parallel: str = "drop"         # ablation: "stopgrad" adds D_perp + sg(D_par)
-    zero_init: str = "scale"            # the update is zero at init through s = 0 ("scale") or W_o = 0
+    zero_init: str = "out_proj"         # the update is zero at init through W_o = 0 (s = 1) or s = 0 ("scale")
     quick_gelu: bool = False            # OpenAI CLIP weights use QuickGELU
 
     def __post_init__(self):
@@ -80,8 +80,9 @@ def preset_config(preset, **overrides) -> NearlConfig:
 
 
 def preset_name(config: NearlConfig):
-    """The preset a config was built from (ignoring interaction), or None."""
+    """The preset a config was built from (ignoring interaction and zero_init, which change neither the
+    weights' shapes nor a trained model's function), or None."""
     for name, base in PRESETS.items():
-        if base.replace(interaction=config.interaction) == config:
+        if base.replace(interaction=config.interaction, zero_init=config.zero_init) == config:
             return name
     return None

@@ -19,8 +19,8 @@ from nearl_rt.core.session import NearlSession
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 DEFAULT_OUT = "nearl-demo"
 STEPS = 4
-ARTEFACTS = {"run": "run directory (last.pt, metrics.jsonl, shots.json, ...)", "checkpoint": "checkpoint",
-             "eval": "evaluation (JSON)", "onnx": "ONNX model"}
+ARTEFACTS = {"run": "run directory (best.pt, metrics.jsonl, shots.json, ...)",
+             "checkpoint": "checkpoint (the final model)", "eval": "evaluation (JSON)", "onnx": "ONNX model"}
 
 
 def _shown(path: Path) -> str:
@@ -40,15 +40,16 @@ def _done(t0: float) -> None:
     print(f"      ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-def _train_evaluate_export(data: str, out: Path, epochs: int, progress: bool) -> None:
+def _train_evaluate_export(data: str, out: Path, progress: bool) -> None:
     from nearl_rt import evaluate, train
     from nearl_rt.core.cli import log_to_stderr
     from nearl_rt.export.onnx import export_checkpoint
-    ckpt = os.fspath(out / "run" / "best.pt")
+    ckpt = os.fspath(out / "run" / "last.pt")
 
-    t = _step(1, f"few-shot training: 16 images per class, {epochs} epochs (python -m nearl_rt.train)")
+    t = _step(1, f"few-shot training: 16 images per class, {train.DEFAULT_STEPS} optimizer steps "
+                 "(python -m nearl_rt.train, default options)")
     train.run(train.build_parser().parse_args(
-        ["--data", data, "--preset", "tiny", "--shots", "16", "--epochs", str(epochs),
+        ["--data", data, "--preset", "tiny", "--shots", "16",
          "--template", "a chest X-ray showing {}.", "--out", os.fspath(out / "run")] + ([] if progress else ["--no-progress"])))
     _done(t)
 
@@ -65,7 +66,7 @@ def _train_evaluate_export(data: str, out: Path, epochs: int, progress: bool) ->
     _done(t)
 
 
-def run_demo(out, *, epochs: int = 8, progress: bool = True) -> dict:
+def run_demo(out, *, progress: bool = True) -> dict:
     """Train, evaluate, export and serve into `out` (a new or empty directory). Returns the artefact paths."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -73,7 +74,7 @@ def run_demo(out, *, epochs: int = 8, progress: bool = True) -> dict:
     if not (DEMO_DATA / "train").is_dir():
         raise NearlError(f"the bundled demo images are missing ({DEMO_DATA}); reinstall nearl-rt")
     data = _shown(DEMO_DATA)
-    artefacts = {"run": out / "run", "checkpoint": out / "run" / "best.pt", "eval": out / "eval.json",
+    artefacts = {"run": out / "run", "checkpoint": out / "run" / "last.pt", "eval": out / "eval.json",
                  "onnx": out / "model.onnx"}
     start = time.perf_counter()
     print("nearl-rt demo: train -> evaluate -> export -> serve, on 56 real chest X-rays shipped with the package\n"
@@ -82,7 +83,7 @@ def run_demo(out, *, epochs: int = 8, progress: bool = True) -> dict:
           "MEANS NOTHING: it shows the pipeline, not the model. Train with --pretrained on real CLIP weights for that.")
     with warnings.catch_warnings():  # said once above, not once per tool
         warnings.simplefilter("ignore", RandomBackboneWarning)
-        _train_evaluate_export(data, out, epochs, progress)
+        _train_evaluate_export(data, out, progress)
 
     t = _step(4, "serving with onnxruntime alone (nearl_rt.NearlSession)")
     session = NearlSession(artefacts["onnx"])

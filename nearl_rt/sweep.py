@@ -2,9 +2,11 @@
 directory, evaluated on the test split, and summarised.
 
     python -m nearl_rt.sweep --data DATA --methods nearl,linear_probe,zeroshot,coop --shots 1,2,4,8,16 \\
-        --seeds 0,1,2 --out DIR [--base-to-novel] [train options, e.g. --preset vit_b16 --epochs 20]
+        --seeds 0,1,2 --out DIR [--base-to-novel] [train options, e.g. --preset vit_b16 --steps 200]
 
-DIR receives runs/<method>_k<K>_s<seed>/ (a `python -m nearl_rt.train` run directory plus eval.json),
+Every run is scored through its last.pt (the final model, as CoOp's protocol scores it; --checkpoint best
+scores best.pt, chosen on the 2-4 validation images per class). DIR receives runs/<method>_k<K>_s<seed>/
+(a `python -m nearl_rt.train` run directory plus eval.json),
 results.json (every run's settings and metrics, and mean ± std per method and K), results.md (one table
 per metric, the best mean per column in bold; AUROC and AUPRC with the 95 % bootstrap interval of the mean
 over the seeds) and accuracy_vs_shots.png (one line per method with a ±std band; accuracy and macro-F1, or
@@ -42,6 +44,7 @@ from nearl_rt.sampling import sample_shots
 # Options the sweep sets for every run itself.
 OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
                      "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes")
+CHECKPOINTS = ("last", "best")
 PLOT = {False: ("accuracy", "macro_f1"), True: ("hm_accuracy", "novel_accuracy")}
 INTERVAL_KEYS = ("auc", "auprc")  # table cells with the 95 % interval of the mean over the seeds
 PREDICTIONS = "predictions.csv"
@@ -66,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
     p.add_argument("--novel-classes", help="comma-separated novel classes (default: the other classes)")
     p.add_argument("--split", default="test", help="split every run is evaluated on")
+    p.add_argument("--checkpoint", default="last", choices=CHECKPOINTS,
+                   help="which checkpoint of each run is scored: last.pt (the final model) or best.pt")
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate a fixed class-balanced subset of N images")
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs of this invocation (rerun to go on)")
     p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="N",
@@ -230,8 +235,8 @@ def write_results(out: Path, settings: dict, runs: list, methods: list, shots: l
     random_backbone = any(r.get("random_backbone") for r in runs)
     note = " — random backbone weights: a pipeline check, not an accuracy claim" if random_backbone else ""
     seeds = sorted({r["seed"] for r in runs})
-    header = (f"## K-shot sweep on {settings['data']}{note}\n\n{len(runs)} of {total} runs; mean ± std over seeds "
-              f"{seeds} on the {settings['split']} split"
+    header = (f"## K-shot sweep on {settings['data']}{note}\n\n{len(runs)} of {total} runs, each scored through its "
+              f"{settings['checkpoint']}.pt; mean ± std over seeds {seeds} on the {settings['split']} split"
               + (f" ({settings['eval_limit']}-image class-balanced subset)" if settings["eval_limit"] else "")
               + "; **bold**: the best mean per column"
               + ("" if b2n or not resamples else "; [low, high]: 95 % interval of the mean over the seeds (bootstrap "
@@ -245,15 +250,16 @@ def write_results(out: Path, settings: dict, runs: list, methods: list, shots: l
         plot(summary, methods, shots, PLOT[b2n], out / "accuracy_vs_shots.png", title)
 
 
-def evaluate_run(run_dir: Path, ds, args, b2n: bool, device) -> dict:
-    """A finished run's metrics on the sweep's split; its per-image predictions.csv beside them (one class set)."""
-    classifier, extra = load_classifier(run_dir, device=device)
+def evaluate_run(checkpoint: Path, ds, args, b2n: bool, device) -> dict:
+    """A finished run's metrics on the sweep's split through `checkpoint` (last.pt or best.pt); its per-image
+    predictions.csv in the run directory beside them (one class set)."""
+    classifier, extra = load_classifier(checkpoint, device=device)
     m, parts = evaluate_classifier(classifier, extra, ds, args.split, base_to_novel=b2n,
                                    base=parse_classes(args.base_classes), novel=parse_classes(args.novel_classes),
                                    limit=args.eval_limit, resamples=args.bootstrap,
-                                   intensity=resolve_policy(extra.get("intensity"), None, run_dir))
+                                   intensity=resolve_policy(extra.get("intensity"), None, checkpoint))
     if not b2n:
-        write_predictions(run_dir / PREDICTIONS, parts["all"], reported_calibration(m))
+        write_predictions(checkpoint.parent / PREDICTIONS, parts["all"], reported_calibration(m))
     return m
 
 
@@ -274,7 +280,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
-                "split": args.split, "eval_limit": args.eval_limit, "train_options": rest}
+                "split": args.split, "eval_limit": args.eval_limit, "checkpoint": args.checkpoint,
+                "train_options": rest}
     check_sweep_dir(out, settings)
     ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames)
     ds.split(args.split)  # the evaluation split exists
@@ -310,9 +317,10 @@ def main(argv=None) -> int:
                 "out": str(run_dir), "device": args.device, "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
                 "resume": resume}))
-            metrics = evaluate_run(run_dir, ds, args, b2n, device)
-            ckpt = read_checkpoint(run_dir / "best.pt")
-            record = {"method": method, "shots": k, "seed": seed, "run_dir": str(run_dir),
+            scored = run_dir / f"{args.checkpoint}.pt"
+            metrics = evaluate_run(scored, ds, args, b2n, device)
+            ckpt = read_checkpoint(scored)
+            record = {"method": method, "shots": k, "seed": seed, "run_dir": str(run_dir), "checkpoint": scored.name,
                       "val_accuracy": (ckpt.get("extra") or {}).get("val_accuracy"),
                       "random_backbone": ckpt["backbone"].get("sha256") is None,
                       "wall_s": time.perf_counter() - t0, "metrics": metrics}

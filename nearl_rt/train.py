@@ -1,10 +1,12 @@
 """`python -m nearl_rt.train`: few-shot training of NEARL-CLIP (or a baseline) on labelled images.
 
-RUN_DIR receives: run.json (the run's settings), shots.json (the K-shot indices), metrics.jsonl (one line
-per epoch), last.pt and best.pt (nearl_rt checkpoints; best on validation accuracy, then loss) and
-train_state.pt (adapter + optimizer + RNG state, for --resume). Every file is written atomically. When the
-last epoch is done, best.pt's temperature and decision thresholds (--operating-point) are fitted on the
-validation shots and stored in it (nearl_rt.calibrate).
+NEARL and CoOp train for a fixed number of optimizer steps (--steps, rounded up to whole epochs) whatever
+K is, or for --epochs. RUN_DIR receives: run.json (the run's settings), shots.json (the K-shot indices),
+metrics.jsonl (one line per epoch), last.pt (the final model) and best.pt (the epoch with the lowest
+validation loss, a tie going to the later epoch; nearl_rt checkpoints) and train_state.pt (adapter +
+optimizer + RNG state, for --resume). Every file is written atomically. When the last epoch is done, the
+temperature and decision thresholds (--operating-point) of last.pt and best.pt are fitted on the validation
+shots and stored in them (nearl_rt.calibrate).
 Multi-process: `torchrun --nproc_per_node N -m nearl_rt.train ...` (DistributedDataParallel; gloo on
 CPU, nccl on CUDA); each global batch is split across processes, so N processes follow the
 single-process run up to floating-point summation order.
@@ -21,6 +23,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,15 +49,20 @@ from nearl_rt.sampling import sample_shots
 
 # Settings that define a run: --resume refuses to continue a run with different ones.
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
-            "seed", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
+            "seed", "epochs", "steps", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
             "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames", "templates", "coop_context", "base_to_novel",
             "base_classes", "novel_classes", "operating_point")
 # What runs recorded before a key existed did (they resume under it).
-RUN_KEY_DEFAULTS = {"intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
+RUN_KEY_DEFAULTS = {"steps": None, "intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
                     "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None,
                     "operating_point": DEFAULT_RULE}
 STATE = "train_state.pt"
-EPOCH_METHODS = ("nearl", "coop")  # trained for --epochs; the others are fitted in one step
+EPOCH_METHODS = ("nearl", "coop")  # trained for --steps / --epochs; the others are fitted in one step
+# The training budget when --epochs is not given: the same number of optimizer steps at every K (an epoch of
+# K shots x C classes is ceil(K * C / batch) steps, 1 or 2 for K <= 16 on two classes). Measured in
+# docs/protocols.md ("The training recipe").
+DEFAULT_STEPS = 200
+FEW_VALIDATION = 10  # validation images per class below which the log calls best.pt's choice noisy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--novel-classes", help="comma-separated novel classes (default: all other classes)")
     p.add_argument("--shots", type=int, required=True, help="K training images per class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--steps", type=int, help=f"optimizer steps, rounded up to whole epochs (default: {DEFAULT_STEPS} "
+                                             "when --epochs is not given)")
+    p.add_argument("--epochs", type=int, help="train exactly N epochs instead of a number of --steps")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=2e-3)
@@ -93,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--operating-point", default=DEFAULT_RULE, metavar="RULE",
-                   help=f"how best.pt's decision thresholds are chosen on the validation shots: {RULE_HELP} "
-                        f"(default: youden)")
+                   help=f"how last.pt's and best.pt's decision thresholds are chosen on the validation shots: "
+                        f"{RULE_HELP} (default: youden)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (off: they change anatomy)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     add_image_arguments(p, training=True)
@@ -194,6 +204,21 @@ def load_state(path: Path) -> dict:
     return state
 
 
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    return math.ceil(images / batch_size)
+
+
+def plan_epochs(images: int, batch_size: int, epochs: Optional[int], steps: Optional[int]) -> int:
+    """The epochs a run trains: --epochs as given, else --steps optimizer steps rounded up to whole epochs."""
+    return epochs if epochs is not None else math.ceil(steps / steps_per_epoch(images, batch_size))
+
+
+def replaces_best(record: dict, best: Optional[dict]) -> bool:
+    """Whether this epoch becomes best.pt: the lowest validation loss so far, a tie going to the later epoch
+    (a run that does not change its model ends with best.pt = last.pt, never an earlier epoch)."""
+    return best is None or record["val_loss"] <= best["val_loss"]
+
+
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     """Linear warm-up, then cosine decay to 0."""
     if step < warmup:
@@ -276,8 +301,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
     n = len(train_labels)
     if args.batch_size < d.world:
         raise NearlError(f"--batch-size {args.batch_size} is smaller than the {d.world} processes; raise it")
-    steps_per_epoch = math.ceil(n / args.batch_size)
-    total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
+    per_epoch = steps_per_epoch(n, args.batch_size)
+    total, warmup = per_epoch * args.epochs, int(round(args.warmup_epochs * per_epoch))
     params = trainable_parameters(model)
     if args.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -305,14 +330,14 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         order = torch.randperm(n, generator=g).tolist()
         aug_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        bar = tqdm(total=per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=args.no_progress or not d.main, file=sys.stderr)
-        for step in range(steps_per_epoch):
+        for step in range(per_epoch):
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
             if len(batch) < d.world:  # too few images to give every process one
                 continue
             mine = np.array_split(np.asarray(batch), d.world)[d.rank].tolist()
-            lr = lr_at(epoch * steps_per_epoch + step, total, warmup, args.lr)
+            lr = lr_at(epoch * per_epoch + step, total, warmup, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             x = preprocess.augment([train_images[i] for i in mine], [aug_seeds[i] for i in mine]).to(d.device)
@@ -347,7 +372,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / n, "train_accuracy": correct / max(seen, 1),
                   "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
                   "epoch_time_s": train_time}
-        improved = best is None or (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+        improved = replaces_best(record, best)
         if improved:
             best = {"epoch": epoch + 1, "val_accuracy": record["val_accuracy"], "val_loss": record["val_loss"]}
         if d.main:
@@ -398,22 +423,22 @@ def train_baseline(args, model, train, val, out: Path) -> None:
     print(f"{args.method}: val loss {val_metrics['loss']:.4f}, val acc {val_metrics['accuracy']:.4f}")
 
 
-def calibrate_best(args, out: Path, val, shots: dict, device) -> None:
-    """Fit best.pt's temperature and --operating-point thresholds on the validation shots and store them in it;
-    a rule the shots cannot meet leaves best.pt uncalibrated, with a warning naming the fix."""
-    best = out / "best.pt"
-    with warnings.catch_warnings():  # a random backbone was announced when training started
-        warnings.simplefilter("ignore", RandomBackboneWarning)
-        classifier, _ = load_classifier(best, pretrained=args.pretrained, backend=args.backend, device=device)
-    logits = logits_of(classifier, Preprocess(classifier.preprocess_cfg, intensity=args.policy).eval(val[0]))
-    try:
-        calibration, report = calibrate_checkpoint(best, logits, val[1], classifier.class_names, args.rule, {
-            "data": os.path.abspath(args.data), "split": shots["val_split"], "subset": "the run's validation shots"})
-    except CalibrationError as e:
-        print(f"warning: {best} is not calibrated: {e}. Calibrate it on more images with `python -m nearl_rt.calibrate "
-              f"{out} --data DATA`", file=sys.stderr)
-        return
-    print(f"calibrated {best}: {describe(calibration, report)}", flush=True)
+def calibrate_checkpoints(args, out: Path, val, shots: dict, device) -> None:
+    """Fit the temperature and --operating-point thresholds of last.pt and best.pt on the validation shots and
+    store them in each; a rule the shots cannot meet leaves the file uncalibrated, with a warning naming the fix."""
+    for ckpt in (out / "last.pt", out / "best.pt"):
+        with warnings.catch_warnings():  # a random backbone was announced when training started
+            warnings.simplefilter("ignore", RandomBackboneWarning)
+            classifier, _ = load_classifier(ckpt, pretrained=args.pretrained, backend=args.backend, device=device)
+        logits = logits_of(classifier, Preprocess(classifier.preprocess_cfg, intensity=args.policy).eval(val[0]))
+        try:
+            calibration, report = calibrate_checkpoint(ckpt, logits, val[1], classifier.class_names, args.rule, {
+                "data": os.path.abspath(args.data), "split": shots["val_split"], "subset": "the run's validation shots"})
+        except CalibrationError as e:
+            print(f"warning: {ckpt} is not calibrated: {e}. Calibrate it on more images with `python -m "
+                  f"nearl_rt.calibrate {ckpt} --data DATA`", file=sys.stderr)
+            continue
+        print(f"calibrated {ckpt}: {describe(calibration, report)}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -424,9 +449,14 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     """One training run with build_parser's options: the library entry point behind `python -m nearl_rt.train`
     (the sweep and the demo call it). Returns 0."""
-    for name, value in (("--shots", args.shots), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value < 1:
+    for name, value in (("--shots", args.shots), ("--epochs", args.epochs), ("--steps", args.steps),
+                        ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
             raise NearlError(f"{name} must be >= 1, got {value}")
+    if args.epochs is not None and args.steps is not None:
+        raise NearlError(f"--epochs {args.epochs} and --steps {args.steps} both set the training length; give one")
+    if args.epochs is None and args.steps is None:
+        args.steps = DEFAULT_STEPS
     if args.stop_after is not None and args.stop_after < 1:
         raise NearlError(f"--stop-after must be >= 1, got {args.stop_after}")
     args.policy = intensity_from_args(args)  # stored in every checkpoint's extra: evaluate / predict / export reuse it
@@ -444,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
         args.class_split = {k: shots[k] for k in ("base_classes", "novel_classes") if k in shots}
         if skipped:
             print(skip_summary(skipped), file=sys.stderr)
+        args.epochs = plan_epochs(len(train[1]), args.batch_size, args.epochs, args.steps)
         torch.manual_seed(args.seed)  # adapter initialisation
         # coop has no adapters (they stay at their zero update): its text never depends on the image
         interaction = "text_cacheable" if args.method == "coop" else args.interaction
@@ -459,6 +490,12 @@ def run(args: argparse.Namespace) -> int:
         if d.main:
             print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "
                   f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)
+            if args.method in EPOCH_METHODS:
+                per_epoch = steps_per_epoch(len(train[1]), args.batch_size)
+                few = " (so few: a noisy choice)" if len(val[1]) < FEW_VALIDATION * len(ds.class_names) else ""
+                print(f"{args.epochs} epochs x {per_epoch} optimizer step(s) = {args.epochs * per_epoch} steps; "
+                      f"best.pt: the epoch with the lowest loss on the {len(val[1])} validation images{few}; "
+                      f"last.pt: the final model", flush=True)
         resume_state = None
         if resuming:
             resume_state = load_state(out / STATE)
@@ -488,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
         done = args.method not in EPOCH_METHODS or args.stop_after is None or \
             (resume_state["epoch"] if resume_state else 0) + args.stop_after >= args.epochs
         if d.main and done:
-            calibrate_best(args, out, val, shots, d.device)
+            calibrate_checkpoints(args, out, val, shots, d.device)
         d.barrier()
     finally:
         d.close()

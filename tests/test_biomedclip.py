@@ -28,10 +28,10 @@ def frozen():
     return (config, *build_backbone(config.backbone))
 
 
-def nearl(frozen, mode="bidirectional"):
-    """A fresh untrained NearlCLIP on the shared backbone."""
+def nearl(frozen, mode="bidirectional", **overrides):
+    """A fresh untrained NearlCLIP on the shared backbone (overrides: NearlConfig fields)."""
     config, backbone, identity = frozen
-    return nearl_rt.NearlCLIP(config.replace(interaction=mode), backbone, identity, backend="torch")
+    return nearl_rt.NearlCLIP(config.replace(interaction=mode, **overrides), backbone, identity, backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,11 @@ def test_untrained_model_equals_frozen_biomedclip(frozen, inputs, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_trimmed_prompts_equal_the_full_256_tokens(frozen, inputs, mode):
     """Exact in float64 (the padding is masked out of every key set); float32 rounds differently for 11 and
-    256 keys. The adapters keep their random init with scales 0.5 (a non-trivial update): the tiny tests'
-    extra weight noise makes this 12-layer, 768-wide model ill-conditioned in float32 (1.5e-4 from float64)."""
+    256 keys. The adapters keep a random init (zero_init="scale": W_o random) with scales 0.5 (a non-trivial
+    update): the tiny tests' extra weight noise makes this 12-layer, 768-wide model ill-conditioned in float32
+    (1.5e-4 from float64)."""
     images, tokens = inputs[0][:1], inputs[1]
-    model = perturb_adapters(nearl(frozen, mode), noise=0.0)
+    model = perturb_adapters(nearl(frozen, mode, zero_init="scale"), noise=0.0)
     with torch.no_grad():
         trimmed = model(images, tokens)
         assert model.prompt_batch(tokens).tokens.shape[1] < 20
@@ -76,14 +77,14 @@ def test_trimmed_prompts_equal_the_full_256_tokens(frozen, inputs, mode):
 
 
 def test_update_is_orthogonal_to_each_token(frozen, inputs):
-    model = perturb_adapters(nearl(frozen), scale=1.0, noise=0.0)
+    model = perturb_adapters(nearl(frozen, zero_init="scale"), scale=1.0, noise=0.0)
     seen = oca_update_stats(model, inputs[0][:1], inputs[1])
     assert {w for w, _, _ in seen} == {768} and len(seen) == 24
     assert_orthogonal(seen)
 
 
 def test_backbone_bit_identical_after_optimizer_steps(frozen, inputs):
-    model = perturb_adapters(nearl(frozen), noise=0.0).train()
+    model = perturb_adapters(nearl(frozen, zero_init="scale"), noise=0.0).train()
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     opt = torch.optim.AdamW(model.adapter_parameters(), lr=1e-3, weight_decay=0.1)
     moved = {id(p): p.detach().clone() for p in model.adapter_parameters()}

@@ -41,16 +41,17 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert f"[{step}/4]" in text
     assert "--pretrained" in text and "python -m export.onnx" in text and "python -m nearl_rt.predict" in text
     # every artefact it names exists (paths printed relative to the working directory)
-    for name in ("run/best.pt", "eval.json", "model.onnx"):
+    for name in ("run/last.pt", "eval.json", "model.onnx"):
         assert (out / name).is_file() and f"demo/{name}" in text, name
-    assert (out / "run" / "last.pt").is_file() and (out / "run" / "metrics.jsonl").is_file()
-    model = nearl_rt.load_checkpoint(out / "run" / "best.pt", backend="torch")
+    assert (out / "run" / "best.pt").is_file() and (out / "run" / "metrics.jsonl").is_file()
+    assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 100  # train's default 200 steps
+    model = nearl_rt.load_checkpoint(out / "run" / "last.pt", backend="torch")
     assert model.class_names == CLASSES
     # the served prediction is the trained checkpoint's (same probabilities as PyTorch on the same file)
     images = sorted((DEMO_DATA / "test" / "pneumonia").glob("*.png"))[:3]
     session = NearlSession(out / "model.onnx")
     served = np.array([[p for _, p in sorted(top)] for top in session.predict([str(p) for p in images])])
-    calibration = torch.load(out / "run" / "best.pt", weights_only=True)["extra"]["calibration"]
+    calibration = torch.load(out / "run" / "last.pt", weights_only=True)["extra"]["calibration"]
     assert session.temperature == calibration["temperature"] and session.thresholds == calibration["thresholds"]
     with torch.no_grad():  # the served probabilities are calibrated: softmax(logits / T)
         logits = model.classify(torch.from_numpy(session.preprocess([str(p) for p in images])))

@@ -275,6 +275,9 @@ def read_csv(path):
 
 
 def test_train_stores_the_calibration_fitted_on_its_validation_shots(demo_run, capsys):
+    # the final model (what the sweep scores and the demo exports) is calibrated like best.pt
+    last = Calibration.from_dict(torch.load(demo_run / "last.pt", weights_only=True)["extra"]["calibration"])
+    assert last.temperature > 0 and last.fitted_on["split"] == "val" and last.fitted_on["images"] == 8
     extra = torch.load(demo_run / "best.pt", weights_only=True)["extra"]
     cal = Calibration.from_dict(extra["calibration"])
     assert cal.operating_point == "youden" and set(cal.thresholds) == {"pneumonia"} and cal.temperature > 0

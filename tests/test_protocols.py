@@ -263,15 +263,17 @@ def test_sweep_on_real_xrays_writes_outputs_and_resumes(pneumonia_npz, tmp_path,
             cell = results["summary"][m][str(k)]
             assert cell["runs"] == 2 and cell["accuracy"]["mean"] == pytest.approx(np.mean(accs))
             assert cell["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
-    # a run's metrics are what `evaluate` says about its run directory
-    one = next(r for r in runs if r["method"] == "linear_probe" and r["shots"] == 2 and r["seed"] == 1)
-    rc, _, _ = cli(evaluate, [one["run_dir"], "--data", pneumonia_npz, "--limit", "24", "--json", tmp_path / "e.json"],
-                   capsys)
-    assert json.loads((tmp_path / "e.json").read_text())["results"][one["run_dir"]]["accuracy"] == \
-        one["metrics"]["accuracy"]
+    # a run's metrics are what `evaluate` says about its last.pt (the final model)
+    assert {r["checkpoint"] for r in runs} == {"last.pt"} and results["settings"]["checkpoint"] == "last"
+    for one in (r for r in runs if r["shots"] == 2 and r["seed"] == 1):
+        last = f"{one['run_dir']}/last.pt"
+        rc, _, _ = cli(evaluate, [last, "--data", pneumonia_npz, "--limit", "24", "--json", tmp_path / "e.json"],
+                       capsys)
+        assert json.loads((tmp_path / "e.json").read_text())["results"][last]["accuracy"] == \
+            one["metrics"]["accuracy"]
 
     md = (out / "results.md").read_text()
-    assert "pipeline check" in md and "8 of 8 runs" in md
+    assert "pipeline check" in md and "8 of 8 runs, each scored through its last.pt" in md
     table = md.split("### accuracy")[1].split("###")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split("|")[1].strip() for r in rows] == ["nearl", "linear_probe"]

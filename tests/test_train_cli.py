@@ -55,7 +55,7 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # training moved the adapters (the untrained update is exactly zero)
     trained = adapters(a / "last.pt")
-    assert all(trained[k].abs().max() > 0 for k in trained if k.endswith("scale"))
+    assert all(trained[k].abs().max() > 0 for k in trained if k.endswith("w_o"))
     rc, out, _ = cli(train, ["--data", pneumonia_npz, "--out", b, *TRAIN, "--resume"], capsys)
     assert rc == 0 and "complete" in out
     (b / "train_state.pt").write_bytes((b / "train_state.pt").read_bytes()[:100])

@@ -169,8 +169,8 @@ def build_master(args, mode: str) -> nearl_rt.NearlCLIP:
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomBackboneWarning)  # said in the table header instead
-            model = nearl_rt.build_model(args.preset, interaction=mode, backend="torch")
-        with torch.no_grad():  # an untrained model is the identity; scales != 0 make the adapters count
+            model = nearl_rt.build_model(args.preset, interaction=mode, backend="torch", zero_init="scale")
+        with torch.no_grad():  # an untrained model is the identity; a random W_o and s != 0 make the adapters count
             for name, p in model.adapter_state_dict().items():
                 if name.endswith("scale"):
                     p.fill_(0.5)

@@ -224,21 +224,27 @@ def _plan(R: int, N: int, D: int, M: int, r: int, dtype: torch.dtype, sms: int):
 
     Forward: the largest row block (64, 32, 16) whose grid still fills every SM once (B = 64 ViT-B/16
     image rows: 64-row blocks, 256 programs, 2 per SM: one wave); small batches take small blocks so that
-    more SMs stream. Backward rows: at most 32 rows (its live set is twice the forward's)."""
+    more SMs stream. Backward rows: at most 32 rows, 16 for fp32 (its live set is twice the forward's)."""
     fp32 = dtype == torch.float32
     block_t = next((bt for bt in ((32,) if fp32 else (64, 32)) if R * cdiv(N, bt) >= sms), 16)
     block_t = min(block_t, pow2(N))
     common = dict(BLOCK_M=pow2(M), BLOCK_R=pow2(r), CDT=compute_dtype(dtype))
-    # fp32 (IEEE dots on CUDA cores) takes 32-wide D chunks and at most 32 rows: no register spill
-    fwd = dict(common, BLOCK_T=block_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)),
+    # Block shapes that compile without register spill for sm_90 and sm_80 with Triton 3.6 and 3.8
+    # (python -m nearl_rt.kernels.resources; docs/kernels.md). fp32 runs IEEE dots on CUDA cores: 32-wide D
+    # chunks for 32-row blocks and 16-wide for 16-row ones (4 warps: 32-wide spilled 4 B on sm_80 with 3.6),
+    # 16-row backward blocks (32 rows spilled 16 B on sm_90 with 3.6) and 8 warps for the weight gradients
+    # (4 spilled 4 B on sm_80 with 3.6).
+    fwd_d = (32 if block_t >= 32 else 16) if fp32 else 64
+    fwd = dict(common, BLOCK_T=block_t, BLOCK_D=min(fwd_d, pow2(D)),
                num_warps=8 if block_t >= (32 if fp32 else 64) else 4)
-    bwd_t = min(block_t, 32)
-    bwd = dict(common, BLOCK_T=bwd_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)), num_warps=8)  # fp32: no sm_80 spill
+    bwd_t = min(block_t, 16 if fp32 else 32)
+    bwd = dict(common, BLOCK_T=bwd_t, BLOCK_D=min(32 if fp32 else 64, pow2(D)), num_warps=8)
     block_dc, weights_t = min(32 if fp32 else 64, pow2(D)), 32
     d_chunks = cdiv(D, block_dc)
     splits = max(1, min(cdiv(R * N, weights_t), cdiv(2 * sms, d_chunks)))  # token splits of the weight grads
     return fwd, (R, cdiv(N, block_t)), bwd, (R, cdiv(N, bwd_t)), \
-        dict(BLOCK_T=weights_t, BLOCK_DC=block_dc, BLOCK_R=pow2(r), CDT=compute_dtype(dtype)), (d_chunks, splits)
+        dict(BLOCK_T=weights_t, BLOCK_DC=block_dc, BLOCK_R=pow2(r), CDT=compute_dtype(dtype),
+             num_warps=8 if fp32 else 4), (d_chunks, splits)
 
 
 def _weights_as(x, w_q, w_o):

@@ -10,7 +10,11 @@ grid size and waves. The launches are the wrappers' own: each site below runs th
 layer (on "meta" tensors, kernels recorded and not run: nearl_rt/kernels/launches.py) for the architecture's SM
 count, forward alone (inference) and forward + backward (training), so the table follows any change of
 block sizes or split plans. `--check` exits 1 when a configuration does not fit (shared memory over the
-per-block limit, or more spill than SPILL_BOUND).
+per-block limit, or more spill than SPILL_BOUND). `--summary` prints one row per kernel and dtype instead.
+
+The table depends on the Triton release (its code generation and the ptxas it ships): TABLE_TRITON names the
+releases whose full table passes `--check` (docs/kernels.md shows both); `bash .ci/triton-version.sh VERSION`
+reruns the table and the interpreter tests with another release.
 
 Geometries: ViT-B/16 and ViT-B/32 CLIP (image 197 / 50 tokens x 768, text 512 wide) and BiomedCLIP
 (image 197 x 768, 768-wide PubMedBERT text); the presets' adapter (M = 16, d_s = 128, 4 heads, r = 32),
@@ -31,6 +35,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 SPILL_BOUND = 0  # bytes of spill stores allowed per kernel and configuration
+# Triton releases whose full table (sm_90 and sm_80) passes --check: the oldest supported (the GPU image's)
+# and CI's; pyproject.toml's triton bound spans them (tests/test_bench_suite.py)
+TABLE_TRITON = ("3.6.0", "3.8.0")
 
 
 @dataclass(frozen=True)
@@ -204,19 +211,41 @@ def table(arch_name: str, geometries, dtypes, batches, jobs: int, site_names=SIT
         per_sm = blocks_per_sm(res, arch)
         rows.append(dict(arch=arch_name, kernel=launch.name, geometry=config["geometry"], site=config["site"],
                          dtype=config["dtype"], **{"pass": config["pass_"]}, B=config["B"], grid=list(grid),
-                         **res, blocks_per_sm=per_sm,
+                         blocks=block_sizes(launch), **res, blocks_per_sm=per_sm,
                          waves=round(programs / (per_sm * arch.sms), 2) if per_sm else None))
     return rows
 
 
-COLUMNS = ("arch", "geometry", "site", "dtype", "pass", "B", "kernel", "grid", "warps", "regs", "spill_stores",
-           "spill_loads", "smem", "blocks_per_sm", "waves")
+def block_sizes(launch) -> str:
+    """The launch's block sizes, e.g. "T64 D64 M16 R32" for BLOCK_T=64, BLOCK_D=64, ..."""
+    return " ".join(f"{k[6:]}{v}" for k, v in launch.kwargs.items() if k.startswith("BLOCK_"))
+
+
+COLUMNS = ("arch", "geometry", "site", "dtype", "pass", "B", "kernel", "grid", "blocks", "warps", "regs",
+           "spill_stores", "spill_loads", "smem", "blocks_per_sm", "waves")
 
 
 def markdown(rows) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join("x".join(map(str, r[c])) if c == "grid" else str(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def summary(rows) -> str:
+    """One row per architecture, kernel and dtype: configurations, block sizes, warps, the register range,
+    the largest spill and shared memory, the fewest resident blocks per SM."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["kernel"], r["dtype"]), []).append(r)
+    lines = ["| arch | kernel | dtype | rows | blocks | warps | registers | spill stores, B (max) | "
+             "shared memory, B (max) | blocks/SM (min) |", "|" + "---|" * 10]
+    for (arch, kernel, dtype), rs in groups.items():
+        regs = sorted(r["regs"] for r in rs)
+        lines.append(f"| {arch} | `{kernel}` | {dtype} | {len(rs)} | {'; '.join(sorted({r['blocks'] for r in rs}))} | "
+                     f"{'/'.join(map(str, sorted({r['warps'] for r in rs})))} | {regs[0]}–{regs[-1]} | "
+                     f"{max(r['spill_stores'] for r in rs)} | {max(r['smem'] for r in rs):,} | "
+                     f"{min(r['blocks_per_sm'] for r in rs)} |")
     return "\n".join(lines)
 
 
@@ -240,6 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--check", action="store_true", help=f"exit 1 if any row exceeds shared memory or spills "
                                                           f"more than {SPILL_BOUND} B")
+    ap.add_argument("--summary", action="store_true", help="print one row per kernel and dtype, not every row")
     args = ap.parse_args(argv)
     archs = _choices(args.arch, ARCHS, "arch")
     geometries = _choices(args.geometry, GEOMETRIES, "geometry")
@@ -252,22 +282,27 @@ def main(argv=None) -> int:
         raise ValueError(f"--batch {args.batch!r}: give integers, e.g. 1,8,64") from None
     if any(b < 1 for b in batches):
         raise ValueError(f"--batch {args.batch!r}: batch sizes must be >= 1")
+    import triton
     from triton import knobs
     if not os.path.isfile(knobs.nvidia.ptxas.path or ""):
         raise ValueError("ptxas not found (it ships with triton's NVIDIA backend); reinstall triton")
     _require_compiled_kernels()
+    checked = "" if triton.__version__ in TABLE_TRITON else " (not one of the checked releases " \
+        f"{', '.join(TABLE_TRITON)}: docs/kernels.md)"
+    print(f"triton {triton.__version__}{checked}, ptxas {knobs.nvidia.ptxas.path}", file=sys.stderr)
     rows, problems = [], []
     for name in archs:
         arch_rows = table(name, geometries, dtypes, batches, max(1, args.jobs), site_names, passes,
                           progress=lambda msg: print(msg, file=sys.stderr))
         rows += arch_rows
         problems += violations(arch_rows, ARCHS[name])
-    print(markdown(rows))
+    print(summary(rows) if args.summary else markdown(rows))
     if args.json:
         from nearl_rt.core.atomic import atomic_output
         with atomic_output(args.json) as tmp:
-            tmp.write_text(json.dumps(dict(spill_bound=SPILL_BOUND, archs={n: asdict(ARCHS[n]) for n in archs},
-                                           rows=rows), indent=1))
+            tmp.write_text(json.dumps(dict(triton=triton.__version__, table_triton=TABLE_TRITON,
+                                           spill_bound=SPILL_BOUND, archs={n: asdict(ARCHS[n]) for n in archs},
+                                           problems=problems, rows=rows), indent=1))
     for p in problems:
         print(f"does not fit: {p}", file=sys.stderr)
     return 1 if args.check and problems else 0

@@ -12,6 +12,32 @@ import triton.language as tl
 _COMPUTE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _backport_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar kernel argument into a Python int (a loop bound:
+    `range(0, D, BLOCK_D)`, `tl.range(...)`) by int() of a 1-element array, which NumPy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with a loop over a
+    runtime bound failed in the interpreter. Triton 3.7 fixed it (triton-lang/triton#9171: squeeze first);
+    this applies the same one-line fix to 3.6's interpreter. Compiled kernels never take this path."""
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if triton_version() < (3, 7):
+    _backport_interpreter_index()
+
+
 def compute_dtype(dtype: torch.dtype):
     """The Triton dtype the fused ops feed to tl.dot for activations of `dtype` (fp32 accumulation)."""
     return _COMPUTE_DTYPES[dtype]

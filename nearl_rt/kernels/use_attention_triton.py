@@ -28,10 +28,11 @@ are read once, only d_s-wide keys are written; backward recomputed with PyTorch)
 (the cached class prompts of text_cacheable) are projected once per weight version (nearl_rt/kernels/derived.py).
 
 Bytes (ViT-B/16 at B = 64, 16-bit, own text of C = 2 prompts x 16 tokens): the keys, 64 x (197 + 32) x 128
-x 2 B = 3.8 MB, read once from HBM (the two 32-row query blocks of a group read them from L2), the
-queries and outputs (0.5 MB). 128 programs, 1 per SM (255 registers, 52 KB of shared memory): 0.97 waves.
-The op is latency-bound (expected a few microseconds; not measured on a GPU), so the design goal is one
-launch per layer and no split combine at B = 64, not a bandwidth fraction.
+x 2 B = 3.8 MB, read once from HBM (the four 16-row query blocks of a group read them from L2, and each
+reads W_k and W_v, 64 KB each in fp32, from L2), the queries and outputs (0.5 MB). 256 programs, 2 per SM
+(about 240 registers, 40 KB of shared memory, no spill with Triton 3.6 or 3.8): 0.97 waves. The op is
+latency-bound (expected a few microseconds; not measured on a GPU), so the design goal is one launch per
+layer and no split combine at B = 64, not a bandwidth fraction.
 """
 from __future__ import annotations
 
@@ -236,11 +237,17 @@ def _sources(kx, kt, t_valid):
 
 @functools.lru_cache(maxsize=1024)
 def _fwd_plan(G: int, NQ: int, DS: int, DH: int, NX: int, NT: int, fp32_keys: bool, sms: int):
-    """Forward block sizes, grid and splits. 32 query rows x 16 keys x 8 warps: no register spill for
-    sm_90/sm_80 at d_s = 128 (python -m nearl_rt.kernels.resources). Splits over the key length only when the
-    G x query-block programs would leave more than half the SMs idle (B >= 33 ViT-B/16 images need none)."""
-    meta = dict(BLOCK_Q=min(32, pow2(NQ)), BLOCK_K=16, BLOCK_S=pow2(DS), BLOCK_H=pow2(DH), num_warps=8,
-                PREC="ieee" if fp32_keys else "tf32x3")
+    """Forward block sizes, grid and splits: 16 keys per block; 32 query rows x 8 warps for fp32 keys (IEEE
+    dots), 16 query rows x 4 warps for 16-bit keys (tf32x3 dots: 32 rows spilled 32-48 B with Triton 3.6 and
+    sat at 255 registers with 3.8; 16 rows take 180-245, 2 blocks per SM, no spill for sm_90 and sm_80 at
+    d_s = 128 with either: python -m nearl_rt.kernels.resources). maxnreg: without it ptxas caps the 16-bit split
+    kernels at 168 registers (3 blocks per SM) and spills 8 B on sm_80 with Triton 3.8; splits run only when
+    the grid leaves SMs idle, where resident blocks per SM do not matter. Splits over the key length only when
+    the G x query-block programs would leave more than half the SMs idle (ViT-B/16 images: none from B = 17
+    with 16-bit keys, 33 with fp32)."""
+    meta = dict(BLOCK_Q=min(32 if fp32_keys else 16, pow2(NQ)), BLOCK_K=16, BLOCK_S=pow2(DS), BLOCK_H=pow2(DH),
+                num_warps=8 if fp32_keys else 4, PREC="ieee" if fp32_keys else "tf32x3",
+                **({} if fp32_keys else dict(maxnreg=255)))
     nqb = cdiv(NQ, meta["BLOCK_Q"])
     nblocks = cdiv(NX, meta["BLOCK_K"]) + cdiv(NT, meta["BLOCK_K"])
     splits = 1 if 2 * G * nqb >= sms else min(nblocks, cdiv(sms, G * nqb))
