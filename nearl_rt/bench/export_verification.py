@@ -33,9 +33,12 @@ PROJECTIONS = ("model.backbone.visual.proj", "model.backbone.visual.head.proj.we
 
 
 def build(preset: str, mode: str, seed: int, noise: float):
-    """A model with random adapters (seeded) and three classes, on the reference ops."""
+    """A model with a random backbone and random adapters (both from `seed`) and three classes, on the reference
+    ops."""
+    import torch
     from nearl_rt.adapters import perturb_adapters
     from nearl_rt.model import build_model
+    torch.manual_seed(seed)
     model = perturb_adapters(build_model(preset, interaction=mode, backend="torch"), seed=seed, noise=noise).eval()
     model.set_classes(CLASSES, "a chest x-ray showing {}.")
     return model
