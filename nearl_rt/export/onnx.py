@@ -47,7 +47,7 @@ VERIFY_IMAGES, VERIFY_BATCHES = 8, (1, 3, 4)
 # FP32_FLOOR_ULPS float32 ulps of the largest |logit|); onnxruntime's error must stay within FP32_RMS_FACTOR times
 # it in RMS and FP32_MAX_FACTOR times it at the worst logit, and its top-1 class must be float64's wherever the
 # top-2 margin exceeds twice that worst-case bound. Measured over correct exports (tiny, tiny_bert, biomedclip;
-# both modes): RMS ratio <= 2.5, worst logit <= 12x PyTorch's RMS error (docs/export.md).
+# both modes, 189 correct exports): RMS ratio <= 2.9, worst logit <= 12.5x the scale (docs/export.md).
 FP32_RMS_FACTOR, FP32_MAX_FACTOR, FP32_FLOOR_ULPS = 8.0, 32.0, 64
 # fp16: |ORT fp16 - PyTorch fp32| <= ATOL + RTOL * max|logit|: float16 has a unit roundoff of 4.9e-4; through 12
 # layers of matmuls and LayerNorms the normalised features move by ~1e-3 and the logits (cosine x
@@ -272,7 +272,7 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
             raise ExportError(f"the fp16 file disagrees with float32 PyTorch: max |diff| of the logits "
                               f"{report['logits']:.3g} > tolerance {tol:.3g}; the file was not written")
         return report
-    return {**report, **_check_float32_error(got[0], ref[0], _float64_logits(model, images))}
+    return {**report, **check_float32_error(got[0], ref[0], _float64_logits(model, images))}
 
 
 def _float64_logits(model, images: torch.Tensor) -> np.ndarray:
@@ -282,7 +282,7 @@ def _float64_logits(model, images: torch.Tensor) -> np.ndarray:
         return model64.classify(images.double().to(model64.class_tokens.device)).cpu().numpy()
 
 
-def _check_float32_error(ort_logits: np.ndarray, torch_logits: np.ndarray, ref64: np.ndarray) -> dict:
+def check_float32_error(ort_logits: np.ndarray, torch_logits: np.ndarray, ref64: np.ndarray) -> dict:
     """The fp32 bound of FP32_RMS_FACTOR: figures, or ExportError naming the one that fails."""
     e_ort, e_pt = ort_logits.astype(np.float64) - ref64, torch_logits.astype(np.float64) - ref64
     rms = {"onnxruntime": float(np.sqrt(np.mean(e_ort ** 2))), "pytorch": float(np.sqrt(np.mean(e_pt ** 2)))}
