@@ -2,6 +2,7 @@
 
     nearl-rt demo [--out DIR]       train -> evaluate -> export -> serve on the bundled X-rays
     nearl-rt info CKPT|MODEL.onnx   what a checkpoint or an exported model holds
+    nearl-rt save-pretrained CKPT OUTDIR   the adapter as safetensors + config.json + model card, to share
     nearl-rt TOOL ...               = python -m MODULE ... for the tools in TOOLS (train, export, ...)
 """
 from __future__ import annotations
@@ -54,14 +55,26 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a checkpoint's config, classes and backbone identity, or an exported "
                                        ".onnx file's metadata, inputs and outputs")
-    info.add_argument("checkpoint", help="a checkpoint (.pt) or an exported model (.onnx)")
+    info.add_argument("checkpoint", help="a checkpoint (.pt), a save-pretrained folder or an exported model (.onnx)")
     info.add_argument("--json", action="store_true", help="print JSON")
+    share = sub.add_parser("save-pretrained", help="write a checkpoint's adapter as a shareable folder: "
+                           "adapter.safetensors, config.json, README.md model card (nearl_rt.pretrained)")
+    share.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory (its best.pt)")
+    share.add_argument("outdir", metavar="OUTDIR", help="a new or empty folder")
+    share.add_argument("--eval", metavar="JSON", action="append", default=[],
+                       help="an evaluate --json file whose metrics go on the model card (repeatable; a sweep's run "
+                            "directory adds its eval.json by itself)")
+    share.add_argument("--dataset", help="the training data's name on the card (default: from the run's run.json)")
     demo = sub.add_parser("demo", help="train, evaluate, export and serve on the bundled chest X-rays (~1 min, CPU)")
     demo.add_argument("--out", default=DEFAULT_OUT, help=f"a new or empty directory (default: {DEFAULT_OUT})")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(args.out, progress=not args.no_progress)
+        return 0
+    if args.command == "save-pretrained":
+        from nearl_rt.pretrained import save_checkpoint_pretrained
+        print(f"wrote {save_checkpoint_pretrained(args.checkpoint, args.outdir, args.eval, args.dataset)}")
         return 0
     summary = onnx_summary(args.checkpoint) if is_onnx_file(args.checkpoint) else None
     if summary is None:

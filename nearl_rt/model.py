@@ -125,6 +125,12 @@ class NearlCLIP(nn.Module):
             for k, v in own.items():
                 v.copy_(state[k])
 
+    def save_pretrained(self, outdir, extra: Optional[dict] = None, **card):
+        """A shareable folder: adapter.safetensors, config.json and a README.md model card (nearl_rt.pretrained;
+        extra: e.g. the intensity policy and calibration; card: metrics=, dataset=). Returns its path."""
+        from nearl_rt.pretrained import save_model_pretrained
+        return save_model_pretrained(self, outdir, extra, **card)
+
     # ---------------------------------------------------------------------------------- classes
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return tokenize(texts, self.backbone_identity)

@@ -37,6 +37,17 @@ def test_info_describes_an_exported_onnx_file(tmp_path, capsys):
         assert str(CLASSES) in out and "'images': ['batch', 3, 32, 32]" in out and "text_cacheable" in out
 
 
+def test_info_reads_a_save_pretrained_folder_and_names_a_missing_path(tmp_path, capsys):
+    """`info` tells exports, checkpoints and save-pretrained folders apart (a folder is no ONNX file)."""
+    model = tiny_model("bidirectional")
+    folder = model.save_pretrained(tmp_path / "share")
+    rc, out, err = cli(entry, ["info", folder], capsys)
+    assert rc == 0, err
+    assert "adapter_parameters" in out and str(CLASSES) in out
+    rc, _, err = cli(entry, ["info", tmp_path / "missing.pt"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "missing.pt" in err
+
+
 def test_load_checkpoint_names_an_onnx_file_for_what_it_is(tmp_path):
     """load_checkpoint on an export says it is an ONNX model and what to do (item 14), with or without .onnx."""
     renamed = tmp_path / "model.pt"

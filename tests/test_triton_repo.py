@@ -124,8 +124,11 @@ def test_with_preprocess_refuses_a_graph_of_another_classifier(tmp_path):
     assert _files(tmp_path / "repo") == []
 
 
-def test_from_a_checkpoint(tmp_path):
-    ckpt = nearl_rt.save_checkpoint(tiny_model("text_cacheable"), tmp_path / "ckpt.pt")
+@pytest.mark.parametrize("saved", ["checkpoint", "save-pretrained folder"])
+def test_from_a_checkpoint(tmp_path, saved):
+    model = tiny_model("text_cacheable")
+    ckpt = nearl_rt.save_checkpoint(model, tmp_path / "ckpt.pt") if saved == "checkpoint" else \
+        model.save_pretrained(tmp_path / "shared")
     model_dir = write_repository(ckpt, tmp_path / "repo", Options(name="xray", gpu=False))
     assert check_model_dir(model_dir).name == "model.onnx"
     assert (model_dir / "labels.txt").read_text().splitlines() == CLASSES

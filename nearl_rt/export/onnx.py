@@ -324,17 +324,17 @@ def load_exportable(checkpoint, pretrained: Optional[str] = None):
 def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None, **options):
     """Export a checkpoint's model (see load_exportable) with its recorded intensity policy, calibration and
     sha256; options go to export_model. Returns (path, model)."""
-    from nearl_rt.core.hashing import sha256_file
+    from nearl_rt.checkpoint import checkpoint_sha256
     model, recorded = load_exportable(checkpoint, pretrained)
-    path = export_model(model, out_path, checkpoint_sha256=sha256_file(checkpoint), **recorded, **options)
+    path = export_model(model, out_path, checkpoint_sha256=checkpoint_sha256(checkpoint), **recorded, **options)
     return path, model
 
 
 def main(argv=None) -> int:
-    from nearl_rt.core.hashing import sha256_file
+    from nearl_rt.checkpoint import checkpoint_sha256
     from nearl_rt.core.cli import log_to_stderr
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint)")
+    parser.add_argument("checkpoint", help="a nearl-rt checkpoint (nearl_rt.save_checkpoint) or save-pretrained folder")
     parser.add_argument("-o", "--output", help="output .onnx file (default: next to CKPT with .onnx)")
     parser.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--fp16", action="store_true", help="float16 model; input and outputs stay float32")
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     log_to_stderr("nearl_rt.export")  # onnx, quantize, preprocess_graph
     if args.int8:
         model, recorded = load_exportable(args.checkpoint, args.pretrained)
-        paths = export_int8(model, args, gates, sha256_file(args.checkpoint), recorded)
+        paths = export_int8(model, args, gates, checkpoint_sha256(args.checkpoint), recorded)
     else:
         path, model = export_checkpoint(args.checkpoint, out, pretrained=args.pretrained, opset=args.opset,
                                         fp16=args.fp16, optimize=args.optimize, batch_size=args.batch_size)

@@ -372,8 +372,9 @@ def write_repository(model, repo, opts: Options = Options(), *, force: bool = Fa
     """
     _check_options(opts)
     model, repo = Path(model), Path(repo)
-    if not model.is_file():
-        raise RepositoryError(f"model not found: {model} (give an exported .onnx or a nearl-rt checkpoint)")
+    if not model.exists():
+        raise RepositoryError(f"model not found: {model} (give an exported .onnx, a nearl-rt checkpoint or a "
+                              f"save-pretrained folder)")
     if repo.exists() and not repo.is_dir():
         raise RepositoryError(f"--repo {repo} is a file; give a directory (it is created if missing)")
     if model.suffix == ".onnx":
