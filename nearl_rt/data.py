@@ -332,6 +332,17 @@ def add_image_arguments(p: argparse.ArgumentParser, training: bool) -> None:
                    help="multi-frame DICOM / TIFF: refuse (default) or read each frame as an image")
 
 
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every tool that runs a stored model over images (evaluate, predict, calibrate): batch size,
+    bad images, the image options, where the backbone is, the backend and the device."""
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    add_image_arguments(p, training=False)
+    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--device", default="auto")
+
+
 def intensity_from_args(args, stored: Optional[dict] = None, where: Optional[str] = None) -> IntensityPolicy:
     """Training (where=None): the policy --intensity / --dicom-voi ask for. Evaluate / predict: the
     checkpoint `where`'s `stored` policy, each option given replacing its part (warns when that differs)."""

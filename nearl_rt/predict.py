@@ -18,7 +18,7 @@ from nearl_rt.core.imaging import expand_frames
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.classifier import load_classifier, resolve_device
 from nearl_rt.core.cli import run_cli
-from nearl_rt.data import (DataError, Preprocess, Split, add_image_arguments, intensity_from_args, is_image_file,
+from nearl_rt.data import (DataError, Preprocess, Split, add_inference_arguments, intensity_from_args, is_image_file,
                            read_dataset, skip_summary)
 from nearl_rt.core.errors import NearlError
 from nearl_rt.core.session import binary_threshold
@@ -35,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write .csv or .json here instead of printing CSV")
     p.add_argument("--decision", action="store_true",
                    help="binary models: also the class decided at the stored operating point's threshold")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
-    add_image_arguments(p, training=False)
-    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--device", default="auto")
+    add_inference_arguments(p)
     return p
 
 
