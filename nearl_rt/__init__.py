@@ -17,6 +17,7 @@ _PUBLIC = {
     "build_model": "nearl_rt.model", "NearlCLIP": "nearl_rt.model",
     "build_backbone": "nearl_rt.backbone",
     "load_checkpoint": "nearl_rt.checkpoint", "save_checkpoint": "nearl_rt.checkpoint",
+    "from_pretrained": "nearl_rt.pretrained",
     "PRESETS": "nearl_rt.config", "NearlConfig": "nearl_rt.config", "preset_config": "nearl_rt.config",
     "tokenize": "nearl_rt.tokenizer",
     "BackboneError": "nearl_rt.core.errors", "CheckpointError": "nearl_rt.core.errors",

@@ -35,15 +35,14 @@ def non_finite_tensor(tensors: dict) -> Optional[str]:
     return None
 
 
-def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
-    """Write `model`'s adapter weights and everything needed to rebuild it to `path` (atomically).
-    Non-finite (NaN/Inf) adapter weights are refused: a checkpoint is always loadable."""
+def checkpoint_payload(model, extra: Optional[dict] = None) -> dict:
+    """Everything a checkpoint (or a save-pretrained folder) stores about `model`: plain values and the adapter
+    tensors. Non-finite (NaN/Inf) adapter weights are refused: what is written is always loadable."""
     from nearl_rt import __version__
     bad = non_finite_tensor(model.adapter_state_dict())
     if bad:
-        raise CheckpointError(f"not writing {path}: adapter tensor {bad} is NaN or Inf (the model diverged)")
-    ident = model.backbone_identity
-    payload = {
+        raise CheckpointError(f"adapter tensor {bad} is NaN or Inf (the model diverged); nothing was written")
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "nearl_rt_version": __version__,
@@ -51,21 +50,56 @@ def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
         "class_names": list(model.class_names),
         "template": model.template,
         "templates": model.templates,  # a template, an ensemble list or per-class prompts (plain values)
-        "backbone": dataclasses.asdict(ident),
+        "backbone": dataclasses.asdict(model.backbone_identity),
         "adapter": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()},
         "extra": dict(extra or {}),
     }
+
+
+def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
+    """Write `model`'s adapter weights and everything needed to rebuild it to `path` (atomically).
+    Non-finite (NaN/Inf) adapter weights are refused: a checkpoint is always loadable."""
+    try:
+        payload = checkpoint_payload(model, extra)
+    except CheckpointError as e:
+        raise CheckpointError(f"not writing {path}: {e}") from None
     path = Path(path)
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
     return path
 
 
-def read_checkpoint(path) -> dict:
-    """Read and validate a checkpoint file's contents without building a model."""
+def is_onnx_file(path) -> bool:
+    """Whether `path` is an ONNX model: named .onnx, or (a checkpoint is a zip file) a protobuf that parses as an
+    ONNX model with a graph. False for a folder or a missing path (read_checkpoint says what they are)."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return True
+    if not path.is_file() or zipfile.is_zipfile(path):
+        return False
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x08":  # ModelProto's first field, ir_version (field 1, varint)
+            return False
+    import onnx
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others on arbitrary bytes
+        return False
+
+
+def read_checkpoint(path) -> dict:
+    """Read and validate a checkpoint file's contents (or a save-pretrained folder's, nearl_rt.pretrained)
+    without building a model."""
+    path = Path(path)
+    if path.is_dir():
+        from nearl_rt.pretrained import read_pretrained
+        return read_pretrained(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_onnx_file(path):
+        raise CheckpointError(f"{path} is an exported ONNX model, not a nearl-rt checkpoint: serve it with "
+                              f"nearl_rt.NearlSession (evaluate and predict take it as it is); load_checkpoint needs "
+                              f"the .pt checkpoint it was exported from")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -80,6 +114,12 @@ def read_checkpoint(path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nearl-rt checkpoint (no '{FORMAT}' format marker); "
                               f"write checkpoints with nearl_rt.save_checkpoint")
+    return validate_payload(payload, path)
+
+
+def validate_payload(payload: dict, path) -> dict:
+    """Check a checkpoint's contents (format version, entries, adapter shapes against the config, finite values);
+    returns it with its config as a NearlConfig."""
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         hint = "upgrade nearl-rt" if isinstance(version, int) and version > FORMAT_VERSION else "re-save it"
@@ -104,10 +144,21 @@ def read_checkpoint(path) -> dict:
     return payload
 
 
+def checkpoint_sha256(path) -> str:
+    """What identifies a checkpoint (recorded in exports): its file's sha256, or a save-pretrained folder's
+    adapter.safetensors'."""
+    from nearl_rt.pretrained import ADAPTER_FILE
+    path = Path(path)
+    return sha256_file(path / ADAPTER_FILE if path.is_dir() else path)
+
+
 def update_extra(path, entries: dict) -> Path:
     """Rewrite checkpoint `path` (validated first) with `entries` merged into its `extra`, atomically; everything
     else stays as it was."""
     read_checkpoint(path)
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a save-pretrained folder, written once with its model card: change the "
+                              f"checkpoint it came from (e.g. calibrate it), then save-pretrained it again")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     payload["extra"] = {**(payload.get("extra") or {}), **entries}
     with atomic_output(Path(path)) as tmp:

@@ -181,9 +181,10 @@ def score_split(probs_of, split: Split, preprocess: Preprocess, batch_size: int,
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint file, or a run directory (its best.pt)."""
+    """A checkpoint file, a save-pretrained folder, or a run directory (its best.pt)."""
+    from nearl_rt.pretrained import is_pretrained_folder
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_pretrained_folder(path):
         best = path / "best.pt"
         if not best.is_file():
             raise CheckpointError(f"run directory {path} has no best.pt (training not finished an epoch yet?)")

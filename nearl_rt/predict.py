@@ -19,7 +19,7 @@ from nearl_rt.core.imaging import expand_frames
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.classifier import load_classifier, resolve_device
 from nearl_rt.core.cli import run_cli
-from nearl_rt.data import (DataError, Preprocess, Split, add_image_arguments, intensity_from_args, is_image_file,
+from nearl_rt.data import (DataError, Preprocess, Split, add_inference_arguments, intensity_from_args, is_image_file,
                            read_dataset, skip_summary)
 from nearl_rt.core.errors import NearlError
 from nearl_rt.core.session import binary_threshold
@@ -42,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="explain_class", metavar="NAME",
                    help="--explain: the class to explain (default: each image's predicted class)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="--explain: the saliency method")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
-    add_image_arguments(p, training=False)
-    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--device", default="auto")
+    add_inference_arguments(p)
     return p
 
 
@@ -64,7 +59,7 @@ def collect_inputs(inputs: list, split: str, image_root, frames: str = "refuse")
             names += [str(p) for p in files]
             sources += [str(p) for p in files]
         elif path.suffix in (".npz", ".json"):
-            part = read_dataset(path, image_root).split(split)
+            part = read_dataset(path, image_root, names_matter=False).split(split)
             names += [s if isinstance(s, str) else f"{path}:{split}:{i}" for i, s in enumerate(part.sources)]
             sources += part.sources
         elif path.is_file():

@@ -13,7 +13,10 @@ over the seeds) and accuracy_vs_shots.png (one line per method with a ±std band
 base-to-novel harmonic mean and novel accuracy). Every run directory also gets predictions.csv (evaluate's
 --predictions). Rerunning the same
 command resumes: a finished run (it has eval.json) is skipped, an interrupted one continues from its last
-epoch. Options after the sweep's own are passed to every `train` run unchanged.
+epoch. Options after the sweep's own are passed to every `train` run unchanged. `--config FILE.yaml` may hold
+the sweep's options and train's (flags override it); DIR/config.yaml records them all, resolved. With
+`--report-to tensorboard,mlflow` every run reports as train does (MLflow: all in DIR/mlruns unless
+--tracking-uri), then its test metrics; the sweep itself reports mean ± std per method and K and the plot.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -35,15 +39,20 @@ from nearl_rt.checkpoint import read_checkpoint
 from nearl_rt.classifier import METHODS, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
+from nearl_rt.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, non_default_flags,
+                                  read_config, resolved_options, unknown_keys, write_config)
 from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier, read_predictions, reported_calibration, write_predictions
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
 from nearl_rt.sampling import sample_shots
+from nearl_rt.tracking import Tracker, parse_report_to
 
 # Options the sweep sets for every run itself.
 OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
-                     "--classes", "--base-to-novel", "--base-classes", "--novel-classes")
+                     "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes")
+NOT_RUN_DEFINING = ("device", "config", "report_to", "tracking_uri", "no_progress")
+OWN_TRAIN_DESTS = tuple(o[2:].replace("-", "_") for o in OWN_TRAIN_OPTIONS)
 CHECKPOINTS = ("last", "best")
 PLOT = {False: ("accuracy", "macro_f1"), True: ("hm_accuracy", "novel_accuracy")}
 INTERVAL_KEYS = ("auc", "auprc")  # table cells with the 95 % interval of the mean over the seeds
@@ -59,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
-    p.add_argument("--classes", help="comma-separated class names (default: from the data)")
+    p.add_argument("--classes", "--data-classes", dest="classes",
+                   help="comma-separated names of the data's labels, in label order (default: from the data)")
     p.add_argument("--methods", default="nearl,linear_probe,zeroshot,coop", help=f"comma-separated, of {METHODS}")
     p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -76,7 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bootstrap resamples for the 95%% intervals of every run and of the AUROC/AUPRC tables "
                         f"(default {DEFAULT_RESAMPLES}; 0: none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (also passed to train)")
+    add_config_argument(p)
     return p
+
+
+def parse_options(argv) -> tuple[argparse.Namespace, list, dict]:
+    """The sweep's options, the pass-through train options, and train's options from --config (typed)."""
+    parser = build_parser()
+    path = config_path(sys.argv[1:] if argv is None else argv)
+    train_defaults = {}
+    if path is not None:
+        own, rest = config_defaults(parser, read_config(path), path)
+        train_defaults, rest = config_defaults(train.build_parser(), rest, path, refuse=OWN_TRAIN_DESTS)
+        unknown_keys(rest, path, parser.prog)
+        apply_defaults(parser, own)
+    args, rest = parser.parse_known_args(argv)
+    return args, rest, train_defaults
 
 
 def _int_list(text: str, name: str) -> list:
@@ -101,13 +126,15 @@ def parse_grid(args) -> tuple[list, list, list]:
     return methods, sorted(shots), seeds
 
 
-def check_train_options(rest: list) -> argparse.Namespace:
-    """The pass-through options must be train's, and not ones the sweep sets itself; returns them parsed."""
+def check_train_options(rest: list, defaults: Optional[dict] = None) -> argparse.Namespace:
+    """The pass-through options must be train's, and not ones the sweep sets itself; returns them parsed (over
+    `defaults`: train's options from the sweep's --config)."""
     own = [a for a in rest if a.split("=")[0] in OWN_TRAIN_OPTIONS]
     if own:
         raise NearlError(f"{own[0].split('=')[0]} is set by the sweep for every run; use --methods / --shots / "
                          f"--seeds / --out / --data of the sweep instead")
     parser = train.build_parser()
+    apply_defaults(parser, defaults or {})
     parser.exit_on_error = False
     try:
         train_args, unknown = parser.parse_known_args(["--data", "-", "--shots", "1", "--out", "-", *rest])
@@ -119,11 +146,19 @@ def check_train_options(rest: list) -> argparse.Namespace:
     return train_args
 
 
+def train_flags(train_args: argparse.Namespace) -> list:
+    """The train options that make the sweep's runs what they are, as flags (those not at their default; not the
+    ones the sweep sets, nor reporting and progress bars), however they were given."""
+    return non_default_flags(train.build_parser(), train_args, skip=(*OWN_TRAIN_DESTS, *NOT_RUN_DEFINING))
+
+
 def check_sweep_dir(out: Path, settings: dict) -> None:
     """A sweep directory is reused only by the same sweep settings (the grid may grow)."""
     file = out / "sweep.json"
     if file.is_file():
         stored = json.loads(file.read_text())
+        if isinstance(stored.get("train_options"), list):  # as given then (flags, or a config file's values)
+            stored["train_options"] = train_flags(check_train_options(stored["train_options"]))
         differ = [f"{k}: {stored.get(k)!r} vs now {v!r}" for k, v in settings.items() if stored.get(k) != v]
         if differ:
             raise NearlError(f"--out {out} holds a sweep with other settings ({'; '.join(differ)}); choose a new --out")
@@ -224,7 +259,8 @@ def plot(summary: dict, methods: list, shots: list, keys, path: Path, title: str
 
 
 def write_results(out: Path, settings: dict, runs: list, methods: list, shots: list, b2n: bool, total: int,
-                  resamples: int = DEFAULT_RESAMPLES) -> None:
+                  resamples: int = DEFAULT_RESAMPLES) -> dict:
+    """results.json, results.md and the plot; returns the summary (mean ± std per method and K)."""
     keys = B2N_KEYS if b2n else SUMMARY_KEYS
     summary = summarise(runs, keys)
     if resamples and not b2n:
@@ -247,6 +283,13 @@ def write_results(out: Path, settings: dict, runs: list, methods: list, shots: l
     if runs:
         title = f"{Path(settings['data']).name}: {', '.join(methods)}{note}"
         plot(summary, methods, shots, PLOT[b2n], out / "accuracy_vs_shots.png", title)
+    return summary
+
+
+def eval_scalars(metrics: dict, split: str) -> dict:
+    """A run's scalar test metrics as tracked: test/<key> (the split's name when it is not test)."""
+    return {f"{split}/{k}": v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def evaluate_run(checkpoint: Path, ds, args, b2n: bool, device) -> dict:
@@ -263,7 +306,7 @@ def evaluate_run(checkpoint: Path, ds, args, b2n: bool, device) -> dict:
 
 
 def main(argv=None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
+    args, rest, train_defaults = parse_options(argv)
     methods, shots, seeds = parse_grid(args)
     if args.eval_limit is not None and args.eval_limit < 1:
         raise NearlError(f"--eval-limit must be >= 1, got {args.eval_limit}")
@@ -271,7 +314,7 @@ def main(argv=None) -> int:
         raise NearlError(f"--max-runs must be >= 1, got {args.max_runs}")
     if args.bootstrap != 0 and args.bootstrap < DEFAULT_RESAMPLES:
         raise NearlError(f"--bootstrap {args.bootstrap}: use 0 (no intervals) or at least {DEFAULT_RESAMPLES} resamples")
-    train_args = check_train_options(rest)
+    train_args = check_train_options(rest, train_defaults)
     b2n = args.base_to_novel or args.base_classes is not None
     if b2n and "linear_probe" in methods:
         raise NearlError("--methods linear_probe cannot run --base-to-novel: its head scores only the classes it was "
@@ -280,7 +323,7 @@ def main(argv=None) -> int:
     settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
                 "split": args.split, "eval_limit": args.eval_limit, "checkpoint": args.checkpoint,
-                "train_options": rest}
+                "train_options": train_flags(train_args)}
     check_sweep_dir(out, settings)
     ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames)
     ds.split(args.split)  # the evaluation split exists
@@ -295,6 +338,12 @@ def main(argv=None) -> int:
     train.make_output_dir(out / "runs")
     with atomic_output(out / "sweep.json") as tmp:
         tmp.write_text(json.dumps(settings, indent=1) + "\n")
+    config = {**resolved_options(build_parser(), args, skip=("max_runs",)),
+              **resolved_options(train.build_parser(), train_args, skip=(*OWN_TRAIN_DESTS, "device", "config"))}
+    write_config(out / "config.yaml", config, f"python -m nearl_rt.sweep --config {out / 'config.yaml'} runs this sweep")
+    # every run reports to the sweep's MLflow store unless --tracking-uri names one
+    mlflow = "mlflow" in parse_report_to(train_args.report_to)
+    tracking_uri = train_args.tracking_uri or ((out / "mlruns").resolve().as_uri() if mlflow else None)
 
     grid = [(m, k, s) for m in methods for k in shots for s in seeds]
     runs, executed, started = [], 0, time.perf_counter()
@@ -315,9 +364,11 @@ def main(argv=None) -> int:
                 **vars(train_args), "data": args.data, "method": method, "shots": k, "seed": seed,
                 "out": str(run_dir), "device": args.device, "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
-                "resume": resume}))
+                "resume": resume, "tracking_uri": tracking_uri}))
             scored = run_dir / f"{args.checkpoint}.pt"
             metrics = evaluate_run(scored, ds, args, b2n, device)
+            with Tracker(train_args.report_to, run_dir, tracking_uri) as tracker:
+                tracker.metrics(eval_scalars(metrics, args.split), 0)
             ckpt = read_checkpoint(scored)
             record = {"method": method, "shots": k, "seed": seed, "run_dir": str(run_dir), "checkpoint": scored.name,
                       "val_accuracy": (ckpt.get("extra") or {}).get("val_accuracy"),
@@ -332,7 +383,15 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(grid)}] {run_dir.name}: {key} {metrics[key]:.4f} in {_duration(record['wall_s'])}; "
                   f"{i} of {len(grid)} runs done, ETA {_duration(per_run * remaining)}", flush=True)
         runs.append(record)
-    write_results(out, settings, runs, methods, shots, b2n, len(grid), args.bootstrap)
+    summary = write_results(out, settings, runs, methods, shots, b2n, len(grid), args.bootstrap)
+    with Tracker(train_args.report_to, out, tracking_uri) as tracker:
+        tracker.params(config)
+        for method, per_k in summary.items():
+            for k, cell in per_k.items():
+                tracker.metrics({f"{method}/{key}_{stat}": cell[key][stat] for key in (B2N_KEYS if b2n else SUMMARY_KEYS)
+                                 for stat in ("mean", "std") if math.isfinite(cell[key][stat])}, int(k))
+        if (out / "accuracy_vs_shots.png").is_file():
+            tracker.artifact(out / "accuracy_vs_shots.png")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'accuracy_vs_shots.png'} "
           f"({len(runs)} of {len(grid)} runs)")
     return 0

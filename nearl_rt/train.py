@@ -1,12 +1,14 @@
 """`python -m nearl_rt.train`: few-shot training of NEARL-CLIP (or a baseline) on labelled images.
 
 NEARL and CoOp train for a fixed number of optimizer steps (--steps, rounded up to whole epochs) whatever
-K is, or for --epochs. RUN_DIR receives: run.json (the run's settings), shots.json (the K-shot indices),
+K is, or for --epochs. RUN_DIR receives: run.json (the run's settings), config.yaml (every option, resolved:
+`--config RUN/config.yaml --out NEW` trains the same run again), shots.json (the K-shot indices),
 metrics.jsonl (one line per epoch), last.pt (the final model) and best.pt (the epoch with the lowest
 validation loss, a tie going to the later epoch; nearl_rt checkpoints) and train_state.pt (adapter +
 optimizer + RNG state, for --resume). Every file is written atomically. When the last epoch is done, the
 temperature and decision thresholds (--operating-point) of last.pt and best.pt are fitted on the validation
-shots and stored in them (nearl_rt.calibrate).
+shots and stored in them (nearl_rt.calibrate). --report-to tensorboard,mlflow also reports the run
+(nearl_rt.tracking).
 Multi-process: `torchrun --nproc_per_node N -m nearl_rt.train ...` (DistributedDataParallel; gloo on
 CPU, nccl on CUDA); each global batch is split across processes, so N processes follow the
 single-process run up to floating-point summation order.
@@ -39,6 +41,7 @@ from nearl_rt.checkpoint import non_finite_tensor
 from nearl_rt.classifier import METHODS, Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
+from nearl_rt.config_file import add_config_argument, parse_with_config, resolved_options, write_config
 from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
 from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
                            read_dataset, skip_summary)
@@ -46,6 +49,7 @@ from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.linear_probe import fit_linear_probe
 from nearl_rt.prompts import load_templates
 from nearl_rt.sampling import sample_shots
+from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 
 # Settings that define a run: --resume refuses to continue a run with different ones.
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
@@ -57,6 +61,9 @@ RUN_KEY_DEFAULTS = {"steps": None, "intensity": "minmax", "dicom_voi": "file", "
                     "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None,
                     "operating_point": DEFAULT_RULE}
 STATE = "train_state.pt"
+# Options of one invocation, not of the run: left out of its config.yaml. Paths in it are absolute.
+INVOCATION_OPTIONS = ("resume", "stop_after")
+PATH_OPTIONS = ("data", "image_root", "pretrained")
 EPOCH_METHODS = ("nearl", "coop")  # trained for --steps / --epochs; the others are fitted in one step
 # The training budget when --epochs is not given: the same number of optimizer steps at every K (an epoch of
 # K shots x C classes is ceil(K * C / batch) steps, 1 or 2 for K <= 16 on two classes). Measured in
@@ -70,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to (default: the JSON's folder)")
-    p.add_argument("--classes", help="comma-separated class names (default: from the data, or MedMNIST's names)")
+    p.add_argument("--classes", "--data-classes", dest="classes",
+                   help="comma-separated names of the data's labels, in label order (default: from the data, or "
+                        "MedMNIST's names by the .npz file's name); they become the prompts")
     p.add_argument("--template", default="a medical image showing {}.", help="prompt template, one '{}'")
     p.add_argument("--templates", metavar="NAME|FILE",
                    help="prompt ensemble instead of --template: a shipped set (xray, ct, mri, histology, dermoscopy, "
@@ -112,7 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N epochs of this invocation (continue later with --resume)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_tracking_arguments(p)
+    add_config_argument(p)
     return p
+
+
+def run_config(args) -> dict:
+    """The run's options as its config.yaml records them (build_parser's, resolved)."""
+    values = resolved_options(build_parser(), args, skip=INVOCATION_OPTIONS)
+    return {k: os.path.abspath(v) if k in PATH_OPTIONS and v is not None else v for k, v in values.items()}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -291,7 +308,7 @@ def diverged(out: Path, done_epochs: int, what: str) -> NearlError:
                       f"--out with a lower --lr or --grad-clip")
 
 
-def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: list) -> None:
+def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: list, tracker: Tracker) -> None:
     preprocess = Preprocess(model.preprocess_cfg, hflip=args.hflip, intensity=args.policy)
     train_images, train_labels = train
     val_x = preprocess.eval(val[0]).to(d.device)
@@ -351,6 +368,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
+            tracker.metrics({"step/loss": loss.item() * len(batch) / d.world / len(mine), "step/lr": lr},
+                            epoch * per_epoch + step + 1)
             loss_sum += loss.item() * len(batch) / d.world
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(mine)
@@ -382,6 +401,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
                 nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
             log.append(record)
             write_log(out / "metrics.jsonl", log)
+            tracker.metrics(epoch_scalars(record), record["epoch"])
             state = {"epoch": epoch + 1, "best": best,
                      "adapter": {k: v.detach().cpu() for k, v in model.adapter_state_dict().items()},
                      **({} if model.prompt_context is None else {"context": model.prompt_context.ctx.detach().cpu()}),
@@ -393,12 +413,17 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
         d.barrier()
 
 
+def epoch_scalars(record: dict) -> dict:
+    """A metrics.jsonl record as tracked scalars (step: its epoch)."""
+    return {k: v for k, v in record.items() if k != "epoch"}
+
+
 def trainable_parameters(model) -> list:
     """What the optimizer moves: NEARL's adapters, or CoOp's context vectors."""
     return model.adapter_parameters() if model.prompt_context is None else list(model.prompt_context.parameters())
 
 
-def train_baseline(args, model, train, val, out: Path) -> None:
+def train_baseline(args, model, train, val, out: Path, tracker: Tracker) -> None:
     """zeroshot (no training) or linear_probe (logistic regression on frozen features, its L2 strength
     chosen on the validation shots): one step, no epochs."""
     preprocess = Preprocess(model.preprocess_cfg, intensity=args.policy)
@@ -416,8 +441,9 @@ def train_baseline(args, model, train, val, out: Path) -> None:
              "val_loss": val_metrics["loss"], **({"linear_probe_C": probe["C"]} if probe else {})}
     nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
     nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
-    write_log(out / "metrics.jsonl", [{"epoch": 0, "val_loss": val_metrics["loss"],
-                                       "val_accuracy": val_metrics["accuracy"]}])
+    record = {"epoch": 0, "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
+    write_log(out / "metrics.jsonl", [record])
+    tracker.metrics(epoch_scalars(record), 0)
     print(f"{args.method}: val loss {val_metrics['loss']:.4f}, val acc {val_metrics['accuracy']:.4f}")
 
 
@@ -441,7 +467,7 @@ def calibrate_checkpoints(args, out: Path, val, shots: dict, device) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    return run(parse_with_config(build_parser(), argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -459,12 +485,14 @@ def run(args: argparse.Namespace) -> int:
         raise NearlError(f"--stop-after must be >= 1, got {args.stop_after}")
     args.policy = intensity_from_args(args)  # stored in every checkpoint's extra: evaluate / predict / export reuse it
     args.rule = OperatingPointRule.parse(args.operating_point)
+    parse_report_to(args.report_to)  # a bad list fails before anything runs
     out = Path(args.out)
     if args.method == "coop" and args.templates:
         raise NearlError("--method coop learns its own prompt context; --templates does not apply to it")
     templates = load_templates(args.templates) if args.templates else args.template
     settings = {k: getattr(args, k) for k in RUN_KEYS}
     settings["data"] = os.path.abspath(args.data)
+    config = run_config(args)  # as given (--steps stays --steps)
     d = Dist(args.device)
     try:
         resuming = check_out_dir(out, settings, args.resume)
@@ -509,13 +537,17 @@ def run(args: argparse.Namespace) -> int:
             if d.main and not resuming:
                 write_json(out / "run.json", settings)
                 write_json(out / "shots.json", shots)
+                write_config(out / "config.yaml", config,
+                             f"python -m nearl_rt.train --config {out / 'config.yaml'} --out NEW trains this run again")
             log = read_log(out / "metrics.jsonl", resume_state["epoch"] if resume_state else 0)
-            if args.method in EPOCH_METHODS:
-                train_nearl(args, d, model, train, val, out, resume_state, log)
-            elif d.main:
-                train_baseline(args, model, train, val, out)
-                with atomic_output(out / STATE) as tmp:
-                    torch.save({"epoch": args.epochs}, tmp)
+            with Tracker(args.report_to if d.main else "none", out, args.tracking_uri) as tracker:
+                tracker.params(config)
+                if args.method in EPOCH_METHODS:
+                    train_nearl(args, d, model, train, val, out, resume_state, log, tracker)
+                elif d.main:
+                    train_baseline(args, model, train, val, out, tracker)
+                    with atomic_output(out / STATE) as tmp:
+                        torch.save({"epoch": args.epochs}, tmp)
         except BaseException:
             if created and d.main and not (out / STATE).exists():
                 shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no half-made run

@@ -20,11 +20,12 @@ LAYERS = {
               "nearl_rt.tokenizer", "nearl_rt.prompts", "nearl_rt.model", "nearl_rt.cuda_graph", "nearl_rt.checkpoint",
               "nearl_rt.data", "nearl_rt.sampling", "nearl_rt.classsets", "nearl_rt.calibration", "nearl_rt.metrics",
               "nearl_rt.coop",
-              "nearl_rt.classifier", "nearl_rt.linear_probe", "nearl_rt.saliency", "nearl_rt.faithfulness"],
+              "nearl_rt.classifier", "nearl_rt.linear_probe", "nearl_rt.pretrained",
+              "nearl_rt.saliency", "nearl_rt.faithfulness"],
     "export": ["nearl_rt.export"],
     "serving": ["nearl_rt.serving"],
     "tools": ["nearl_rt.train", "nearl_rt.evaluate", "nearl_rt.calibrate", "nearl_rt.plots", "nearl_rt.predict",
-              "nearl_rt.sweep", "nearl_rt.demo",
+              "nearl_rt.sweep", "nearl_rt.demo", "nearl_rt.config_file", "nearl_rt.tracking",
               "nearl_rt.__main__", "nearl_rt.bench"],
 }
 RANK = {prefix: i for i, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}

@@ -38,8 +38,8 @@ def test_train_resume_evaluate_predict(pneumonia_npz, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     rc, out, _ = cli(train, ["--data", pneumonia_npz, "--out", a, *TRAIN], capsys)
     assert rc == 0 and "17,652 trainable parameters" in out
-    assert sorted(p.name for p in a.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl", "run.json", "shots.json",
-                                                   "train_state.pt"]
+    assert sorted(p.name for p in a.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "run.json",
+                                                   "shots.json", "train_state.pt"]
     # interrupted after one epoch, then resumed: bit-for-bit the uninterrupted run
     assert cli(train, ["--data", pneumonia_npz, "--out", b, *TRAIN, "--stop-after", "1"], capsys)[0] == 0
     assert len(log(b)) == 1

@@ -7,12 +7,13 @@ Files and arrays become RGB through nearl_rt.core.imaging (DICOM, 16-bit images 
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-from nearl_rt.core.imaging import ImageLike, IntensityPolicy, load_image
+from nearl_rt.core.imaging import Frame, ImageLike, IntensityPolicy, load_image
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -38,10 +39,17 @@ def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Se
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def image_list(images) -> list:
+    """One image (a path, Frame, PIL image or array) or an iterable of them -> a list of images."""
+    if isinstance(images, (str, os.PathLike, np.ndarray, Frame, Image.Image)) or not hasattr(images, "__iter__"):
+        return [images]
+    return list(images)
+
+
 def preprocess_batch(images: Iterable[ImageLike], size: int, mean: Sequence[float], std: Sequence[float],
                      interpolation: str = "bicubic", intensity: Optional[IntensityPolicy] = None) -> np.ndarray:
     """Paths / Frames / PIL images / arrays -> float32 [B, 3, size, size] (nearl_rt.core.imaging.load_image)."""
-    out = [preprocess_image(load_image(im, intensity), size, mean, std, interpolation) for im in images]
+    out = [preprocess_image(load_image(im, intensity), size, mean, std, interpolation) for im in image_list(images)]
     if not out:
         raise ValueError("no images given")
     return np.stack(out)
