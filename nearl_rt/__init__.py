@@ -23,6 +23,7 @@ _PUBLIC = {
     "BackboneError": "nearl_rt.core.errors", "CheckpointError": "nearl_rt.core.errors",
     "NearlError": "nearl_rt.core.errors", "RandomBackboneWarning": "nearl_rt.core.errors",
     "NearlSession": "nearl_rt.core.session",
+    "explain": "nearl_rt.saliency", "Explanation": "nearl_rt.saliency",
 }
 __all__ = sorted([*_PUBLIC, "__version__"])
 

@@ -1,7 +1,7 @@
 """`nearl-rt` (or `python -m nearl_rt`): the demo, `info`, and every other command-line tool by name.
 
     nearl-rt demo [--out DIR]       train -> evaluate -> export -> serve on the bundled X-rays
-    nearl-rt info CKPT              what a checkpoint holds
+    nearl-rt info CKPT|MODEL.onnx   what a checkpoint or an exported model holds
     nearl-rt save-pretrained CKPT OUTDIR   the adapter as safetensors + config.json + model card, to share
     nearl-rt TOOL ...               = python -m MODULE ... for the tools in TOOLS (train, export, ...)
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from functools import partial
 
@@ -47,15 +48,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:
         return run_tool(argv[0], argv[1:])
-    from nearl_rt.checkpoint import read_checkpoint
-    from nearl_rt.config import preset_name
-    from nearl_rt.core.imaging import resolve_policy
+    from nearl_rt.checkpoint import is_onnx_file
     from nearl_rt.demo import DEFAULT_OUT, run_demo
     parser = argparse.ArgumentParser(prog="python -m nearl_rt", description=__doc__.split("\n")[0],
                                      epilog="tools: " + ", ".join(f"{n} (python -m {m})" for n, m in TOOLS.items()))
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print a checkpoint's config, classes and backbone identity")
-    info.add_argument("checkpoint")
+    info = sub.add_parser("info", help="print a checkpoint's config, classes and backbone identity, or an exported "
+                                       ".onnx file's metadata, inputs and outputs")
+    info.add_argument("checkpoint", help="a checkpoint (.pt), a save-pretrained folder or an exported model (.onnx)")
     info.add_argument("--json", action="store_true", help="print JSON")
     share = sub.add_parser("save-pretrained", help="write a checkpoint's adapter as a shareable folder: "
                            "adapter.safetensors, config.json, README.md model card (nearl_rt.pretrained)")
@@ -76,8 +76,24 @@ def main(argv=None) -> int:
         from nearl_rt.pretrained import save_checkpoint_pretrained
         print(f"wrote {save_checkpoint_pretrained(args.checkpoint, args.outdir, args.eval, args.dataset)}")
         return 0
-    payload = read_checkpoint(args.checkpoint)
-    summary = {
+    summary = onnx_summary(args.checkpoint) if is_onnx_file(args.checkpoint) else None
+    if summary is None:
+        summary = checkpoint_summary(args.checkpoint)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>20}: {v}")
+    return 0
+
+
+def checkpoint_summary(path) -> dict:
+    """What `nearl-rt info` shows of a checkpoint (validated as load_checkpoint validates it)."""
+    from nearl_rt.checkpoint import read_checkpoint
+    from nearl_rt.config import preset_name
+    from nearl_rt.core.imaging import resolve_policy
+    payload = read_checkpoint(path)
+    return {
         "format_version": payload["format_version"],
         "nearl_rt_version": payload.get("nearl_rt_version"),
         "preset": preset_name(payload["config"]) or "custom",
@@ -86,16 +102,30 @@ def main(argv=None) -> int:
         "template": payload.get("template"),
         "templates": payload.get("templates"),
         "backbone": payload["backbone"],
-        "intensity": str(resolve_policy((payload.get("extra") or {}).get("intensity"), None, args.checkpoint)),
+        "intensity": str(resolve_policy((payload.get("extra") or {}).get("intensity"), None, path)),
         "adapter_parameters": sum(t.numel() for t in payload["adapter"].values()),
         "calibration": (payload.get("extra") or {}).get("calibration"),  # temperature, operating point, thresholds
     }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        for k, v in summary.items():
-            print(f"{k:>20}: {v}")
-    return 0
+
+
+def onnx_summary(path) -> dict:
+    """What `nearl-rt info` shows of an exported ONNX file: its nearl.* metadata, inputs, outputs and size."""
+    import onnx
+
+    from nearl_rt.core.metadata import read_metadata
+    proto = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in proto.graph.initializer}
+
+    def tensors(values):
+        return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                         for d in v.type.tensor_type.shape.dim] for v in values if v.name not in weights}
+    meta = read_metadata(proto)
+    kind = "preprocessing graph" if meta.get("kind") == "preprocess" else \
+        "classifier" if "class_names" in meta else "ONNX model without nearl.* metadata (not written by nearl-rt)"
+    return {"file": f"ONNX, {kind}", "size_mib": round(os.path.getsize(path) / 2**20, 2),
+            "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
+            "producer": proto.producer_name, "inputs": tensors(proto.graph.input),
+            "outputs": tensors(proto.graph.output), **meta}
 
 
 if __name__ == "__main__":

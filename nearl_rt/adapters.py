@@ -123,3 +123,17 @@ def state_mismatch(expected: dict[str, tuple], state: dict[str, torch.Tensor]):
 
 
 __all__ = ["OCA", "USEformer", "count_parameters"]
+
+
+def perturb_adapters(model, seed: int = 0, scale: float = 0.5, noise: float = 0.1):
+    """Give every adapter parameter a non-trivial random value, in place (an untrained model is the frozen backbone,
+    which tests exports, kernels and benchmarks nothing of the adapters): OCA scales `scale`, every other adapter
+    parameter + noise * N(0, 1) drawn from `seed`. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.adapter_state_dict().items():
+            if name.endswith("scale"):
+                p.fill_(scale)
+            else:
+                p.add_(noise * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model

@@ -25,7 +25,7 @@ from nearl_rt.checkpoint import update_extra
 from nearl_rt.classifier import load_classifier, resolve_checkpoint, resolve_device
 from nearl_rt.core.cli import run_cli
 from nearl_rt.core.errors import NearlError
-from nearl_rt.data import add_image_arguments, intensity_from_args, parse_classes, read_dataset
+from nearl_rt.data import add_inference_arguments, intensity_from_args, parse_classes, read_dataset
 from nearl_rt.evaluate import score_split_of
 
 
@@ -40,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "you report on)")
     p.add_argument("--limit", type=int, help="fit on a fixed class-balanced subset of N images")
     p.add_argument("--operating-point", default=DEFAULT_RULE, metavar="RULE", help=f"{RULE_HELP} (default: youden)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
-    add_image_arguments(p, training=False)
-    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--device", default="auto")
+    add_inference_arguments(p)
     return p
 
 

@@ -69,6 +69,24 @@ def save_checkpoint(model, path, extra: Optional[dict] = None) -> Path:
     return path
 
 
+def is_onnx_file(path) -> bool:
+    """Whether `path` is an ONNX model: named .onnx, or (a checkpoint is a zip file) a protobuf that parses as an
+    ONNX model with a graph. False for a folder or a missing path (read_checkpoint says what they are)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return True
+    if not path.is_file() or zipfile.is_zipfile(path):
+        return False
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x08":  # ModelProto's first field, ir_version (field 1, varint)
+            return False
+    import onnx
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others on arbitrary bytes
+        return False
+
+
 def read_checkpoint(path) -> dict:
     """Read and validate a checkpoint file's contents (or a save-pretrained folder's, nearl_rt.pretrained)
     without building a model."""
@@ -78,6 +96,10 @@ def read_checkpoint(path) -> dict:
         return read_pretrained(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_onnx_file(path):
+        raise CheckpointError(f"{path} is an exported ONNX model, not a nearl-rt checkpoint: serve it with "
+                              f"nearl_rt.NearlSession (evaluate and predict take it as it is); load_checkpoint needs "
+                              f"the .pt checkpoint it was exported from")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

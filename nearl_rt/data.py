@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -30,7 +31,7 @@ from PIL import Image
 from nearl_rt.core.imaging import (DEFAULT_POLICY, FRAME_OPTIONS, VOI_OPTIONS, Frame, ImageError, IntensityPolicy,
                             expand_frames, has_dicom_preamble, load_image, resolve_policy)
 from nearl_rt.core.preprocess import preprocess_image
-from nearl_rt.core.errors import NearlError
+from nearl_rt.core.errors import ClassNamesWarning, NearlError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom")
@@ -75,6 +76,7 @@ class Dataset:
     path: str
     class_names: list
     splits: dict             # split name -> Split
+    named: bool = True       # False: the data did not name its classes ("class 0", "class 1", ... stand in)
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -82,9 +84,12 @@ class Dataset:
         return self.splits[name]
 
 
-def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None, frames: str = "refuse") -> Dataset:
+def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None, frames: str = "refuse", *,
+                 names_matter: bool = True) -> Dataset:
     """Read a folder tree, split JSON or .npz (chosen by what `path` is) and check its labels.
-    frames="each": every frame of a multi-frame file (DICOM, TIFF) becomes an image with the file's label."""
+    frames="each": every frame of a multi-frame file (DICOM, TIFF) becomes an image with the file's label.
+    names_matter: warn (ClassNamesWarning) when the data does not name its classes and `classes` does not either
+    (off where only the images are used)."""
     if frames not in FRAME_OPTIONS:
         raise DataError(f"frames={frames!r}: use one of {FRAME_OPTIONS}")
     path = Path(path)
@@ -99,7 +104,12 @@ def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None,
     else:
         raise DataError(f"{path}: unknown dataset kind; pass an image folder, a split .json or a MedMNIST .npz")
     if classes is not None:
-        ds.class_names = list(classes)
+        ds.class_names, ds.named = list(classes), True
+    elif not ds.named and names_matter:
+        warnings.warn(f"{path} does not say which MedMNIST dataset it is (its file name does not start with one of "
+                      f"{', '.join(sorted(MEDMNIST_CLASSES))}), so its classes are named {ds.class_names} and the "
+                      f"prompts read e.g. 'a medical image showing class 0.': the text tower cannot tell the classes "
+                      f"apart by name. Name them in label order: --data-classes a,b (train, sweep, evaluate)", ClassNamesWarning, stacklevel=2)
     if frames == "each":
         ds.splits = {name: _expand_frames(s) for name, s in ds.splits.items()}
     _check_labels(ds)
@@ -206,8 +216,9 @@ def _read_npz(path: Path) -> Dataset:
         raise DataError(f"{path} has no train_images / val_images / test_images arrays (not a MedMNIST file)")
     prefix = path.stem.split("_")[0].lower()
     top = max((int(s.labels.max()) for s in splits.values() if len(s)), default=0)
-    class_names = MEDMNIST_CLASSES.get(prefix, [f"class {i}" for i in range(top + 1)])
-    return Dataset(str(path), list(class_names), splits)
+    if prefix in MEDMNIST_CLASSES:
+        return Dataset(str(path), list(MEDMNIST_CLASSES[prefix]), splits)
+    return Dataset(str(path), [f"class {i}" for i in range(top + 1)], splits, named=False)
 
 
 def load_images(split: Split, skip_bad: bool = False,
@@ -220,12 +231,11 @@ def load_images(split: Split, skip_bad: bool = False,
         try:
             images.append(load_image(src, intensity))
             kept.append(i)
-        except (ValueError, FileNotFoundError, Image.DecompressionBombError) as e:
+        except (ValueError, FileNotFoundError) as e:
             if not skip_bad:
                 raise DataError(f"{e}; fix or remove the file, or pass --skip-bad-images to skip it") from None
             reason = e.reason if isinstance(e, ImageError) else (
-                "not found" if isinstance(e, FileNotFoundError) else "too large" if isinstance(
-                    e, Image.DecompressionBombError) else "unreadable")
+                "not found" if isinstance(e, FileNotFoundError) else "unreadable")
             skipped.append({"image": split.describe(i), "reason": reason, "error": str(e)})
     return images, np.asarray(kept, dtype=np.int64), skipped
 
@@ -320,6 +330,17 @@ def add_image_arguments(p: argparse.ArgumentParser, training: bool) -> None:
                         + trained)
     p.add_argument("--frames", default="refuse", choices=FRAME_OPTIONS,
                    help="multi-frame DICOM / TIFF: refuse (default) or read each frame as an image")
+
+
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every tool that runs a stored model over images (evaluate, predict, calibrate): batch size,
+    bad images, the image options, where the backbone is, the backend and the device."""
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    add_image_arguments(p, training=False)
+    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--device", default="auto")
 
 
 def intensity_from_args(args, stored: Optional[dict] = None, where: Optional[str] = None) -> IntensityPolicy:

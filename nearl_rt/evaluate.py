@@ -30,7 +30,7 @@ from nearl_rt.core.atomic import atomic_output
 from nearl_rt.classifier import Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import dataset_for_classes, split_base_novel
 from nearl_rt.core.cli import run_cli
-from nearl_rt.data import (DataError, Dataset, Preprocess, add_image_arguments, intensity_from_args, parse_classes,
+from nearl_rt.data import (DataError, Dataset, Preprocess, add_inference_arguments, intensity_from_args, parse_classes,
                            read_dataset, skip_summary)
 from nearl_rt.core.errors import NearlError
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, aggregate, evaluation_metrics, harmonic_mean
@@ -56,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--novel-classes", help="comma-separated novel classes (default: the other classes)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, help="evaluate a fixed class-balanced subset of N images (the first of each class)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
-    add_image_arguments(p, training=False)
-    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--device", default="auto")
+    add_inference_arguments(p)
     p.add_argument("--operating-point", metavar="RULE",
                    help="youden, sensitivity=X or specificity=X: fit the decision thresholds by this rule on "
                         "--fit-split now (default: the thresholds stored with the model)")

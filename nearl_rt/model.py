@@ -25,6 +25,8 @@ from nearl_rt import kernels
 from nearl_rt.adapters import build_adapters, count_parameters, state_mismatch
 from nearl_rt.backbone import BackboneIdentity, build_backbone
 from nearl_rt.config import NearlConfig, preset_config
+from nearl_rt.core.imaging import IntensityPolicy
+from nearl_rt.core.preprocess import preprocess_batch
 from nearl_rt.prompts import DEFAULT_TEMPLATE, Templates, class_prompts, normalise_templates, pool_prompts, \
     pooling_matrix
 from nearl_rt.tokenizer import tokenize
@@ -151,14 +153,32 @@ class NearlCLIP(nn.Module):
         self.prompt_pool = None if pool is None else pool.to(device)
         self._text_cache = self._class_prompts = None
 
-    def classify(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [B, len(class_names)] for the classes set with `set_classes`."""
+    def classify(self, images) -> torch.Tensor:
+        """Logits [B, len(class_names)] for the classes set with `set_classes`. `images`: the preprocessed batch
+        float [B, 3, H, W], or image files / PIL images / arrays (one, or a list), which `preprocess` turns into it."""
         if not self.class_names:
             raise RuntimeError("no classes set: call model.set_classes(['class a', 'class b', ...]) first")
+        if not torch.is_tensor(images):
+            images = self.preprocess(images)
         if self.interaction == "text_cacheable" and not torch.is_grad_enabled():
             return self.scaled_logits(self.encode_images(images, self.cached_text_stream()),
                                 pool_prompts(self._text_cache[1].features, self.prompt_pool))
         return self(images, self.class_tokens)
+
+    def preprocess(self, images, intensity: Optional[IntensityPolicy] = None) -> torch.Tensor:
+        """Image files (PNG, JPEG, TIFF, DICOM; 16-bit too), PIL images or arrays, one or a list -> the float32 batch
+        [B, 3, H, W] that `classify` takes, on the model's device: decoded and preprocessed exactly as training,
+        evaluation and NearlSession do (nearl_rt.core). intensity: how >8-bit images map to 0..255 (default: the
+        per-image min-max that training uses unless told otherwise; docs/medical-images.md)."""
+        cfg = self.preprocess_cfg
+        size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+        try:
+            batch = preprocess_batch(images, int(size), cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
+                                     intensity)
+        except TypeError as e:
+            raise TypeError(f"classify/preprocess take a float tensor [B, 3, {size}, {size}] or images (paths, PIL "
+                            f"images, arrays): {e}") from None
+        return torch.from_numpy(batch).to(self.class_tokens.device)
 
     def cuda_graph(self, batch_sizes: Sequence[int] = (1, 8, 64)):
         """`classify` captured in one CUDA graph per batch size: a callable images -> logits (nearl_rt.cuda_graph)."""

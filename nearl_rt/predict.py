@@ -2,7 +2,8 @@
 of images (PNG/JPEG/16-bit TIFF/DICOM, ...), or the images of a dataset file (.npz / split .json,
 `--split`); `--frames each` predicts every frame of a multi-frame file (named FILE:frame=N). Prints CSV
 (`input,rank,class,probability`), or writes CSV / JSON to `--output` (by its extension). The probabilities are
-the model's calibrated ones; `--decision` (binary models) adds the class decided at the stored threshold."""
+the model's calibrated ones; `--decision` (binary models) adds the class decided at the stored threshold.
+`--explain OUTDIR` also writes a saliency map per image (PNG overlay + .npy: nearl_rt.saliency, docs/explain.md)."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,11 @@ from nearl_rt.core.imaging import expand_frames
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.classifier import load_classifier, resolve_device
 from nearl_rt.core.cli import run_cli
-from nearl_rt.data import (DataError, Preprocess, Split, add_image_arguments, intensity_from_args, is_image_file,
+from nearl_rt.data import (DataError, Preprocess, Split, add_inference_arguments, intensity_from_args, is_image_file,
                            read_dataset, skip_summary)
 from nearl_rt.core.errors import NearlError
 from nearl_rt.core.session import binary_threshold
+from nearl_rt.saliency import DEFAULT_METHOD, METHODS, NEEDS_CHECKPOINT, class_index, write_explanations
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write .csv or .json here instead of printing CSV")
     p.add_argument("--decision", action="store_true",
                    help="binary models: also the class decided at the stored operating point's threshold")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
-    add_image_arguments(p, training=False)
-    p.add_argument("--pretrained", help="the backbone weights file or download folder, if it moved since training")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--explain", metavar="OUTDIR",
+                   help="also write per image a saliency overlay (PNG) and its map (.npy) here; needs the checkpoint")
+    p.add_argument("--class", dest="explain_class", metavar="NAME",
+                   help="--explain: the class to explain (default: each image's predicted class)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="--explain: the saliency method")
+    add_inference_arguments(p)
     return p
 
 
@@ -57,7 +59,7 @@ def collect_inputs(inputs: list, split: str, image_root, frames: str = "refuse")
             names += [str(p) for p in files]
             sources += [str(p) for p in files]
         elif path.suffix in (".npz", ".json"):
-            part = read_dataset(path, image_root).split(split)
+            part = read_dataset(path, image_root, names_matter=False).split(split)
             names += [s if isinstance(s, str) else f"{path}:{split}:{i}" for i, s in enumerate(part.sources)]
             sources += part.sources
         elif path.is_file():
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
         raise NearlError(f"--topk and --limit must be >= 1 (got {args.topk}, {args.limit})")
     if args.output and Path(args.output).suffix not in (".csv", ".json"):
         raise NearlError(f"--output {args.output}: use a .csv or .json file name")
+    if args.explain and Path(args.checkpoint).suffix == ".onnx":
+        raise NearlError(f"--explain: {NEEDS_CHECKPOINT}")
     names, sources = collect_inputs(args.inputs, args.split, args.image_root, args.frames)
     if args.limit is not None:
         names, sources = names[:args.limit], sources[:args.limit]
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
                                     device=resolve_device(args.device))
     if args.topk > len(classifier.class_names):
         raise NearlError(f"--topk {args.topk} exceeds the checkpoint's {len(classifier.class_names)} classes")
+    if args.explain:
+        class_index(classifier, args.explain_class)  # an unknown name fails before any work
     threshold = binary_threshold(classifier.class_names, classifier.calibration.thresholds) if args.decision else None
     split = Split(sources, np.zeros(len(sources), dtype=np.int64))
     preprocess = Preprocess(classifier.preprocess_cfg,
@@ -122,6 +128,10 @@ def main(argv=None) -> int:
         with atomic_output(Path(args.output)) as tmp:
             tmp.write_text(text)
         print(f"wrote {len(results)} predictions to {args.output}")
+    if args.explain:
+        written = write_explanations(classifier, [names[i] for i in kept], [sources[i] for i in kept], preprocess,
+                                     args.explain, class_name=args.explain_class, method=args.method)
+        print(f"wrote {len(written)} saliency overlays (.png) and maps (.npy) to {args.explain}", file=sys.stderr)
     return 0
 
 

@@ -50,7 +50,7 @@ from nearl_rt.tracking import Tracker, parse_report_to
 
 # Options the sweep sets for every run itself.
 OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
-                     "--classes", "--base-to-novel", "--base-classes", "--novel-classes")
+                     "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes")
 NOT_RUN_DEFINING = ("device", "config", "report_to", "tracking_uri", "no_progress")
 OWN_TRAIN_DESTS = tuple(o[2:].replace("-", "_") for o in OWN_TRAIN_OPTIONS)
 CHECKPOINTS = ("last", "best")
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
-    p.add_argument("--classes", help="comma-separated class names (default: from the data)")
+    p.add_argument("--classes", "--data-classes", dest="classes",
+                   help="comma-separated names of the data's labels, in label order (default: from the data)")
     p.add_argument("--methods", default="nearl,linear_probe,zeroshot,coop", help=f"comma-separated, of {METHODS}")
     p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")

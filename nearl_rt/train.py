@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to (default: the JSON's folder)")
-    p.add_argument("--classes", help="comma-separated class names (default: from the data, or MedMNIST's names)")
+    p.add_argument("--classes", "--data-classes", dest="classes",
+                   help="comma-separated names of the data's labels, in label order (default: from the data, or "
+                        "MedMNIST's names by the .npz file's name); they become the prompts")
     p.add_argument("--template", default="a medical image showing {}.", help="prompt template, one '{}'")
     p.add_argument("--templates", metavar="NAME|FILE",
                    help="prompt ensemble instead of --template: a shipped set (xray, ct, mri, histology, dermoscopy, "

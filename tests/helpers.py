@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import nearl_rt
+from nearl_rt.adapters import perturb_adapters  # noqa: F401 - shared by the tests through this module
 from nearl_rt.core.cli import run_cli
 
 CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe", "a nodule"]
@@ -11,17 +12,6 @@ CLASSES = ["normal lungs", "pneumonia with consolidation in the left lower lobe"
 TINY_PRESETS = ["tiny", "tiny_bert"]
 
 
-def perturb_adapters(model, seed: int = 0, scale: float = 0.5, noise: float = 0.1):
-    """Give every adapter parameter a non-trivial random value (an untrained model is the identity):
-    OCA scales `scale`, everything else + noise * N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.adapter_state_dict().items():
-            if name.endswith("scale"):
-                p.fill_(scale)
-            else:
-                p.add_(noise * torch.randn(p.shape, generator=g).to(p.dtype))
-    return model
 
 
 def oca_update_stats(model, images, tokens) -> list:

@@ -78,17 +78,29 @@ def faults(host, ports, model, data, out):
         client = connect(protocol, host, ports)
         try:
             infer(client, protocol, target, name, array, datatype)
-            error = None
+            error = status = None
         except InferenceServerException as e:
-            error = str(e)
-        report[case] = {"error": error, "next_ok": _valid_ok(client, protocol, model, valid)}
+            error, status = str(e), str(e.status())
+        report[case] = {"error": error, "status": status, "protocol": protocol,
+                        "next_ok": _valid_ok(client, protocol, model, valid)}
     for case, disconnect in (("disconnect mid-upload", _disconnect_mid_upload),
                              ("disconnect before the answer", _disconnect_before_answer)):
         disconnect(host, ports["http"], model, valid)
         report[case] = {"error": "client left", "next_ok": _valid_ok(connect("grpc", host, ports), "grpc", model,
                                                                        valid)}
+    report["classification"] = {protocol: _top2(connect(protocol, host, ports), protocol, model, valid)
+                                for protocol in ("http", "grpc")}
     with open(out, "w") as f:
         json.dump(report, f)
+
+
+def _top2(client, protocol, model, valid) -> list:
+    """Triton's classification extension on `probs`: the top-2 'score:index:label' strings per image."""
+    lib = _lib(protocol)
+    inp = lib.InferInput("images", list(valid.shape), "FP32")
+    inp.set_data_from_numpy(valid)
+    result = client.infer(model, [inp], outputs=[lib.InferRequestedOutput("probs", class_count=2)])
+    return [[v.decode() if isinstance(v, bytes) else str(v) for v in row] for row in result.as_numpy("probs")]
 
 
 def _valid_ok(client, protocol, model, valid) -> bool:

@@ -77,6 +77,8 @@ def test_quick_run_as_a_script_writes_the_schema(tmp_path):
     out = tmp_path / "results.json"
     proc = run_script("--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--quick is a smoke test" in proc.stdout + proc.stderr  # it says its times are no measurement
+    assert "min each" not in proc.stdout + proc.stderr  # tiny exports take seconds, not minutes
     doc = json.loads(out.read_text())
     by_key = check_document(doc, tuple(BACKENDS), MODES, (1, 3))
     assert doc["settings"]["preset"] == "tiny" and doc["settings"]["classes"] == 2

@@ -10,7 +10,7 @@ import nearl_rt
 from nearl_rt.kernels import oca_reference, use_attention_reference
 from nearl_rt.kernels.oca_triton import oca_triton
 from nearl_rt.kernels.use_attention_triton import use_attention_triton
-from nearl_rt.export.onnx import export_model
+from nearl_rt.export.onnx import check_float32_error, export_model
 from nearl_rt.core.session import NearlSession
 from nearl_rt.backbone import build_backbone
 from tests.helpers import assert_orthogonal, frozen_clip_logits, oca_update_stats, perturb_adapters
@@ -131,8 +131,9 @@ def test_fused_ops_on_bert_text_tokens(frozen, inputs):
 @pytest.mark.parametrize("mode", MODES)
 def test_export_parity(frozen, mode, tmp_path):
     """Full-size BiomedCLIP with non-trivial adapters to ONNX in both modes: export_model's own verification
-    passes, and NearlSession on the file is as close to a float64 PyTorch reference as float32 PyTorch is
-    (<= 2x its error: this random-weight model is ill-conditioned, float32 PyTorch is itself ~1e-3 off)."""
+    passes, and NearlSession's logits on three other images are within the export's float32 error bound of a
+    float64 copy of the model (this random-weight model is ill-conditioned: float32 PyTorch is itself ~1e-4-1e-3
+    off it; docs/export.md#verification)."""
     model = perturb_adapters(nearl(frozen, mode), seed=2).eval()
     model.set_classes(["normal", "pneumonia"], "a chest x-ray showing {}.")
     path = export_model(model, tmp_path / "biomedclip.onnx")
@@ -142,5 +143,6 @@ def test_export_parity(frozen, mode, tmp_path):
         ref64 = copy.deepcopy(model).double().classify(images.double())
     session = NearlSession(path, providers=["CPUExecutionProvider"])
     assert session.metadata["backbone"] == model.backbone_identity.name
-    got = torch.from_numpy(session.run(images.numpy())[0]).double()
-    assert (got - ref64).abs().max() <= 2 * (ref32 - ref64).abs().max() + 1e-6
+    got = session.run(images.numpy())[0]
+    figures = check_float32_error(got, ref32.numpy(), ref64.numpy())  # raises ExportError beyond the bound
+    assert figures["rms_error"]["onnxruntime"] <= figures["bound"]["rms"]

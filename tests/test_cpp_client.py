@@ -20,20 +20,22 @@ def client():
 
 
 def parse(stdout: str):
-    """'<image> <rank> <prob> <name>' lines -> {image: [(name, prob), ...]} in rank order."""
+    """'<image>\t<rank>\t<prob>\t<name>' lines -> {image: [(name, prob), ...]} in rank order (insertion order
+    = output order)."""
     out = {}
     for line in stdout.strip().splitlines():
-        image, rank, prob, name = line.split(" ", 3)
-        out.setdefault(int(image), []).append((name, float(prob)))
-        assert len(out[int(image)]) == int(rank)
+        image, rank, prob, name = line.split("\t")
+        out.setdefault(image, []).append((name, float(prob)))
+        assert len(out[image]) == int(rank)
     return out
 
 
-def assert_same(cpp: dict, python: list):
-    assert sorted(cpp) == list(range(len(python)))
-    for i, row in enumerate(python):
-        assert [n for n, _ in cpp[i]] == [n for n, _ in row]
-        np.testing.assert_allclose([p for _, p in cpp[i]], [p for _, p in row], rtol=0, atol=1e-6)
+def assert_same(cpp: dict, python: list, names: list):
+    """The client's rows, named by input, equal Python's rows for those inputs (in that order)."""
+    assert list(cpp) == names
+    for name, row in zip(names, python):
+        assert [n for n, _ in cpp[name]] == [n for n, _ in row]
+        np.testing.assert_allclose([p for _, p in cpp[name]], [p for _, p in row], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode,preset,precision", [(m, p, "fp32") for p in TINY_PRESETS
@@ -63,7 +65,7 @@ def test_cpp_client_equals_nearl_session(client, mode, preset, precision, tmp_pa
     order = np.argsort(-probs, axis=1, kind="stable")[:, :2]
     expected = [[(CLASSES[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
     expected += session.predict(images, top_k=2)
-    assert_same(parse(proc.stdout), expected)
+    assert_same(parse(proc.stdout), expected, [f"{raw}[{i}]" for i in range(3)] + [str(p) for p in images])
 
 
 @pytest.mark.parametrize("top_k", [[], ["--top-k", "0"]], ids=["default", "zero"])
@@ -79,7 +81,8 @@ def test_cpp_client_cuda_falls_back(client, top_k, tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("nearl_client: running on the CPU: ") and len(proc.stderr.splitlines()) == 1
-    assert_same(parse(proc.stdout), NearlSession(path, preprocess="onnx").predict([image], top_k=len(CLASSES)))
+    assert_same(parse(proc.stdout), NearlSession(path, preprocess="onnx").predict([image], top_k=len(CLASSES)),
+                [str(image)])
 
 
 def test_cpp_client_errors(client, tmp_path):

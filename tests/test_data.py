@@ -175,3 +175,13 @@ def test_balanced_subset_takes_classes_in_turn():
     labels = np.sort(rng.integers(0, 3, 200))                  # sorted, like the real test split
     counts = np.bincount(labels[balanced_subset(labels, 30)], minlength=3)
     assert counts.tolist() == [10, 10, 10]
+
+
+def test_shipped_real_data_is_the_documented_file(pneumonia_npz):
+    """The real X-rays the tests train on ship with them (tests/data), with the sha256 their README states."""
+    from nearl_rt.core.hashing import sha256_file
+    readme = (pneumonia_npz.parent / "README.md").read_text()
+    assert sha256_file(pneumonia_npz) in readme
+    ds = read_dataset(pneumonia_npz)
+    assert ds.class_names == ["normal", "pneumonia"]
+    assert {s: len(ds.split(s)) for s in ("train", "val", "test")} == {"train": 2428, "val": 270, "test": 468}

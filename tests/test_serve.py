@@ -148,6 +148,18 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, tmp_
     rng = np.random.default_rng(8)
     arrays = {"valid": rng.standard_normal((2, 3, 32, 32)).astype(np.float32), "img0": _images(rng, tmp_path)["img0"]}
     report = json.loads(server.client("faults", arrays, tmp_path).read_text())
+    top2 = report.pop("classification")
+    session = NearlSession(server.model, providers=["CPUExecutionProvider"])
+    probs = session.run(arrays["valid"])[1]
+    for protocol, rows in top2.items():  # "score:index:label", as from a repository's labels.txt
+        for row, p in zip(rows, probs):
+            want = [f"{p[c]:.6f}:{c}:{session.class_names[c]}" for c in np.argsort(-p, kind="stable")[:2]]
+            assert [r.rsplit(":", 2)[1:] for r in row] == [w.rsplit(":", 2)[1:] for w in want], (protocol, row, want)
+            np.testing.assert_allclose([float(r.split(":")[0]) for r in row], np.sort(p)[::-1][:2], atol=1e-5)
+    client_errors = {"undecodable bytes", "truncated image"}
+    for case in client_errors:  # the client's own bad input: 4xx / INVALID_ARGUMENT with the decoder's reason
+        assert report[case]["status"] in ("400", "StatusCode.INVALID_ARGUMENT"), (case, report[case])
+    assert "image_bytes[0] is not a decodable image" in server.log.read_text(errors="replace")  # the log names it
     expected = {"wrong dtype": "FP64", "wrong shape": "unexpected shape", "wrong channels": "unexpected shape",
                 "empty batch": "", "undecodable bytes": "image_bytes[0] is not a decodable image",
                 "truncated image": "image_bytes[0] is not a decodable image", "no images": "",

@@ -144,6 +144,12 @@ def test_failures_leave_nothing_behind(tmp_path):
     with pytest.raises(RepositoryError, match="not written by `python -m export.onnx`"):
         write_repository(not_nearl, tmp_path)
     assert _files(tmp_path) == ["plain.onnx"]
+    # another tool's file: the error names that file (not a temporary copy), and a new --repo is not left behind
+    with pytest.raises(RepositoryError, match=rf"^{not_nearl} lacks the nearl\.\* metadata"):
+        write_repository(not_nearl, tmp_path / "new" / "repo")
+    assert _files(tmp_path) == ["plain.onnx"]
+    with pytest.raises(RepositoryError, match=rf"--repo {not_nearl} is a file; give a directory"):
+        write_repository(exported("bidirectional"), not_nearl)
     for bad, match in ((Options(name="../x"), "--name"), (Options(version=0), "--version"),
                        (Options(max_batch_size=0), "--max-batch-size"), (Options(gpu=False, tensorrt_fp16=True),
                                                                          "--tensorrt-fp16 needs --gpu")):
@@ -187,7 +193,10 @@ def test_check_catches_labels_that_differ(tmp_path):
 def test_cli(tmp_path, capsys):
     assert main([str(exported("bidirectional")), "--repo", str(tmp_path), "--name", "m", "--version", "3",
                  "--cpu", "--max-batch-size", "4", "--instances", "2", "--max-queue-delay-us", "100"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out and "docker run --rm -p8000:8000" in out and "--gpus" not in out  # KIND_CPU: no GPUs
+    assert main([str(exported("bidirectional")), "--repo", str(tmp_path / "gpu")]) == 0
+    assert "docker run --rm --gpus all -p8000:8000" in capsys.readouterr().out  # KIND_GPU needs them
     c = parse_config(tmp_path / "m" / "config.pbtxt")
     assert (c.max_batch_size, c.instance_group[0].count, c.dynamic_batching.max_queue_delay_microseconds) == (4, 2, 100)
     assert main(["--check", str(tmp_path / "m")]) == 0

@@ -5,8 +5,9 @@
 // --top-k: classes printed per image, 0 = all (default 5, or all when the model has fewer).
 // INPUT: a PNG or JPEG file of any size (decoded, then resized / cropped / normalised by the model's
 // preprocessing graph, MODEL.preprocess.onnx), or a raw little-endian float32 file (*.f32) holding
-// preprocessed [n, 3, S, S] images. Output: one line per image and rank, "<image> <rank> <probability>
-// <class name>", images numbered from 0 in input order. Errors: one line on stderr, exit status 2.
+// preprocessed [n, 3, S, S] images. Output: one line per image and rank, tab-separated
+// "<image>\t<rank>\t<probability>\t<class name>", where <image> is the file as given (for a .f32 batch:
+// "BATCH.f32[i]", i from 0), in input order. Errors: one line on stderr, exit status 2.
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -74,23 +75,23 @@ int run(int argc, char** argv) {
     throw nearl::Error("--top-k " + std::to_string(*top_k) + ": the model has " + std::to_string(classes) +
                        " classes (0 = all)");
   std::size_t k = top_k ? *top_k : std::min<std::size_t>(5, classes);
-  std::size_t index = 0;
   std::string out;  // printed only when every input succeeded
   for (const std::string& path : inputs) {
     std::vector<nearl::Predictions> rows;
-    if (ends_with(path, ".f32")) {
+    bool batch = ends_with(path, ".f32");
+    if (batch) {
       std::vector<float> x = read_raw(path, model.input_size());
       rows = model.top(model.run(x.data(), x.size() / (std::size_t(3) * model.input_size() * model.input_size())), k);
     } else {
       rows.push_back(model.classify_file(path, k));
     }
-    for (const nearl::Predictions& row : rows) {
-      for (std::size_t r = 0; r < row.size(); ++r) {
-        char line[64];
-        std::snprintf(line, sizeof(line), "%zu %zu %.9g ", index, r + 1, row[r].probability);
-        out += line + row[r].label + "\n";
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      std::string image = batch ? path + "[" + std::to_string(i) + "]" : path;
+      for (std::size_t r = 0; r < rows[i].size(); ++r) {
+        char line[48];
+        std::snprintf(line, sizeof(line), "\t%zu\t%.9g\t", r + 1, rows[i][r].probability);
+        out += image + line + rows[i][r].label + "\n";
       }
-      ++index;
     }
   }
   std::fputs(out.c_str(), stdout);

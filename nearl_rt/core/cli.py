@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 from nearl_rt.core.errors import NearlError
@@ -12,15 +13,22 @@ EXIT_USER_ERROR = 2
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None, *,
             prog: str = "nearl-rt") -> int:
-    """Run `main(argv)`; print NearlError/OSError/ValueError as `prog: error: ...` and return exit code 2."""
+    """Run `main(argv)`; print NearlError/OSError/ValueError as `prog: error: ...` and return exit code 2.
+    Warnings show as one line `prog: warning: ...` each, every distinct message once."""
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
     try:
-        return int(main(argv) or 0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("once", append=True)  # after any filter set by the user (or pytest)
+            return int(main(argv) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (NearlError, OSError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 class _CurrentStderr(logging.StreamHandler):

@@ -15,3 +15,7 @@ class BackboneError(NearlError):
 
 class RandomBackboneWarning(UserWarning):
     """The backbone has random weights: outputs are meaningless for real use."""
+
+
+class ClassNamesWarning(UserWarning):
+    """The data does not name its classes: the prompts (the classifier) read placeholders like 'class 0'."""

@@ -250,8 +250,9 @@ def _load_file(path: str, policy: IntensityPolicy, frame: Optional[int]) -> Imag
             return _from_pil(im, policy, path)
     except ImageError:
         raise
-    except Image.DecompressionBombError:
-        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path} is too large to decode safely ({e} Pillow refuses it; if the image is genuine, raise "
+                         f"PIL.Image.MAX_IMAGE_PIXELS)", "too large") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot read image {path}: {e}", "not an image") from None
 

@@ -30,10 +30,10 @@ import onnxruntime as ort
 
 from nearl_rt.core.cpu import physical_cores
 from nearl_rt.core.hashing import sha256_file
-from nearl_rt.core.imaging import Frame, IntensityPolicy, load_image, resolve_policy
+from nearl_rt.core.imaging import IntensityPolicy, load_image, resolve_policy
 from nearl_rt.core.metadata import (GRAPH_FUSED, PREPROCESS_KIND, classifier_metadata, preprocess_graph_path,
                                     read_calibration, read_metadata)
-from nearl_rt.core.preprocess import ImageLike, preprocess_batch
+from nearl_rt.core.preprocess import ImageLike, image_list, preprocess_batch
 
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -104,8 +104,7 @@ class NearlSession:
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
         """File paths (images, DICOM), Frames, PIL images or arrays -> float32 [B, 3, H, W], as training
         preprocessed them."""
-        if isinstance(images, (str, os.PathLike, np.ndarray, Frame)) or not hasattr(images, "__iter__"):
-            images = [images]
+        images = image_list(images)
         h, w = self.input_size
         if h != w:
             raise ValueError(f"non-square input size {self.input_size} is not supported by nearl_rt.core.preprocess")

@@ -18,7 +18,6 @@ there), with every input, output and attribute the nodes written here use.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import onnx

@@ -297,6 +297,68 @@ def serve_main(argv) -> int:
     return 0
 
 
+class ClientInputError(ValueError):
+    """A request's own content is wrong (an undecodable image): the client gets a 4xx with this message."""
+
+
+# pytriton 0.7 maps every exception of a bound function to INTERNAL (HTTP 500) and writes no label files. Both are
+# added to what it sends tritonserver to load each model (Model.get_model_config, Model.get_proxy_model_files): a
+# label file on `probs`, and in its proxy model.py the exact block that turns an error into a TritonModelException
+# gains a branch for ClientInputError, answered per request with TritonError(INVALID_ARG) (HTTP 400, gRPC
+# INVALID_ARGUMENT).
+_PYTRITON_ERROR_BLOCK = """                if error:
+                    assert eos
+                    triton_responses_or_error = pb_utils.TritonModelException(  # pytype: disable=module-attr
+                        responses_payload.decode("utf-8")
+                    )
+"""
+_CLIENT_ERROR_BLOCK = """                if error:
+                    assert eos
+                    _text = responses_payload.decode("utf-8").strip()
+                    _last = _text.splitlines()[-1] if _text else ""
+                    if _last.startswith("{marker}: "):  # nearl-rt: a client's bad input is a 4xx
+                        triton_responses_or_error = [pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                            _last[len("{marker}: "):], pb_utils.TritonError.INVALID_ARG)) for _ in triton_requests]
+                    else:
+                        triton_responses_or_error = pb_utils.TritonModelException(  # pytype: disable=module-attr
+                            responses_payload.decode("utf-8")
+                        )
+"""
+
+
+def _extend_pytriton(labels: dict) -> None:
+    """Give the models pytriton loads what its API cannot express: a label file (Triton's classification
+    extension: `score:index:label`) on the `probs` output of the models named in `labels`, and 4xx answers for
+    ClientInputError. Raises ServeError when the installed pytriton is not the one this was written for."""
+    from pytriton.models.model import Model
+
+    from nearl_rt.serving.triton_repository import LABELS_FILE
+    get_config, get_files = Model.get_model_config, Model.get_proxy_model_files
+    marker = f"{ClientInputError.__module__}.{ClientInputError.__qualname__}"
+
+    def get_model_config(self) -> dict:
+        config = get_config(self)
+        if self.model_name in labels:
+            for out in config.get("output", []):
+                if out["name"] == "probs":
+                    out["label_filename"] = LABELS_FILE
+        return config
+
+    def get_proxy_model_files(self) -> dict:
+        files = get_files(self)
+        key = f"file:{self.model_version}/model.py"
+        code = files[key].decode()
+        if _PYTRITON_ERROR_BLOCK not in code:
+            raise ServeError(f"{PYTRITON} is required (the installed pytriton's model.py differs): recreate the "
+                             f"server environment with `python -m export.serve --setup`")
+        files[key] = code.replace(_PYTRITON_ERROR_BLOCK, _CLIENT_ERROR_BLOCK.replace("{marker}", marker)).encode()
+        if self.model_name in labels:
+            files[f"file:{LABELS_FILE}"] = "".join(f"{c}\n" for c in labels[self.model_name]).encode()
+        return files
+
+    Model.get_model_config, Model.get_proxy_model_files = get_model_config, get_proxy_model_files
+
+
 def _start(args, workspace: Path):
     import numpy as np
     from pytriton.decorators import batch
@@ -306,6 +368,7 @@ def _start(args, workspace: Path):
     from nearl_rt.core.session import NearlSession
 
     session = NearlSession(args.model)
+    _extend_pytriton({args.name: session.class_names})
     h, w = session.input_size
     n_classes = len(session.class_names)
     outputs = [Tensor(name=n, dtype=np.float32, shape=(n_classes,)) for n in ("logits", "probs")]
@@ -352,6 +415,11 @@ class ImageForwarder:
         if self._client is not None:
             self._client.close()
 
+    def _refuse(self, reason: str) -> ClientInputError:
+        """The error for a client's bad request, named in the server's log too."""
+        print(f"export.serve: a request to {self.model}_image was refused: {reason}", file=sys.stderr, flush=True)
+        return ClientInputError(reason)
+
     def infer(self, requests):
         return [self._one(r["image_bytes"]) for r in requests]
 
@@ -374,10 +442,10 @@ class ImageForwarder:
                 try:
                     images.append(load_image(path, self.session.intensity))
                 except (OSError, ValueError) as e:  # nearl_rt.core.imaging.ImageError is a ValueError
-                    raise ValueError(f"image_bytes[{i}] is not a decodable image ({str(e).replace(path, 'it')}); "
-                                     f"send PNG/JPEG/DICOM/... file contents") from None
+                    raise self._refuse(f"image_bytes[{i}] is not a decodable image ({str(e).replace(path, 'it')}); "
+                                       f"send PNG/JPEG/DICOM/... file contents") from None
         if not images:
-            raise ValueError("image_bytes is empty: send at least one encoded image")
+            raise self._refuse("image_bytes is empty: send at least one encoded image")
         batch = self.session.preprocess(images)
         if self._client is None:
             self._client = grpcclient.InferenceServerClient(self.url)

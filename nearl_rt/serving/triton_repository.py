@@ -375,11 +375,16 @@ def write_repository(model, repo, opts: Options = Options(), *, force: bool = Fa
     if not model.exists():
         raise RepositoryError(f"model not found: {model} (give an exported .onnx, a nearl-rt checkpoint or a "
                               f"save-pretrained folder)")
+    if repo.exists() and not repo.is_dir():
+        raise RepositoryError(f"--repo {repo} is a file; give a directory (it is created if missing)")
+    if model.suffix == ".onnx":
+        read_signature(model)  # another tool's file is refused here, by its own name, before anything is written
     names = [opts.name] + ([opts.preprocess_name, opts.ensemble_name] if opts.with_preprocess else [])
     for name in names:
         version_dir = repo / name / str(opts.version)
         if version_dir.exists() and not force:
             raise RepositoryError(f"{version_dir} exists: choose another --version, or pass --force to replace it")
+    created = [d for d in (repo, *repo.parents) if not d.exists()]  # removed again if this fails
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{opts.name}.", suffix=".tmp", dir=repo))
     try:
@@ -402,8 +407,12 @@ def write_repository(model, repo, opts: Options = Options(), *, force: bool = Fa
             check_model_dir(staging / name)
         for name in names:
             _move_into_place(staging / name, repo / name, str(opts.version))
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a failed run leaves nothing: not even the directories it made
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return repo / opts.name
 
 
@@ -461,6 +470,12 @@ def _export_checkpoint(ckpt: Path, out: Path, pretrained: Optional[str]) -> None
     export_checkpoint(ckpt, out, pretrained=pretrained)
 
 
+def docker_command(repo: Path, gpu: bool) -> str:
+    """The `docker run` line that serves `repo` with the NGC tritonserver image (GPUs only for KIND_GPU models)."""
+    return (f"docker run --rm{' --gpus all' if gpu else ''} -p8000:8000 -p8001:8001 -v {repo.resolve()}:/models "
+            f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.triton", description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", help="an exported MODEL.onnx (dynamic batch) or a nearl-rt checkpoint")
@@ -495,8 +510,7 @@ def main(argv=None) -> int:
     model_dir = write_repository(args.model, args.repo, opts, force=args.force, pretrained=args.pretrained)
     extra = f", {opts.preprocess_name} and the ensemble {opts.ensemble_name}" if opts.with_preprocess else ""
     print(f"wrote {model_dir}/{opts.version}/{MODEL_FILE} with {CONFIG_FILE} and {LABELS_FILE}{extra} (checked); "
-          f"serve it with: docker run --rm -p8000:8000 -p8001:8001 -v {Path(args.repo).resolve()}:/models "
-          f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
+          f"serve it with: {docker_command(Path(args.repo), opts.gpu)}")
     return 0
 
 

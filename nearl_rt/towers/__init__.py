@@ -29,11 +29,14 @@ class PromptBatch:
 class VisionTower(Protocol):
     blocks: Sequence[nn.Module]
     width: int
+    patch_size: tuple     # (height, width) of a patch in pixels
+    prefix_tokens: int    # tokens before the patch tokens (CLS, registers)
 
     @property
     def dtype(self) -> torch.dtype: ...
     def embed(self, images: torch.Tensor) -> torch.Tensor: ...               # [B, 3, H, W] -> [B, N, D]
     def block(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+    def input_norm(self, layer: int) -> nn.Module: ...                       # block's first LayerNorm: what its attention reads
     def features(self, x: torch.Tensor) -> torch.Tensor: ...                 # pooled + projected [B, E]
 
 

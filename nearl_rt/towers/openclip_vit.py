@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from open_clip.transformer import VisionTransformer
 
 from nearl_rt.core.errors import BackboneError
@@ -22,6 +23,8 @@ class OpenClipVision:
         self.visual = visual
         self.blocks = list(visual.transformer.resblocks)
         self.width = visual.transformer.width
+        self.patch_size = tuple(visual.patch_size)
+        self.prefix_tokens = 1  # the class embedding
 
     @property
     def dtype(self) -> torch.dtype:
@@ -32,6 +35,9 @@ class OpenClipVision:
 
     def block(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[layer](x)
+
+    def input_norm(self, layer: int) -> nn.Module:
+        return self.blocks[layer].ln_1
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(x)

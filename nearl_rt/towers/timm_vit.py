@@ -6,6 +6,7 @@ blocks, norm) and TimmModel's head(trunk.forward_head(...)), so it equals `visua
 from __future__ import annotations
 
 import torch
+from torch import nn
 from open_clip.timm_model import TimmModel
 from timm.models.vision_transformer import VisionTransformer
 
@@ -28,6 +29,8 @@ class TimmVision:
         self.visual, self.trunk = visual, visual.trunk
         self.blocks = list(visual.trunk.blocks)
         self.width = visual.trunk.embed_dim
+        self.patch_size = tuple(visual.trunk.patch_embed.patch_size)
+        self.prefix_tokens = visual.trunk.num_prefix_tokens  # CLS and register tokens
 
     @property
     def dtype(self) -> torch.dtype:
@@ -39,6 +42,9 @@ class TimmVision:
 
     def block(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[layer](x)
+
+    def input_norm(self, layer: int) -> nn.Module:
+        return self.blocks[layer].norm1
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual.head(self.trunk.forward_head(self.trunk.norm(x)))
