@@ -11,7 +11,7 @@ from PIL import Image
 
 import nearl_rt
 from nearl_rt import predict
-from nearl_rt.bench.explain import BRIGHT_CLASSES, bright_patch_model, bright_patch_report
+from nearl_rt.bench.explain import bright_patch_model, bright_patch_report
 from nearl_rt.classifier import Classifier
 from nearl_rt.core.errors import NearlError
 from nearl_rt.faithfulness import delete_patches, patch_scores

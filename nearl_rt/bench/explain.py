@@ -31,7 +31,7 @@ from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.core.preprocess import resize_crop_geometry
 from nearl_rt.data import Preprocess, Split, intensity_from_args, load_images, read_dataset
 from nearl_rt.saliency import METHODS, explain_sources, render_overlay, saliency_maps
-from nearl_rt.faithfulness import FRACTIONS, deletion_test
+from nearl_rt.faithfulness import deletion_test
 from nearl_rt.model import build_model
 
 BRIGHT_CLASSES = ["plain noise", "a bright square"]
