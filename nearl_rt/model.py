@@ -26,7 +26,7 @@ from nearl_rt.adapters import build_adapters, count_parameters, state_mismatch
 from nearl_rt.backbone import BackboneIdentity, build_backbone
 from nearl_rt.config import NearlConfig, preset_config
 from nearl_rt.core.imaging import IntensityPolicy
-from nearl_rt.core.preprocess import preprocess_batch
+from nearl_rt.core.preprocess import image_list, preprocess_batch
 from nearl_rt.prompts import DEFAULT_TEMPLATE, Templates, class_prompts, normalise_templates, pool_prompts, \
     pooling_matrix
 from nearl_rt.tokenizer import tokenize
@@ -173,7 +173,7 @@ class NearlCLIP(nn.Module):
         cfg = self.preprocess_cfg
         size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
         try:
-            batch = preprocess_batch(images, int(size), cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
+            batch = preprocess_batch(image_list(images), int(size), cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
                                      intensity)
         except TypeError as e:
             raise TypeError(f"classify/preprocess take a float tensor [B, 3, {size}, {size}] or images (paths, PIL "

@@ -48,8 +48,9 @@ def image_list(images) -> list:
 
 def preprocess_batch(images: Iterable[ImageLike], size: int, mean: Sequence[float], std: Sequence[float],
                      interpolation: str = "bicubic", intensity: Optional[IntensityPolicy] = None) -> np.ndarray:
-    """Paths / Frames / PIL images / arrays -> float32 [B, 3, size, size] (nearl_rt.core.imaging.load_image)."""
-    out = [preprocess_image(load_image(im, intensity), size, mean, std, interpolation) for im in image_list(images)]
+    """Paths / Frames / PIL images / arrays -> float32 [B, 3, size, size] (nearl_rt.core.imaging.load_image). Each
+    item of `images` is one image (a stacked uint8 array [B, H, W] is B images); image_list makes one image a list."""
+    out = [preprocess_image(load_image(im, intensity), size, mean, std, interpolation) for im in images]
     if not out:
         raise ValueError("no images given")
     return np.stack(out)
