@@ -24,7 +24,7 @@ from scipy.special import softmax
 
 from nearl_rt.bench.decode import write_dicom
 from nearl_rt.core.session import NearlSession
-from nearl_rt.serving.server import ServeError, ServerProcess, ensure_env, free_ports
+from nearl_rt.serving.server import ServeError, ServerProcess, ensure_env, free_ports, main as serve_cli
 from nearl_rt.serving.triton_repository import Options, write_repository
 from tests.export_cases import (CALIBRATION, TINY_PREPROCESS_PROBS_ATOL, exported, exported_calibrated,
                                 exported_with_preprocess)
@@ -61,10 +61,10 @@ def port_free(port) -> bool:
 
 
 class Server(ServerProcess):
-    def __init__(self, python, model, log):
+    def __init__(self, python, model, log, *args):
         # A long queue delay so that 16 concurrent clients are certain to be batched together.
         super().__init__(model, "--max-batch-size", "8", "--max-queue-delay-us", "100000", "--exit-timeout", "3",
-                         host=HOST, log=log)
+                         *args, host=HOST, log=log)
         self.python = python
 
     def client(self, mode, arrays, tmp_path):
@@ -179,6 +179,38 @@ def test_sigterm_stops_the_server_and_frees_its_ports(server):
     assert status == 0, f"exit status {status}:\n{server.tail()}"
     assert "export.serve: stopped" in server.tail()
     assert port_free(server.http_port) and port_free(server.grpc_port)
+
+
+def test_openvino_runtime_serves_what_nearlsession_computes_on_openvino(server_python, tmp_path):
+    pytest.importorskip("openvino")
+    model = exported_calibrated("bidirectional")
+    rng = np.random.default_rng(9)
+    xs = {f"x{i}": rng.standard_normal((1 + i % 3, 3, 32, 32)).astype(np.float32) for i in range(16)}
+    images = dict(list(_images(rng, tmp_path).items())[:4])
+    with Server(server_python, model, tmp_path / "server.log", "--runtime", "openvino") as server:
+        out = np.load(server.client("load", {**xs, **images}, tmp_path))
+    session = NearlSession(model, runtime="openvino")
+    for key, x in xs.items():  # the same OpenVINO build; batches of other compositions (see the test above)
+        logits, probs = session.run(x)
+        np.testing.assert_allclose(out[f"{key}_logits"], logits, rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(out[f"{key}_probs"], probs, rtol=1e-5, atol=1e-6, err_msg=key)
+    for key, encoded in images.items():
+        path = tmp_path / key
+        path.write_bytes(encoded.tobytes())
+        np.testing.assert_allclose(out[f"{key}_probs"], session.run(session.preprocess([path]))[1], rtol=1e-5,
+                                   atol=1e-6, err_msg=key)
+    assert out["batch_sizes"].max() > 1
+
+
+def test_openvino_bf16_needs_a_verified_file(server_python, tmp_path):
+    pytest.importorskip("openvino")
+    server = Server(server_python, exported("bidirectional"), tmp_path / "server.log", "--runtime", "openvino",
+                    "--precision", "bf16")
+    with pytest.raises(ServeError, match="exited with status 2"):
+        server.start()
+    assert "records no verification of OpenVINO bf16" in server.tail(), server.tail()
+    with pytest.raises(ServeError, match="--precision bf16 is OpenVINO's: add --runtime openvino"):
+        serve_cli([str(exported("bidirectional")), "--precision", "bf16"])
 
 
 def _tritonserver_binary(python) -> Path:

@@ -1,7 +1,8 @@
 """`python -m export.serve MODEL.onnx`: serve an exported model through Triton Inference Server on one machine.
 
 The server is the tritonserver binary bundled with PyPI's nvidia-pytriton; the model runs in this
-package's NearlSession (onnxruntime, CUDA when available) behind Triton's dynamic batcher. Clients speak
+package's NearlSession (onnxruntime, CUDA when available; `--runtime openvino`: OpenVINO's CPU plugin, f32 or,
+for a file verified under it, `--precision bf16`) behind Triton's dynamic batcher. Clients speak
 the KServe v2 protocol over HTTP and gRPC (tritonclient works), with two models:
 
     <name>        images   FP32 [batch, 3, H, W] (preprocessed)  -> logits, probs FP32 [batch, C]
@@ -27,6 +28,7 @@ import sysconfig
 from pathlib import Path
 
 from nearl_rt.core.errors import NearlError
+from nearl_rt.core.session import RUNTIMES
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 ENV_VAR = "NEARL_SERVE_ENV"
@@ -66,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instances of the image model, i.e. images decoded in parallel (default %(default)s; "
                         "pytriton gives extra instances 1 s to start, which an overloaded machine can miss)")
     p.add_argument("--exit-timeout", type=int, default=5, help="seconds to finish in-flight requests on stop")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="what runs the model: onnxruntime (default; CUDA when available) or OpenVINO's CPU plugin "
+                        "(NearlSession(runtime=...), docs/export.md#cpu-serving)")
+    p.add_argument("--precision", choices=("f32", "bf16"),
+                   help="OpenVINO's inference precision (default f32; bf16 only for a file exported with "
+                        "--openvino-bf16, which records that it passed the int8 gates)")
     p.add_argument("--env", help=f"the server environment (default ${ENV_VAR} or {default_env_dir()})")
     p.add_argument("--setup", action="store_true", help="create/refresh the server environment, then exit")
     return p
@@ -79,8 +87,8 @@ def default_env_dir() -> Path:
 
 
 def env_requirements() -> list:
-    """pytriton with numpy<2, and the same onnxruntime, Pillow and DICOM readers (those installed) as
-    here, so that the served model decodes and computes what NearlSession does in this environment."""
+    """pytriton with numpy<2, and the same onnxruntime, onnx, OpenVINO, Pillow and DICOM readers (those installed)
+    as here, so that the served model decodes and computes what NearlSession does in this environment."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(dist):
@@ -89,8 +97,10 @@ def env_requirements() -> list:
         except PackageNotFoundError:
             return None
     runtime = installed("onnxruntime-gpu") or installed("onnxruntime") or "onnxruntime"
-    optional = [r for r in map(installed, ("pydicom", "python-gdcm")) if r]
-    return [PYTRITON, "numpy>=1.21,<2", runtime, installed("pillow") or "pillow", *optional]
+    optional = [r for r in map(installed, ("openvino", "pydicom", "python-gdcm")) if r]
+    # onnx: NearlSession(runtime="openvino") reads the file's nearl.* metadata with it (nearl_rt.core.metadata)
+    return [PYTRITON, "numpy>=1.21,<2", runtime, installed("onnx") or "onnx", installed("pillow") or "pillow",
+            *optional]
 
 
 def base_python() -> str:
@@ -123,8 +133,9 @@ def ensure_env(env_dir=None, *, refresh: bool = False) -> Path:
         _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off",
               *want["requirements"]], "install the server packages (pip's PIP_INDEX_URL / PIP_FIND_LINKS / "
              "PIP_NO_INDEX select where they come from)")
-        _run([str(python), "-I", "-c", "import pytriton.triton, numpy, onnxruntime, PIL, tritonclient.grpc"],
-             "import the installed server packages")
+        modules = "pytriton.triton, numpy, onnxruntime, onnx, PIL, tritonclient.grpc" + (
+            ", openvino" if any(r.startswith("openvino==") for r in want["requirements"]) else "")
+        _run([str(python), "-I", "-c", f"import {modules}"], "import the installed server packages")
         marker.write_text(json.dumps(want))
     return python
 
@@ -167,6 +178,12 @@ def _check_args(args) -> None:
             raise ServeError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a port in 1..65535")
     if args.http_port == args.grpc_port:
         raise ServeError("--http-port and --grpc-port must differ")
+    if args.precision and args.runtime != "openvino":
+        raise ServeError(f"--precision {args.precision} is OpenVINO's: add --runtime openvino (onnxruntime runs the "
+                         f"file's own precision)")
+    if args.runtime == "openvino" and not any(r.startswith("openvino==") for r in env_requirements()):
+        raise ServeError("--runtime openvino needs the openvino package here (the server environment installs the "
+                         "same version): pip install 'nearl-rt[openvino]'")
     for name, low in (("max_batch_size", 1), ("max_queue_delay_us", 0), ("image_workers", 1), ("exit_timeout", 1)):
         if getattr(args, name) < low:
             raise ServeError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
@@ -367,7 +384,7 @@ def _start(args, workspace: Path):
 
     from nearl_rt.core.session import NearlSession
 
-    session = NearlSession(args.model)
+    session = NearlSession(args.model, runtime=args.runtime, precision=args.precision)
     _extend_pytriton({args.name: session.class_names})
     h, w = session.input_size
     n_classes = len(session.class_names)
