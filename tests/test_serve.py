@@ -6,6 +6,7 @@ first run pays ~2 minutes of pip install; where it cannot be made, these tests s
 under .ci/run, which requires it); the clients run there too (tests/serve_client.py), the
 comparison with NearlSession runs here. Every wait is bounded; the server is always killed at the end.
 """
+import importlib.util
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +26,7 @@ from scipy.special import softmax
 
 from nearl_rt.bench.decode import write_dicom
 from nearl_rt.core.session import NearlSession
+from nearl_rt.export.quantize import Gates, verify_runtime_precision
 from nearl_rt.serving.server import ServeError, ServerProcess, ensure_env, free_ports, main as serve_cli
 from nearl_rt.serving.triton_repository import Options, write_repository
 from tests.export_cases import (CALIBRATION, TINY_PREPROCESS_PROBS_ATOL, exported, exported_calibrated,
@@ -235,6 +238,16 @@ def test_production_repository_passes_tritons_own_config_checks(server_python, t
     write_repository(exported("bidirectional"), tmp_path, Options(name="cpu_model", gpu=False, instances=2))
     write_repository(exported_with_preprocess("bidirectional"), tmp_path,
                      Options(name="gpu_trt", version=3, tensorrt_fp16=True, with_preprocess=True))
+    if importlib.util.find_spec("openvino"):
+        with tempfile.TemporaryDirectory() as source:  # outside the repository: Triton reads every entry of it
+            verified = Path(source) / "model.onnx"
+            shutil.copyfile(exported("bidirectional"), verified)
+            verify_runtime_precision(verified, "openvino", "bf16", gates=Gates(min_agreement=0.0,
+                                                                                max_accuracy_change=100.0))
+            write_repository(verified, tmp_path, Options(name="cpu_openvino", gpu=False, backend="openvino",
+                                                         max_batch_size=8))
+    backends = {"cpu_model": "onnxruntime", "gpu_trt": "onnxruntime", "gpu_trt_preprocess": "onnxruntime",
+                "cpu_openvino": "openvino"}
     # A control that Triton must refuse in its core checks, so the test can tell a check from no check.
     shutil.copytree(tmp_path / "cpu_model", tmp_path / "bad_model")
     config = tmp_path / "bad_model" / "config.pbtxt"
@@ -242,11 +255,13 @@ def test_production_repository_passes_tritons_own_config_checks(server_python, t
         "dynamic_batching {", "dynamic_batching {\n  preferred_batch_size: 128"))
     log = _tritonserver_log(server_python, tmp_path)
     assert "dynamic batching preferred size must be <= max batch size for bad_model" in log, log[-3000:]
-    for name, version in (("cpu_model", 1), ("gpu_trt", 3), ("gpu_trt_preprocess", 3)):
+    for name, version in (("cpu_model", 1), ("gpu_trt", 3), ("gpu_trt_preprocess", 3), ("cpu_openvino", 1)):
+        if not (tmp_path / name).is_dir():
+            continue
         failures = [line for line in log.splitlines() if f"failed to load '{name}' version" in line]
         assert failures, f"{name} was never loaded by tritonserver:\n{log[-3000:]}"
         assert all(f"version {version}: Invalid argument: unable to find backend library for backend "
-                   f"'onnxruntime'" in line for line in failures), failures
+                   f"'{backends[name]}'" in line for line in failures), failures
         assert not [line for line in log.splitlines() if "Poll failed" in line and f"'{name}'" in line]
     # Triton checks an ensemble's wiring only once its models are loaded: see the next test.
     assert "ensemble 'gpu_trt_image' depends on 'gpu_trt' which has no loaded version" in log, log[-3000:]

@@ -4,6 +4,15 @@
     DIR/<name>/labels.txt        class names, one per line (Triton does not expose ONNX metadata_props)
     DIR/<name>/<version>/model.onnx
 
+`--backend openvino` configures the same model.onnx for Triton's OpenVINO backend (CPU instances). That backend
+(github.com/triton-inference-server/openvino_backend, src/openvino.cc, read at db19304, 2026-08) takes five
+OpenVINO properties from config.pbtxt (INFERENCE_NUM_THREADS, COMPILATION_NUM_THREADS, HINT_BF16 = YES only,
+NUM_STREAMS, PERFORMANCE_HINT): it cannot hold OpenVINO to f32, and OpenVINO infers in bf16 by default on CPUs with
+AVX512-BF16 or AMX. So the file must record that OpenVINO bf16 passed the int8 gates (`export.onnx
+--openvino-bf16`): it then serves f32 on CPUs without native bf16 and the verified bf16 on those with it (no
+HINT_BF16: forced on a CPU without native bf16 it is emulated, ~30x slower). The backend also fixes the batch at
+max_batch_size and pads smaller batches to it (ENABLE_BATCH_PADDING): keep max_batch_size small (default 8).
+
 The repository is assembled beside DIR/<name> and renamed into place, so a half-written model never
 appears; an existing version is replaced only with --force. Before it reports success the written
 config.pbtxt is parsed with Triton's own protobuf schema (tritonclient's model_config_pb2: misspelt
@@ -34,6 +43,11 @@ from nearl_rt.core.metadata import PREPROCESS_KIND, preprocess_graph_path, read_
 from nearl_rt.core.errors import NearlError
 
 MODEL_FILE = "model.onnx"
+BACKENDS = ("onnxruntime", "openvino")
+OPENVINO_NEEDS_BF16 = ("the model records no verification of OpenVINO bf16, which Triton's OpenVINO backend runs on "
+                       "CPUs with AVX512-BF16/AMX (it cannot be held to f32): export with `python -m export.onnx CKPT "
+                       "--openvino-bf16 [--verify-data DATA]` first, or serve f32 with the onnxruntime backend or "
+                       "`python -m export.serve MODEL --runtime openvino`")
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
 INPUT, OUTPUTS = "images", ("logits", "probs")
@@ -77,6 +91,7 @@ class Options:
     tensorrt_fp16: bool = False
     max_queue_delay_us: int = 2000
     with_preprocess: bool = False
+    backend: str = "onnxruntime"
 
     @property
     def preprocess_name(self) -> str:
@@ -124,9 +139,9 @@ def read_signature(onnx_path) -> Signature:
                      tuple(spec(v) for v in proto.graph.output), tuple(meta.get("class_names", ())), meta)
 
 
-def _onnx_config(pb, name: str, sig: Signature, opts: Options, max_batch_size: int):
-    """An onnxruntime-backend ModelConfig with the graph's tensors (dims without the batch axis when batching)."""
-    c = pb.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size)
+def _onnx_config(pb, name: str, sig: Signature, opts: Options, max_batch_size: int, backend: str = "onnxruntime"):
+    """A ModelConfig of `backend` with the graph's tensors (dims without the batch axis when batching)."""
+    c = pb.ModelConfig(name=name, backend=backend, max_batch_size=max_batch_size)
     skip = 1 if max_batch_size else 0
     for t in sig.inputs:
         c.input.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=t.shape[skip:])
@@ -145,11 +160,17 @@ def build_config(sig: Signature, opts: Options):
     if not sig.dynamic_batch:
         raise RepositoryError("the model has a fixed batch size: Triton then needs max_batch_size 0 and loses dynamic "
                               "batching; re-export with `python -m export.onnx CKPT --batch-size dynamic`")
-    c = _onnx_config(pb, opts.name, sig, opts, opts.max_batch_size)
+    c = _onnx_config(pb, opts.name, sig, opts, opts.max_batch_size, opts.backend)
     # No preferred_batch_size: Triton's batcher guide advises leaving it unset unless some sizes are much faster.
     c.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
     if opts.tensorrt_fp16:
         _add_tensorrt_fp16(c, sig, opts.max_batch_size)
+    if opts.backend == "openvino":
+        c.default_model_filename = MODEL_FILE  # the backend's default is model.xml (OpenVINO IR)
+        # The backend fixes the model's batch at max_batch_size: smaller batches are padded to it (else refused).
+        c.parameters["ENABLE_BATCH_PADDING"].string_value = "YES"
+        c.parameters["NUM_STREAMS"].string_value = "1"
+        c.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
     # Triton marks the model ready only after the warm-up ran: batch 1 and the largest batch, so the first
     # requests pay no allocation (or, with TensorRT, engine build) cost.
     for batch in sorted({1, opts.max_batch_size}):
@@ -220,8 +241,10 @@ def config_problems(config, sig: Signature, labels: Optional[list], dir_name: st
     problems = []
     if config.name and config.name != dir_name:
         problems.append(f"name {config.name!r} differs from the directory name {dir_name!r}")
-    if config.backend != "onnxruntime" and config.platform != "onnxruntime_onnx":
-        problems.append(f"backend {config.backend or config.platform!r}: expected \"onnxruntime\"")
+    if config.backend == "openvino":
+        problems += _openvino_problems(config, sig)
+    elif config.backend != "onnxruntime" and config.platform != "onnxruntime_onnx":
+        problems.append(f"backend {config.backend or config.platform!r}: expected \"onnxruntime\" or \"openvino\"")
     if sig.dynamic_batch != (config.max_batch_size > 0):
         problems.append(f"max_batch_size {config.max_batch_size} does not fit a "
                         f"{'dynamic' if sig.dynamic_batch else 'fixed'}-batch model (dynamic needs > 0, fixed 0)")
@@ -264,6 +287,23 @@ def config_problems(config, sig: Signature, labels: Optional[list], dir_name: st
     for group in config.instance_group:
         if group.count < 1:
             problems.append(f"instance_group count {group.count} must be >= 1")
+    return problems
+
+
+def _openvino_problems(config, sig: Signature) -> list:
+    pb = model_config_pb2()
+    problems = []
+    if "openvino:bf16" not in (sig.metadata.get("runtime_precisions") or {}):
+        problems.append(OPENVINO_NEEDS_BF16)
+    parameters = {k: v.string_value.upper() for k, v in config.parameters.items()}
+    if config.max_batch_size and parameters.get("ENABLE_BATCH_PADDING") != "YES":
+        problems.append("parameters: ENABLE_BATCH_PADDING must be YES (Triton's OpenVINO backend fixes the batch "
+                        "at max_batch_size and refuses smaller requests without it)")
+    if any(g.kind == pb.ModelInstanceGroup.KIND_GPU for g in config.instance_group):
+        problems.append("instance_group: KIND_GPU, but Triton's OpenVINO backend runs on CPU only (KIND_CPU)")
+    if "HINT_BF16" in parameters:
+        problems.append("parameters: HINT_BF16 forces bf16 also on CPUs without native bf16, where OpenVINO emulates "
+                        "it ~30x slower: leave it out (OpenVINO picks bf16 where the CPU has it)")
     return problems
 
 
@@ -359,6 +399,14 @@ def _check_options(opts: Options) -> None:
         raise RepositoryError(f"--max-queue-delay-us {opts.max_queue_delay_us}: must be >= 0")
     if opts.tensorrt_fp16 and not opts.gpu:
         raise RepositoryError("--tensorrt-fp16 needs --gpu (TensorRT runs on GPUs only)")
+    if opts.backend not in BACKENDS:
+        raise RepositoryError(f"--backend {opts.backend!r}: use one of {', '.join(BACKENDS)}")
+    if opts.backend == "openvino" and opts.gpu:
+        raise RepositoryError("--backend openvino: Triton's OpenVINO backend runs on CPU instances only (--cpu; "
+                              "gpu=False)")
+    if opts.backend == "openvino" and opts.with_preprocess:
+        raise RepositoryError("--with-preprocess is written for the onnxruntime backend only: leave it out with "
+                              "--backend openvino (NearlSession.preprocess or the C++ library preprocess on the client)")
 
 
 def write_repository(model, repo, opts: Options = Options(), *, force: bool = False,
@@ -395,6 +443,8 @@ def write_repository(model, repo, opts: Options = Options(), *, force: bool = Fa
         else:
             _export_checkpoint(model, onnx_path, pretrained)
         sig = read_signature(onnx_path)
+        if opts.backend == "openvino" and "openvino:bf16" not in (sig.metadata.get("runtime_precisions") or {}):
+            raise RepositoryError(f"--backend openvino: {OPENVINO_NEEDS_BF16}")
         bad = [c for c in sig.class_names if not c or "\n" in c or "\r" in c]
         if bad:
             raise RepositoryError(f"class names {bad!r} cannot be lines of {LABELS_FILE} (empty or with line breaks)")
@@ -483,12 +533,17 @@ def main(argv=None) -> int:
     parser.add_argument("--check", metavar="MODEL_DIR", help="only check REPO/<name> (config.pbtxt vs model.onnx)")
     parser.add_argument("--name", default=Options.name, help="model name = directory (default %(default)s)")
     parser.add_argument("--version", type=int, default=Options.version, help="version directory (default 1)")
-    parser.add_argument("--max-batch-size", type=int, default=Options.max_batch_size, help="default %(default)s")
+    parser.add_argument("--max-batch-size", type=int,
+                        help="largest batch (default 64; 8 with --backend openvino, which pads every batch to it)")
     parser.add_argument("--instances", type=int, default=Options.instances,
                         help="model instances per device (default %(default)s)")
     kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--gpu", dest="gpu", action="store_true", default=True, help="KIND_GPU instances (default)")
+    kind.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                      help="KIND_GPU instances (default, except with --backend openvino)")
     kind.add_argument("--cpu", dest="gpu", action="store_false", help="KIND_CPU instances")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="Triton backend: onnxruntime (default) or openvino (CPU instances; for a file exported "
+                             "with --openvino-bf16, since that backend runs bf16 where the CPU has it)")
     parser.add_argument("--tensorrt-fp16", action="store_true",
                         help="run through onnxruntime's TensorRT provider in FP16 (check accuracy on your data)")
     parser.add_argument("--max-queue-delay-us", type=int, default=Options.max_queue_delay_us,
@@ -505,8 +560,10 @@ def main(argv=None) -> int:
         return 0
     if not args.model or not args.repo:
         parser.error("give MODEL and --repo DIR (or --check MODEL_DIR)")
-    opts = Options(args.name, args.version, args.max_batch_size, args.instances, args.gpu, args.tensorrt_fp16,
-                   args.max_queue_delay_us, args.with_preprocess)
+    openvino = args.backend == "openvino"
+    opts = Options(args.name, args.version, args.max_batch_size or (8 if openvino else Options.max_batch_size),
+                   args.instances, (not openvino) if args.gpu is None else args.gpu, args.tensorrt_fp16,
+                   args.max_queue_delay_us, args.with_preprocess, args.backend)
     model_dir = write_repository(args.model, args.repo, opts, force=args.force, pretrained=args.pretrained)
     extra = f", {opts.preprocess_name} and the ensemble {opts.ensemble_name}" if opts.with_preprocess else ""
     print(f"wrote {model_dir}/{opts.version}/{MODEL_FILE} with {CONFIG_FILE} and {LABELS_FILE}{extra} (checked); "
