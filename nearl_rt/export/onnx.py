@@ -30,7 +30,8 @@ from nearl_rt.export.fused import fused_towers
 from nearl_rt.export.ort_ops import TRANSLATIONS as ORT_TRANSLATIONS
 from nearl_rt.export.graph import export_module, reference_ops
 from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
-from nearl_rt.core.metadata import GRAPH_FUSED, GRAPH_PLAIN, calibration_values, read_metadata, write_metadata
+from nearl_rt.core.metadata import (GRAPH_FUSED, GRAPH_PLAIN, LABELS_MULTI, LABELS_SINGLE, calibration_values,
+                                    read_metadata, write_metadata)
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.core.errors import NearlError
 
@@ -221,6 +222,7 @@ def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optio
         "precision": "fp16" if fp16 else "fp32",
         "batch_size": str(fixed_batch) if fixed_batch else "dynamic",
         "graph": GRAPH_FUSED if fused else GRAPH_PLAIN,
+        "labels": LABELS_MULTI if model.multi_label else LABELS_SINGLE,
         **calibrated,
     }
 

@@ -1,0 +1,195 @@
+"""Multi-label findings: the masked loss, per-finding operating points, the metrics and the per-image CSV.
+
+Labels are int [N, F]: 1 present, 0 absent, -1 unknown (nearl_rt.data.UNKNOWN). An unknown entry is masked out of
+everything here: the loss, the thresholds and every metric see only the known (image, finding) entries.
+A model's per-finding logit is its positive prompt's logit minus its negative prompt's (NearlCLIP.set_findings);
+the probability is sigmoid(logit / temperature) = softmax over the pair. Multi-label models keep temperature 1
+(no temperature is fitted); their thresholds are fitted per finding on the validation images (youden by default).
+
+Metrics (scikit-learn, each finding on its known entries): AUROC (roc_auc_score), AUPRC (average_precision_score),
+and at the finding's threshold (positive when p >= t; 0.5 when it has none) sensitivity, specificity and F1
+(f1_score); macro = the mean over the findings where the value is defined (a finding whose known entries are all
+one class has no AUROC). Example-based: subset accuracy = the fraction of images whose every known finding is
+decided right (accuracy_score on the decisions, unknown entries counted as right), Hamming loss = the fraction of
+known entries decided wrong (hamming_loss over the known entries). 95 % intervals: a percentile bootstrap over
+images (`resamples`, seeded), for the macro and per-finding AUROC and AUPRC.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+from nearl_rt.calibration import CalibrationError, OperatingPointRule, fit_threshold
+from nearl_rt.core.atomic import atomic_output
+from nearl_rt.data import UNKNOWN
+DEFAULT_THRESHOLD = 0.5
+SUMMARY_KEYS = ("macro_auroc", "macro_auprc", "macro_f1", "subset_accuracy", "hamming_loss")
+
+
+def known(labels) -> np.ndarray:
+    return np.asarray(labels) != UNKNOWN
+
+
+def masked_bce(logits, labels, reduction: str = "mean"):
+    """Binary cross-entropy of per-finding logits [B, F] (torch) against labels [B, F] (1 / 0 / -1), unknown
+    entries weighted 0. reduction "sum": summed over images of the per-image mean over the F findings (so a batch
+    mean is sum / B whatever is unknown); "mean": that / B."""
+    import torch
+    import torch.nn.functional as F
+    mask = (labels != UNKNOWN).to(logits.dtype)
+    per_entry = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype), weight=mask,
+                                                   reduction="none")
+    total = per_entry.sum() / logits.shape[1]
+    return total if reduction == "sum" else total / max(1, logits.shape[0])
+
+
+def entry_hits(logits, labels) -> tuple[int, int]:
+    """(known entries decided right at p >= 0.5, known entries) of torch logits [B, F] and labels [B, F]."""
+    mask = labels != UNKNOWN
+    return int(((logits >= 0) == (labels == 1))[mask].sum()), int(mask.sum())
+
+
+def fit_finding_thresholds(labels, probs, names: Sequence[str], rule: OperatingPointRule) -> tuple[dict, list]:
+    """({finding: threshold} fitted by `rule` on each finding's known entries, [findings left without one: their
+    known entries are all one class])."""
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    thresholds, unfitted = {}, []
+    for f, name in enumerate(names):
+        k = labels[:, f] != UNKNOWN
+        try:
+            thresholds[name] = fit_threshold(labels[k, f] == 1, probs[k, f], rule, f"finding {name!r}")
+        except CalibrationError:
+            unfitted.append(name)
+    return thresholds, unfitted
+
+
+def decisions(probs, names: Sequence[str], thresholds: dict) -> np.ndarray:
+    """bool [N, F]: p >= the finding's threshold (DEFAULT_THRESHOLD without one)."""
+    t = np.asarray([thresholds.get(n, DEFAULT_THRESHOLD) for n in names], dtype=np.float64)
+    return np.asarray(probs) >= t
+
+
+def _finding_scores(labels, probs, decided) -> dict:
+    """One finding's metrics on its known entries (None where undefined)."""
+    k = labels != UNKNOWN
+    y, p, d = labels[k] == 1, probs[k], decided[k]
+    both = 0 < y.sum() < len(y)
+    tp, fp = int((d & y).sum()), int((d & ~y).sum())
+    tn, fn = int((~d & ~y).sum()), int((~d & y).sum())
+    return {"known": int(k.sum()), "positives": int(y.sum()),
+            "auroc": float(skm.roc_auc_score(y, p)) if both else None,
+            "auprc": float(skm.average_precision_score(y, p)) if y.any() else None,
+            "sensitivity": tp / (tp + fn) if tp + fn else None, "specificity": tn / (tn + fp) if tn + fp else None,
+            "f1": float(skm.f1_score(y, d, zero_division=0.0)) if len(y) else None,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def _macro(values) -> Optional[float]:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def multilabel_metrics(labels, probs, names: Sequence[str], thresholds: Optional[dict] = None, *,
+                       resamples: int = 0, seed: int = 0) -> dict:
+    """Per-finding and macro AUROC / AUPRC / F1 / sensitivity / specificity, subset accuracy and Hamming loss of
+    probabilities [N, F] against labels [N, F] (see the module doc); `resamples` > 0 adds "ci95"."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    if labels.shape != probs.shape or labels.ndim != 2 or labels.shape[1] != len(names):
+        raise ValueError(f"labels {labels.shape} and probs {probs.shape} must both be [N, {len(names)}]")
+    thresholds = dict(thresholds or {})
+    decided = decisions(probs, names, thresholds)
+    per = {n: {**_finding_scores(labels[:, f], probs[:, f], decided[:, f]),
+               "threshold": thresholds.get(n, DEFAULT_THRESHOLD), "threshold_fitted": n in thresholds}
+           for f, n in enumerate(names)}
+    mask = known(labels)
+    truth = labels == 1
+    m = {"num_images": int(len(labels)), "findings": list(names), "per_finding": per,
+         "macro_auroc": _macro(v["auroc"] for v in per.values()),
+         "macro_auprc": _macro(v["auprc"] for v in per.values()),
+         "macro_f1": _macro(v["f1"] for v in per.values()),
+         "macro_sensitivity": _macro(v["sensitivity"] for v in per.values()),
+         "macro_specificity": _macro(v["specificity"] for v in per.values()),
+         "subset_accuracy": float(skm.accuracy_score(truth, np.where(mask, decided, truth))),
+         "hamming_loss": float(skm.hamming_loss(truth[mask], decided[mask])) if mask.any() else None,
+         "known_entries": int(mask.sum())}
+    if resamples:
+        m["ci95"] = bootstrap_auc_intervals(labels, probs, names, resamples, seed)
+        m["bootstrap"] = {"resamples": resamples, "seed": seed, "kind": "percentile, images resampled"}
+    return m
+
+
+def bootstrap_auc_intervals(labels, probs, names: Sequence[str], resamples: int, seed: int) -> dict:
+    """95 % percentile intervals of the macro and per-finding AUROC / AUPRC over `resamples` image resamples
+    (a resample where a value is undefined is left out of that value's interval)."""
+    rng = np.random.default_rng(seed)
+    draws: dict = {}
+    n = len(labels)
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        scores = [_finding_scores(labels[idx, f], probs[idx, f], probs[idx, f] >= DEFAULT_THRESHOLD)
+                  for f in range(len(names))]
+        for key in ("auroc", "auprc"):
+            draws.setdefault(f"macro_{key}", []).append(_macro(s[key] for s in scores))
+            for name, s in zip(names, scores):
+                draws.setdefault(f"{key}[{name}]", []).append(s[key])
+    out = {}
+    for key, values in draws.items():
+        defined = [v for v in values if v is not None]
+        if defined:
+            out[key] = [float(np.percentile(defined, 2.5)), float(np.percentile(defined, 97.5))]
+    return out
+
+
+def format_metrics(name: str, m: dict) -> str:
+    ci = m.get("ci95", {})
+
+    def show(v, key=None):
+        if v is None:
+            return "n/a"
+        return f"{v:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else f"{v:.4f}"
+
+    lines = [f"{name}: {m['num_images']} images, {len(m['findings'])} findings (multi-label; {m['known_entries']} "
+             f"known labels)"]
+    lines += [f"  {k:>18}: {show(m[k], k)}" for k in SUMMARY_KEYS]
+    lines.append(f"  {'finding':>18}  known  pos  AUROC  AUPRC  threshold  sens   spec   F1")
+    for f, v in m["per_finding"].items():
+        t = f"{v['threshold']:.4f}" + ("" if v["threshold_fitted"] else "*")
+        cells = " ".join(f"{'n/a' if v[k] is None else f'{v[k]:.3f}':>6}" for k in ("auroc", "auprc"))
+        rates = " ".join(f"{'n/a' if v[k] is None else f'{v[k]:.3f}':>6}" for k in ("sensitivity", "specificity", "f1"))
+        lines.append(f"  {f:>18}  {v['known']:>5} {v['positives']:>4} {cells}  {t:>9} {rates}")
+        for key in ("auroc", "auprc"):
+            if f"{key}[{f}]" in ci:
+                lines.append(f"  {'':>18}  {key.upper()} 95% [{ci[f'{key}[{f}]'][0]:.3f}, {ci[f'{key}[{f}]'][1]:.3f}]")
+    if any(not v["threshold_fitted"] for v in m["per_finding"].values()):
+        lines.append(f"  * no fitted threshold (its fit images were all one class): {DEFAULT_THRESHOLD}")
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path, images: Sequence[str], labels, logits, probs, names: Sequence[str],
+                      thresholds: dict) -> None:
+    """The per-image CSV: image, findings (those decided present, ';'-joined), then per finding its label (1 / 0 /
+    blank = unknown), prob_ (calibrated), logit_ (raw) and decision (1 / 0 at its threshold), at full precision."""
+    decided = decisions(probs, names, thresholds)
+    header = ["image", "findings"] + [f"{k}_{n}" for n in names for k in ("label", "prob", "logit", "decision")]
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        for image, y, p, z, d in zip(images, labels, probs, logits, decided):
+            cells = []
+            for j in range(len(names)):
+                cells += ["" if y[j] == UNKNOWN else str(int(y[j])), repr(float(p[j])), repr(float(z[j])), str(int(d[j]))]
+            w.writerow([image, ";".join(n for n, dj in zip(names, d) if dj), *cells])
+
+
+def read_predictions(path: Path, names: Sequence[str]) -> tuple[list, np.ndarray, np.ndarray]:
+    """(images, labels [N, F] with -1 unknown, probs [N, F]) of a file write_predictions wrote."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([[UNKNOWN if r[f"label_{n}"] == "" else int(r[f"label_{n}"]) for n in names] for r in rows],
+                      dtype=np.int64).reshape(len(rows), len(names))
+    probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in rows]).reshape(len(rows), len(names))
+    return [r["image"] for r in rows], labels, probs
