@@ -11,8 +11,8 @@ and at the finding's threshold (positive when p >= t; 0.5 when it has none) sens
 (f1_score); macro = the mean over the findings where the value is defined (a finding whose known entries are all
 one class has no AUROC). Example-based: subset accuracy = the fraction of images whose every known finding is
 decided right (accuracy_score on the decisions, unknown entries counted as right), Hamming loss = the fraction of
-known entries decided wrong (hamming_loss over the known entries). 95 % intervals: a percentile bootstrap over
-images (`resamples`, seeded), for the macro and per-finding AUROC and AUPRC.
+known entries decided wrong (hamming_loss over the known entries). 95 % intervals for the per-finding and macro
+AUROC and AUPRC: a stratified percentile bootstrap (`resamples`, seeded; bootstrap_auc_intervals).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from sklearn import metrics as skm
 from nearl_rt.calibration import CalibrationError, OperatingPointRule, fit_threshold
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.data import UNKNOWN
+from nearl_rt.metrics import auroc_batch, average_precision_batch
 DEFAULT_THRESHOLD = 0.5
 SUMMARY_KEYS = ("macro_auroc", "macro_auprc", "macro_f1", "subset_accuracy", "hamming_loss")
 
@@ -118,29 +119,33 @@ def multilabel_metrics(labels, probs, names: Sequence[str], thresholds: Optional
          "known_entries": int(mask.sum())}
     if resamples:
         m["ci95"] = bootstrap_auc_intervals(labels, probs, names, resamples, seed)
-        m["bootstrap"] = {"resamples": resamples, "seed": seed, "kind": "percentile, images resampled"}
+        m["bootstrap"] = {"resamples": resamples, "seed": seed, "kind": "percentile, stratified per finding"}
     return m
 
 
 def bootstrap_auc_intervals(labels, probs, names: Sequence[str], resamples: int, seed: int) -> dict:
-    """95 % percentile intervals of the macro and per-finding AUROC / AUPRC over `resamples` image resamples
-    (a resample where a value is undefined is left out of that value's interval)."""
+    """95 % percentile intervals of the per-finding and macro AUROC / AUPRC: per finding, its known entries
+    resampled `resamples` times stratified by label (positives and negatives each drawn with replacement, so every
+    resample has both, as the single-label evaluation's bootstrap); the macro interval is over the per-draw means
+    of the findings that have both classes. Vectorised (nearl_rt.metrics' batch forms of scikit-learn's values)."""
     rng = np.random.default_rng(seed)
-    draws: dict = {}
-    n = len(labels)
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        scores = [_finding_scores(labels[idx, f], probs[idx, f], probs[idx, f] >= DEFAULT_THRESHOLD)
-                  for f in range(len(names))]
-        for key in ("auroc", "auprc"):
-            draws.setdefault(f"macro_{key}", []).append(_macro(s[key] for s in scores))
-            for name, s in zip(names, scores):
-                draws.setdefault(f"{key}[{name}]", []).append(s[key])
+    draws = {}
+    for f, name in enumerate(names):
+        k = labels[:, f] != UNKNOWN
+        y, p = labels[k, f] == 1, probs[k, f]
+        pos, neg = p[y], p[~y]
+        if not len(pos) or not len(neg):
+            continue
+        scores = np.concatenate([rng.choice(pos, (resamples, len(pos))), rng.choice(neg, (resamples, len(neg)))], 1)
+        positive = np.arange(scores.shape[1]) < len(pos)
+        draws[name] = {"auroc": auroc_batch(scores, positive), "auprc": average_precision_batch(scores, positive)}
     out = {}
-    for key, values in draws.items():
-        defined = [v for v in values if v is not None]
-        if defined:
-            out[key] = [float(np.percentile(defined, 2.5)), float(np.percentile(defined, 97.5))]
+    for key in ("auroc", "auprc"):
+        for name, d in draws.items():
+            out[f"{key}[{name}]"] = [float(v) for v in np.percentile(d[key], [2.5, 97.5])]
+        if draws:
+            macro = np.mean([d[key] for d in draws.values()], axis=0)
+            out[f"macro_{key}"] = [float(v) for v in np.percentile(macro, [2.5, 97.5])]
     return out
 
 

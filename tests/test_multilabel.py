@@ -1,0 +1,253 @@
+"""Multi-label findings end to end (issue 23): data, sampling, the pair-prompt model, masked BCE, training,
+evaluation, prediction, checkpoints, ONNX export and NearlSession, on synthetic images whose findings are
+planted patterns (tests.helpers.planted_multilabel)."""
+import csv
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, hamming_loss, roc_auc_score
+
+import nearl_rt
+from nearl_rt import evaluate, multilabel, predict, train
+from nearl_rt.calibration import OperatingPointRule
+from nearl_rt.checkpoint import load_checkpoint
+from nearl_rt.classifier import Classifier, load_classifier
+from nearl_rt.core.metadata import read_metadata
+from nearl_rt.core.session import NearlSession
+from nearl_rt.data import DataError, Preprocess, read_dataset
+from nearl_rt.sampling import sample_shots
+from tests.helpers import FINDINGS, cli, frozen_clip_logits, planted_multilabel, tiny, write_planted_npz
+from tests.test_data import make_tree, write_png
+
+NAMES = ",".join(FINDINGS)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return write_planted_npz(tmp_path_factory.mktemp("ml") / "planted.npz", unknown=0.15)
+
+
+@pytest.fixture(scope="module")
+def run(planted, tmp_path_factory):
+    """One tiny NEARL run on the planted findings (bidirectional)."""
+    out = tmp_path_factory.mktemp("run") / "nearl"
+    args = train.build_parser().parse_args(["--data", planted, "--classes", NAMES, "--preset", "tiny", "--shots", "6",
+                                            "--steps", "30", "--lr", "2e-2", "--device", "cpu", "--no-progress",
+                                            "--out", str(out)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train.run(args)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- data
+def write_manifest(tmp_path, rows, header="path,split,effusion,nodule"):
+    for row in rows:
+        write_png(tmp_path / row.split(",")[0], 1)
+    path = tmp_path / "labels.csv"
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_npz_and_manifest_read_as_findings(planted, tmp_path):
+    ds = read_dataset(planted, classes=FINDINGS)
+    assert ds.multi_label and ds.class_names == FINDINGS and ds.split("train").labels.shape == (48, 3)
+    assert (ds.split("train").labels == -1).any()
+    rows = ["a.png,train,1,", "b.png,train,0,-1", "c.png,val,1.0,0.0", "d.png,test,,1"]
+    path = write_manifest(tmp_path, rows)
+    by_policy = {u: read_dataset(path, uncertain=u) for u in ("ignore", "zeros", "ones")}
+    assert by_policy["ignore"].split("train").labels.tolist() == [[1, -1], [0, -1]]
+    assert by_policy["zeros"].split("train").labels.tolist() == [[1, -1], [0, 0]]
+    assert by_policy["ones"].split("train").labels.tolist() == [[1, -1], [0, 1]]
+    assert by_policy["ignore"].split("test").labels.tolist() == [[-1, 1]]
+    picked = read_dataset(path, classes=["nodule"])
+    assert picked.class_names == ["nodule"] and picked.split("val").labels.tolist() == [[0]]
+
+
+def test_single_label_data_is_unchanged(pneumonia_npz):
+    ds = read_dataset(pneumonia_npz)
+    assert not ds.multi_label and ds.split("train").labels.ndim == 1
+    assert sample_shots(ds, 4, 0) == sample_shots(read_dataset(pneumonia_npz, multi_label=None), 4, 0)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("value", r"labels.csv line 3: finding 'nodule' is '2'; use 1, 0, blank"),
+    ("name", r"finding\(s\) \['edema'\] are not in"),
+    ("all_unknown", r"finding\(s\) \['nodule'\] are unknown for every image"),
+    ("folder", r"cannot hold multi-label findings; use a MedMNIST-style .npz"),
+    ("single", r"holds one class per image, not findings"),
+])
+def test_bad_input_is_one_clear_line(case, match, tmp_path, capsys):
+    if case == "folder":
+        data, extra = make_tree(tmp_path / "tree", {"a": 2, "b": 2}), ["--multi-label"]
+    elif case == "single":
+        data, extra = tmp_path / "single.npz", ["--multi-label"]
+        np.savez(data, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.array([0, 1, 0, 1]))
+    else:
+        cells = {"value": ["1,0", "0,2"], "name": ["1,0", "0,1"], "all_unknown": ["1,", "0,"]}[case]
+        data = write_manifest(tmp_path, [f"a.png,train,{cells[0]}", f"b.png,train,{cells[1]}"])
+        extra = ["--classes", "effusion,edema"] if case == "name" else []
+    code, _, err = cli(train, ["--data", data, "--preset", "tiny", "--shots", "1", "--out", tmp_path / "o", *extra],
+                       capsys)
+    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
+    assert code == 2 and len(lines) == 1, err
+    assert re.search(match, lines[0]), lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_k_images_per_finding_positive(planted):
+    ds = read_dataset(planted, classes=FINDINGS)
+    shots = sample_shots(ds, 5, seed=3)
+    train_labels = ds.split("train").labels[shots["train"]]
+    assert len(set(shots["train"])) == len(shots["train"]) <= 5 * 3
+    assert ((train_labels == 1).sum(axis=0) >= 5).all()
+    assert ((ds.split("val").labels[shots["val"]] == 1).sum(axis=0) >= 4).all()
+    assert shots == sample_shots(ds, 5, seed=3) and shots != sample_shots(ds, 5, seed=4)
+    with pytest.raises(DataError, match="larger than finding"):
+        sample_shots(ds, 40, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ model
+@pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])
+def test_untrained_equals_frozen_clip_pair_scores(mode):
+    model = tiny(mode).eval()
+    model.set_findings(FINDINGS, ["a chest X-ray showing {}.", "an image of {}."], "a chest X-ray with no {}.")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model.classify(x)
+        positive = frozen_clip_logits(model.backbone, x, model.tokenize([t.format(f) for f in FINDINGS for t in (
+            "a chest X-ray showing {}.", "an image of {}.")]))
+        negative = frozen_clip_logits(model.backbone, x, model.tokenize([f"a chest X-ray with no {f}." for f in FINDINGS]))
+    # the ensemble's class feature is the normalised mean of its prompts' features
+    feats = torch.nn.functional.normalize(model.backbone.encode_text(model.tokenize(
+        [t.format(f) for f in FINDINGS for t in ("a chest X-ray showing {}.", "an image of {}.")])), dim=-1)
+    pooled = torch.nn.functional.normalize(feats.view(3, 2, -1).mean(1), dim=-1)
+    img = torch.nn.functional.normalize(model.backbone.encode_image(x), dim=-1)
+    positive = model.backbone.logit_scale.exp() * img @ pooled.t()
+    expected = positive - negative
+    assert got.shape == (4, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # probability = softmax over the (positive, negative) pair = sigmoid of the difference
+    pair = torch.softmax(torch.stack([positive, negative], -1), -1)[..., 0]
+    torch.testing.assert_close(torch.sigmoid(got), pair, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_labels_contribute_nothing():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=g, requires_grad=True)
+    truth = (torch.rand(6, 3, generator=g) < 0.5).long()
+    mask = torch.rand(6, 3, generator=g) < 0.3
+    labels = torch.where(mask, torch.full_like(truth, -1), truth)
+    loss = multilabel.masked_bce(logits, labels)
+    loss.backward()
+    assert (logits.grad[mask] == 0).all() and (logits.grad[~mask] != 0).all()
+    # other logits or flipped truths at the unknown entries: the same loss
+    moved = torch.where(mask, logits.detach() * -5 + 3, logits.detach())
+    assert multilabel.masked_bce(moved, labels).item() == pytest.approx(loss.item(), rel=1e-6)
+    flipped = torch.where(mask, 1 - truth, truth)
+    full_weight = multilabel.masked_bce(logits.detach(), torch.where(mask, -1, flipped))
+    assert full_weight.item() == pytest.approx(loss.item(), rel=1e-6)
+    # metrics: probabilities at unknown entries do not matter, and they match scikit-learn on the known entries
+    probs = torch.sigmoid(logits.detach()).double().numpy()
+    other = np.where(mask.numpy(), 1.0 - probs, probs)
+    names = ["a", "b", "c"]
+    m1 = multilabel.multilabel_metrics(labels.numpy(), probs, names)
+    m2 = multilabel.multilabel_metrics(labels.numpy(), other, names)
+    assert {k: m1[k] for k in multilabel.SUMMARY_KEYS} == {k: m2[k] for k in multilabel.SUMMARY_KEYS}
+    known = ~mask.numpy()
+    assert m1["hamming_loss"] == pytest.approx(hamming_loss(truth.numpy()[known], (probs >= 0.5)[known]))
+    for f, n in enumerate(names):
+        y, p = truth.numpy()[known[:, f], f], probs[known[:, f], f]
+        if 0 < y.sum() < len(y):
+            assert m1["per_finding"][n]["auroc"] == pytest.approx(roc_auc_score(y, p))
+
+
+def test_training_lowers_masked_bce(run, planted):
+    """The masked BCE on the run's training shots: the untrained model (same backbone, fresh adapters) vs last.pt."""
+    ds = read_dataset(planted, classes=FINDINGS)
+    shots = json.loads((run / "shots.json").read_text())
+    part = ds.split("train").subset(shots["train"])
+    trained, _ = load_classifier(run / "last.pt", device=torch.device("cpu"))
+    fresh = tiny()
+    fresh.set_findings(FINDINGS, **trained.model.templates)
+    losses = []
+    for classifier in (Classifier(fresh.eval()), trained):
+        logits, _, _ = classifier.split_logits(part, Preprocess(classifier.preprocess_cfg))
+        losses.append(multilabel.masked_bce(torch.from_numpy(logits), torch.from_numpy(part.labels)).item())
+    assert losses[1] < losses[0] - 0.02, losses
+
+
+# ------------------------------------------------------------------------------------------- downstream
+def test_checkpoint_round_trip(run):
+    model = load_checkpoint(run / "best.pt")
+    assert model.multi_label and model.class_names == FINDINGS
+    again_dir = run.parent / "again.pt"
+    nearl_rt.save_checkpoint(model, again_dir)
+    again = load_checkpoint(again_dir)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().classify(x), again.eval().classify(x))
+    assert again.templates == model.templates and again.prompts == model.prompts
+
+
+def test_evaluate_auroc_matches_sklearn_on_saved_output(run, planted, tmp_path, capsys):
+    preds = tmp_path / "preds.csv"
+    code, out, err = cli(evaluate, [run, "--data", planted, "--data-classes", NAMES, "--predictions", preds,
+                                    "--bootstrap", "1000", "--json", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert "macro_auroc" in out and "hamming_loss" in out and "AUROC 95%" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    m = report["results"][str(run)]
+    images, labels, probs = multilabel.read_predictions(preds, FINDINGS)
+    assert len(images) == 48 and (labels != -1).all()
+    for f, name in enumerate(FINDINGS):
+        assert m["per_finding"][name]["auroc"] == pytest.approx(roc_auc_score(labels[:, f], probs[:, f]), abs=1e-12)
+        assert m["per_finding"][name]["auprc"] == pytest.approx(average_precision_score(labels[:, f], probs[:, f]),
+                                                                abs=1e-12)
+        assert m["per_finding"][name]["threshold_fitted"]  # fitted on the validation shots at training
+    assert m["macro_auroc"] == pytest.approx(np.mean([m["per_finding"][n]["auroc"] for n in FINDINGS]))
+    with open(preds, newline="") as f:
+        row = next(csv.DictReader(f))
+    decided = [n for n in FINDINGS if float(row[f"prob_{n}"]) >= m["per_finding"][n]["threshold"]]
+    assert row["findings"] == ";".join(decided)
+
+
+def test_thresholds_fitted_on_validation_by_rule(run, planted):
+    classifier, _ = load_classifier(run, device=torch.device("cpu"))
+    ds = read_dataset(planted, classes=FINDINGS)
+    m, _ = evaluate.evaluate_findings(classifier, ds, "test", operating_point=OperatingPointRule.parse(
+        "sensitivity=1"), resamples=0)
+    val = evaluate.score_findings(classifier, ds, "val")
+    probs = classifier.calibration.probabilities(val.logits)
+    for f, name in enumerate(FINDINGS):  # the highest threshold that keeps every validation positive
+        assert m["per_finding"][name]["threshold"] == pytest.approx(probs[val.labels[:, f] == 1, f].min())
+
+
+def test_predict_and_export_parity(run, planted, tmp_path, capsys):
+    code, out, err = cli(predict, [run, planted, "--split", "test", "--limit", "3"], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "input,rank,class,probability,decision" and len(lines) == 1 + 3 * 3
+    onnx_path = tmp_path / "model.onnx"
+    from nearl_rt.export.onnx import export_model
+    classifier, extra = load_classifier(run, device=torch.device("cpu"))
+    export_model(classifier.model, onnx_path, calibration=classifier.calibration)
+    meta = read_metadata(onnx_path)
+    assert meta["labels"] == "multi" and meta["class_names"] == FINDINGS and set(meta["thresholds"]) == set(FINDINGS)
+    session = NearlSession(onnx_path)
+    assert session.multi_label
+    images, _ = planted_multilabel(5, seed=9)
+    x = session.preprocess(list(images))
+    logits, probs = session.run(x)
+    with torch.no_grad():
+        ref = classifier.model.eval().classify(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-ref)), atol=1e-5)
+    decided = session.predict(list(images), decision=True)
+    for (findings, pairs), p in zip(decided, probs):
+        assert findings == [n for n, pn in zip(FINDINGS, p) if pn >= session.thresholds[n]]
+        assert len(pairs) == 3
