@@ -363,6 +363,23 @@ def _read_npz(path: Path, multi_label: bool = False) -> Dataset:
     return Dataset(str(path), [f"class {i}" for i in range(top + 1)], splits, named=False)
 
 
+def finding_columns(ds: Dataset, findings: Sequence[str]) -> Dataset:
+    """Multi-label data with its label columns in the order of a model's `findings` (picked by name; an .npz that
+    does not name its findings is taken to hold the model's, in its order)."""
+    if not ds.multi_label:
+        raise DataError(f"the model scores findings {list(findings)} (multi-label); {ds.path} is single-label")
+    names = ds.class_names if ds.named else list(findings)
+    if not ds.named and len(names) != len(ds.class_names):
+        raise DataError(f"{ds.path} has {len(ds.class_names)} unnamed findings; the model has {len(names)}: {names}")
+    missing = [f for f in findings if f not in names]
+    if missing:
+        raise DataError(f"the model's finding(s) {missing} are not in {ds.path} (it has {names}); name the data's "
+                        f"columns with --data-classes")
+    cols = np.asarray([names.index(f) for f in findings], dtype=np.int64)
+    return Dataset(ds.path, list(findings), {k: Split(s.sources, s.labels[:, cols]) for k, s in ds.splits.items()},
+                   multi_label=True)
+
+
 def load_images(split: Split, skip_bad: bool = False,
                 intensity: Optional[IntensityPolicy] = None) -> tuple[list, np.ndarray, list]:
     """Decode a split's images to RGB PIL images (nearl_rt.core.imaging, by the intensity policy). A file that is

@@ -36,7 +36,7 @@ from nearl_rt.classifier import Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import dataset_for_classes, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.data import (DataError, Dataset, Preprocess, Split, add_inference_arguments, add_label_arguments,
-                           dataset_from_args, intensity_from_args, parse_classes, skip_summary)
+                           dataset_from_args, finding_columns, intensity_from_args, parse_classes, skip_summary)
 from nearl_rt import multilabel
 from nearl_rt.core.errors import NearlError
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, aggregate, evaluation_metrics, harmonic_mean
@@ -164,23 +164,6 @@ def image_names(ds: Dataset, split: str, full: Split, part: Split) -> list:
     position = {id(src): i for i, src in enumerate(full.sources)}
     return [src if isinstance(src, str) else str(src) if isinstance(src, Frame) else
             f"{ds.path}:{split}:{position[id(src)]}" for src in part.sources]
-
-
-def finding_columns(ds: Dataset, findings: Sequence[str]) -> Dataset:
-    """Multi-label data with its label columns in the order of a model's `findings` (picked by name; an .npz that
-    does not name its findings is taken to hold the model's, in its order)."""
-    if not ds.multi_label:
-        raise DataError(f"the model scores findings {list(findings)} (multi-label); {ds.path} is single-label")
-    names = ds.class_names if ds.named else list(findings)
-    if not ds.named and len(names) != len(ds.class_names):
-        raise DataError(f"{ds.path} has {len(ds.class_names)} unnamed findings; the model has {len(names)}: {names}")
-    missing = [f for f in findings if f not in names]
-    if missing:
-        raise DataError(f"the model's finding(s) {missing} are not in {ds.path} (it has {names}); name the data's "
-                        f"columns with --data-classes")
-    cols = np.asarray([names.index(f) for f in findings], dtype=np.int64)
-    return Dataset(ds.path, list(findings), {k: Split(s.sources, s.labels[:, cols]) for k, s in ds.splits.items()},
-                   multi_label=True)
 
 
 def score_findings(classifier, ds: Dataset, split: str, *, limit: Optional[int] = None, batch_size: int = 64,

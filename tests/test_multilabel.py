@@ -251,3 +251,19 @@ def test_predict_and_export_parity(run, planted, tmp_path, capsys):
     for (findings, pairs), p in zip(decided, probs):
         assert findings == [n for n, pn in zip(FINDINGS, p) if pn >= session.thresholds[n]]
         assert len(pairs) == 3
+
+
+def test_sweep_compares_methods_on_findings(planted, tmp_path, capsys):
+    from nearl_rt import sweep
+    out = tmp_path / "sweep"
+    code, stdout, err = cli(sweep, ["--data", planted, "--classes", NAMES, "--methods", "nearl,linear_probe,zeroshot",
+                                    "--shots", "2", "--seeds", "0", "--bootstrap", "0", "--out", out, "--preset", "tiny",
+                                    "--steps", "3", "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    table = (out / "results.md").read_text()
+    assert "pipeline check" in table and "### macro AUROC" in table and "### Hamming loss (lower is better)" in table
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert set(summary) == {"nearl", "linear_probe", "zeroshot"}
+    _, labels, probs = multilabel.read_predictions(out / "runs" / "zeroshot_k2_s0" / "predictions.csv", FINDINGS)
+    expected = np.mean([roc_auc_score(labels[:, f], probs[:, f]) for f in range(3)])
+    assert summary["zeroshot"]["2"]["macro_auroc"]["mean"] == pytest.approx(expected)
