@@ -227,15 +227,21 @@ def test_thresholds_fitted_on_validation_by_rule(run, planted):
         assert m["per_finding"][name]["threshold"] == pytest.approx(probs[val.labels[:, f] == 1, f].min())
 
 
-def test_predict_and_export_parity(run, planted, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def onnx_findings(run, tmp_path_factory):
+    """The run's best.pt exported (its per-finding thresholds in the metadata)."""
+    from nearl_rt.export.onnx import export_model
+    classifier, _ = load_classifier(run, device=torch.device("cpu"))
+    return export_model(classifier.model, tmp_path_factory.mktemp("onnx") / "findings.onnx",
+                        calibration=classifier.calibration), classifier
+
+
+def test_predict_and_export_parity(run, planted, onnx_findings, capsys):
     code, out, err = cli(predict, [run, planted, "--split", "test", "--limit", "3"], capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0] == "input,rank,class,probability,decision" and len(lines) == 1 + 3 * 3
-    onnx_path = tmp_path / "model.onnx"
-    from nearl_rt.export.onnx import export_model
-    classifier, extra = load_classifier(run, device=torch.device("cpu"))
-    export_model(classifier.model, onnx_path, calibration=classifier.calibration)
+    onnx_path, classifier = onnx_findings
     meta = read_metadata(onnx_path)
     assert meta["labels"] == "multi" and meta["class_names"] == FINDINGS and set(meta["thresholds"]) == set(FINDINGS)
     session = NearlSession(onnx_path)
@@ -251,6 +257,40 @@ def test_predict_and_export_parity(run, planted, tmp_path, capsys):
     for (findings, pairs), p in zip(decided, probs):
         assert findings == [n for n, pn in zip(FINDINGS, p) if pn >= session.thresholds[n]]
         assert len(pairs) == 3
+
+
+def test_cpp_client_and_triton_repository(onnx_findings, tmp_path):
+    """nearl_client prints NearlSession's per-finding probabilities and decisions; the Triton repository labels
+    its probs with the findings."""
+    import subprocess
+    from nearl_rt.serving.triton_repository import Options, write_repository
+    from tests.cpp_build import cpp_build
+    onnx_path, _ = onnx_findings
+    model_dir = write_repository(onnx_path, tmp_path / "repo", Options(gpu=False))
+    assert (model_dir / "labels.txt").read_text().splitlines() == FINDINGS
+    session = NearlSession(onnx_path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(4).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    raw = tmp_path / "batch.f32"
+    x.tofile(raw)
+    proc = subprocess.run([str(cpp_build() / "nearl_client"), str(onnx_path), "--top-k", "0", "--findings",
+                           "--threads", "1", str(raw)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _, probs = session.run(x)
+    rows: dict = {}
+    decided = {}
+    for line in proc.stdout.strip().splitlines():
+        image, rank, value, *name = line.split("\t") + [""]
+        if rank == "findings":
+            decided[image] = [f for f in value.split(";") if f]
+        else:
+            rows.setdefault(image, {})[name[0]] = float(value)
+    for i, p in enumerate(probs):
+        key = f"{raw}[{i}]"
+        np.testing.assert_allclose([rows[key][f] for f in FINDINGS], p, rtol=0, atol=1e-6)
+        assert decided[key] == [f for f, pf in zip(FINDINGS, p) if pf >= session.thresholds[f]]
+    single = subprocess.run([str(cpp_build() / "nearl_client"), str(onnx_path), "--findings", str(raw)],
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0
 
 
 def test_sweep_compares_methods_on_findings(planted, tmp_path, capsys):
