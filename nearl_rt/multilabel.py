@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch.nn.functional as F
 from sklearn import metrics as skm
 
-from nearl_rt.calibration import CalibrationError, OperatingPointRule, fit_threshold
+from nearl_rt.calibration import Calibration, CalibrationError, OperatingPointRule, fit_threshold
+from nearl_rt.checkpoint import update_extra
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.data import UNKNOWN
 from nearl_rt.metrics import auroc_batch, average_precision_batch
@@ -39,8 +41,6 @@ def masked_bce(logits, labels, reduction: str = "mean"):
     """Binary cross-entropy of per-finding logits [B, F] (torch) against labels [B, F] (1 / 0 / -1), unknown
     entries weighted 0. reduction "sum": summed over images of the per-image mean over the F findings (so a batch
     mean is sum / B whatever is unknown); "mean": that / B."""
-    import torch
-    import torch.nn.functional as F
     mask = (labels != UNKNOWN).to(logits.dtype)
     per_entry = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype), weight=mask,
                                                    reduction="none")
@@ -66,6 +66,25 @@ def fit_finding_thresholds(labels, probs, names: Sequence[str], rule: OperatingP
         except CalibrationError:
             unfitted.append(name)
     return thresholds, unfitted
+
+
+def calibrate_findings(path, logits, labels, names: Sequence[str], rule: OperatingPointRule,
+                       fitted_on: dict) -> tuple[Calibration, list]:
+    """Fit per-finding thresholds by `rule` on held-out raw logits [N, F] and labels [N, F] (temperature 1) and store
+    them in the checkpoint `path` (extra["calibration"], atomically). Returns (Calibration, findings left without a
+    threshold)."""
+    probs = Calibration(multi_label=True).probabilities(logits)
+    thresholds, unfitted = fit_finding_thresholds(labels, probs, names, rule)
+    calibration = Calibration(1.0, str(rule), thresholds, {**fitted_on, "images": int(len(labels))}, multi_label=True)
+    update_extra(path, {"calibration": calibration.to_dict()})
+    return calibration, unfitted
+
+
+def describe(calibration: Calibration, unfitted: list) -> str:
+    """One line: the rule and the per-finding thresholds."""
+    shown = ", ".join(f"p({c}) >= {t:.4f}" for c, t in calibration.thresholds.items())
+    missing = f"; none for {unfitted} (their fit labels are all one class): {DEFAULT_THRESHOLD}" if unfitted else ""
+    return f"operating point {calibration.operating_point} per finding (temperature 1): {shown}{missing}"
 
 
 def decisions(probs, names: Sequence[str], thresholds: dict) -> np.ndarray:

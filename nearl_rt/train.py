@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 import nearl_rt
 from nearl_rt.calibrate import calibrate_checkpoint, describe, logits_of
-from nearl_rt.calibration import DEFAULT_RULE, RULE_HELP, Calibration, CalibrationError, OperatingPointRule
+from nearl_rt.calibration import DEFAULT_RULE, RULE_HELP, CalibrationError, OperatingPointRule
 from nearl_rt.core.atomic import atomic_output
-from nearl_rt.checkpoint import non_finite_tensor, update_extra
+from nearl_rt.checkpoint import non_finite_tensor
 from nearl_rt.classifier import METHODS, Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
@@ -47,7 +47,8 @@ from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, add_label_a
                            intensity_from_args, load_images, parse_classes, skip_summary)
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.linear_probe import fit_linear_probe, fit_multilabel_probe
-from nearl_rt.multilabel import entry_hits, fit_finding_thresholds, masked_bce
+from nearl_rt.multilabel import calibrate_findings, entry_hits, masked_bce
+from nearl_rt.multilabel import describe as describe_findings
 from nearl_rt.prompts import DEFAULT_NEGATIVE, load_templates
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
@@ -485,8 +486,10 @@ def calibrate_checkpoints(args, out: Path, val, shots: dict, device) -> None:
             warnings.simplefilter("ignore", RandomBackboneWarning)
             classifier, _ = load_classifier(ckpt, pretrained=args.pretrained, backend=args.backend, device=device)
         logits = logits_of(classifier, Preprocess(classifier.preprocess_cfg, intensity=args.policy).eval(val[0]))
-        if classifier.multi_label:
-            calibrate_findings(ckpt, classifier, logits, val[1], args, shots)
+        if classifier.multi_label:  # per-finding thresholds; a finding whose labels are all one class keeps 0.5
+            calibration, unfitted = calibrate_findings(ckpt, logits, val[1], classifier.class_names, args.rule, {
+                "data": os.path.abspath(args.data), "split": shots["val_split"], "subset": "the run's validation shots"})
+            print(f"calibrated {ckpt}: {describe_findings(calibration, unfitted)}", flush=True)
             continue
         try:
             calibration, report = calibrate_checkpoint(ckpt, logits, val[1], classifier.class_names, args.rule, {
@@ -496,22 +499,6 @@ def calibrate_checkpoints(args, out: Path, val, shots: dict, device) -> None:
                   f"nearl_rt.calibrate {ckpt} --data DATA`", file=sys.stderr)
             continue
         print(f"calibrated {ckpt}: {describe(calibration, report)}", flush=True)
-
-
-def calibrate_findings(ckpt: Path, classifier, logits: np.ndarray, labels: np.ndarray, args, shots: dict) -> None:
-    """Multi-label: per-finding thresholds by --operating-point on the validation shots (temperature 1), stored in
-    the checkpoint; a finding whose validation labels are all one class keeps 0.5 (warned)."""
-    probs = Calibration(multi_label=True).probabilities(logits)
-    thresholds, unfitted = fit_finding_thresholds(labels, probs, classifier.class_names, args.rule)
-    calibration = Calibration(1.0, str(args.rule), thresholds, {
-        "data": os.path.abspath(args.data), "split": shots["val_split"], "subset": "the run's validation shots",
-        "images": int(len(labels))}, multi_label=True)
-    update_extra(ckpt, {"calibration": calibration.to_dict()})
-    shown = ", ".join(f"p({c}) >= {t:.4f}" for c, t in thresholds.items())
-    print(f"calibrated {ckpt}: operating point {args.rule} per finding: {shown}", flush=True)
-    if unfitted:
-        print(f"warning: {ckpt}: no threshold for finding(s) {unfitted} (their validation labels are all one class): "
-              f"0.5 is used", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -307,3 +307,57 @@ def test_sweep_compares_methods_on_findings(planted, tmp_path, capsys):
     _, labels, probs = multilabel.read_predictions(out / "runs" / "zeroshot_k2_s0" / "predictions.csv", FINDINGS)
     expected = np.mean([roc_auc_score(labels[:, f], probs[:, f]) for f in range(3)])
     assert summary["zeroshot"]["2"]["macro_auroc"]["mean"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "text_cacheable"])
+def test_triton_backend_scores_findings_as_torch(mode, monkeypatch):
+    """The masked BCE of pair-prompt logits and its adapter gradients: backend triton (interpreter) == torch."""
+    monkeypatch.delenv("NEARL_RT_BACKEND", raising=False)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([[1, -1, 0], [0, 1, -1]])
+    out = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = tiny(mode, backend=backend)
+        for p in model.adapter_parameters():  # a non-zero update, so that the adapters matter
+            torch.nn.init.normal_(p, std=0.05)
+        model.set_findings(FINDINGS)
+        loss = multilabel.masked_bce(model(x, model.class_tokens), labels)
+        loss.backward()
+        out[backend] = (loss.detach(), [p.grad.clone() for p in model.adapter_parameters()])
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-6)
+    for got, ref in zip(out["triton"][1], out["torch"][1]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_calibrate_and_save_pretrained_keep_findings(run, planted, tmp_path, capsys):
+    import shutil
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(run / "best.pt", ckpt)
+    code, out, err = cli(__import__("nearl_rt.calibrate", fromlist=["x"]), [
+        ckpt, "--data", planted, "--data-classes", NAMES, "--split", "val", "--operating-point", "specificity=1"], capsys)
+    assert code == 0, err
+    assert "per finding (temperature 1)" in out
+    classifier, _ = load_classifier(ckpt, device=torch.device("cpu"))
+    assert classifier.calibration.multi_label and classifier.calibration.operating_point == "specificity=1"
+    val = evaluate.score_findings(classifier, read_dataset(planted, classes=FINDINGS), "val")
+    probs = classifier.calibration.probabilities(val.logits)
+    for f, name in enumerate(FINDINGS):  # the lowest threshold above every negative
+        negatives = probs[val.labels[:, f] == 0, f]
+        assert classifier.calibration.thresholds[name] > negatives.max()
+    folder = nearl_rt.load_checkpoint(ckpt).save_pretrained(tmp_path / "shared")
+    again = nearl_rt.from_pretrained(folder)
+    assert again.multi_label and again.class_names == FINDINGS and again.prompts == load_checkpoint(ckpt).prompts
+
+
+def test_int8_gates_count_finding_decisions():
+    from nearl_rt.export.quantize import Gates, ImageSet, QuantizationError, gate_report
+    ref = np.array([[0.9, 0.2, 0.6], [0.1, 0.7, 0.4]])
+    labels = np.array([[1, 0, -1], [0, 1, 0]])
+    report = gate_report(ref, ref + 0.01, ImageSet(np.zeros((2, 3, 4, 4), np.float32), labels), Gates(), "int8",
+                         multi_label=True)
+    assert report["top1_agreement"] == 1.0 and report["accuracy"]["fp32"] == 1.0
+    flipped = ref.copy()
+    flipped[1, 2] = 0.55  # one of six (image, finding) decisions changes
+    with pytest.raises(QuantizationError, match=r"decision agreement 83.3% < 99.0% \(1 of 6 \(image, finding\) decisions changed\)"):
+        gate_report(ref, flipped, ImageSet(np.zeros((2, 3, 4, 4), np.float32)), Gates(), "int8", multi_label=True)

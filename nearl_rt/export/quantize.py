@@ -221,9 +221,10 @@ def gate_report(ref: np.ndarray, got: np.ndarray, images: ImageSet, gates: Gates
               "max_abs_prob_diff": float(np.abs(ref - got).max()), "gates": asdict(gates)}
     failures = []
     if agree < gates.min_agreement:
-        changed = int(round((1 - agree) * len(ref)))
-        failures.append(f"top-1 agreement {100 * agree:.1f}% < {100 * gates.min_agreement:.1f}% "
-                        f"({changed} of {len(ref)} {'(image, finding) decisions changed' if multi_label else 'images changed class'})")
+        total, what_changed = (ref.size, "(image, finding) decisions changed") if multi_label else \
+            (len(ref), "images changed class")
+        failures.append(f"{'decision' if multi_label else 'top-1'} agreement {100 * agree:.1f}% < "
+                        f"{100 * gates.min_agreement:.1f}% ({int(round((1 - agree) * total))} of {total} {what_changed})")
     if gates.max_prob_diff is not None and report["max_abs_prob_diff"] > gates.max_prob_diff:
         failures.append(f"max |delta prob| {report['max_abs_prob_diff']:.4f} > {gates.max_prob_diff:.4f}")
     if images.labels is not None:
