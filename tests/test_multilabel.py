@@ -236,11 +236,13 @@ def onnx_findings(run, tmp_path_factory):
                         calibration=classifier.calibration), classifier
 
 
-def test_predict_and_export_parity(run, planted, onnx_findings, capsys):
-    code, out, err = cli(predict, [run, planted, "--split", "test", "--limit", "3"], capsys)
+def test_predict_and_export_parity(run, planted, onnx_findings, tmp_path, capsys):
+    code, out, err = cli(predict, [run, planted, "--split", "test", "--limit", "3", "--explain", tmp_path / "maps"],
+                         capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0] == "input,rank,class,probability,decision" and len(lines) == 1 + 3 * 3
+    assert len(list((tmp_path / "maps").glob("*.npy"))) == 3  # saliency of each image's most probable finding
     onnx_path, classifier = onnx_findings
     meta = read_metadata(onnx_path)
     assert meta["labels"] == "multi" and meta["class_names"] == FINDINGS and set(meta["thresholds"]) == set(FINDINGS)
