@@ -344,6 +344,9 @@ def run(args: argparse.Namespace) -> dict:
         if classifier.multi_label:
             multi = evaluate_multilabel(args, ckpt, classifier, extra, ds, results, b2n)
             continue
+        if ds.multi_label:
+            raise DataError(f"{ckpt} is a single-label model of classes {classifier.class_names}; {args.data} holds "
+                            f"multi-label findings {ds.class_names}: evaluate a model trained on them")
         m, parts = evaluate_classifier(classifier, extra, ds, args.split, classes=parse_classes(args.classes),
                                        base_to_novel=b2n, base=parse_classes(args.base_classes),
                                        novel=parse_classes(args.novel_classes), limit=args.limit,

@@ -259,6 +259,13 @@ def test_predict_and_export_parity(run, planted, onnx_findings, tmp_path, capsys
     for (findings, pairs), p in zip(decided, probs):
         assert findings == [n for n, pn in zip(FINDINGS, p) if pn >= session.thresholds[n]]
         assert len(pairs) == 3
+    # evaluate scores the exported file as it is served: the checkpoint's per-finding metrics
+    ds = read_dataset(planted, classes=FINDINGS)
+    from_file, _ = evaluate.evaluate_findings(load_classifier(onnx_path)[0], ds, "test", resamples=0)
+    from_ckpt, _ = evaluate.evaluate_findings(classifier, ds, "test", resamples=0)
+    for name in FINDINGS:
+        assert from_file["per_finding"][name]["auroc"] == pytest.approx(from_ckpt["per_finding"][name]["auroc"], abs=1e-3)
+        assert from_file["per_finding"][name]["threshold"] == from_ckpt["per_finding"][name]["threshold"]
 
 
 def test_cpp_client_and_triton_repository(onnx_findings, tmp_path):
