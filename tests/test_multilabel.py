@@ -71,7 +71,10 @@ def test_npz_and_manifest_read_as_findings(planted, tmp_path):
 def test_single_label_data_is_unchanged(pneumonia_npz):
     ds = read_dataset(pneumonia_npz)
     assert not ds.multi_label and ds.split("train").labels.ndim == 1
-    assert sample_shots(ds, 4, 0) == sample_shots(read_dataset(pneumonia_npz, multi_label=None), 4, 0)
+    shots = sample_shots(ds, 4, 0)
+    assert np.bincount(ds.split("train").labels[shots["train"]]).tolist() == [4, 4]  # K per class, as before
+    with pytest.raises(DataError, match="holds one class per image, not findings"):
+        read_dataset(pneumonia_npz, multi_label=True)
 
 
 @pytest.mark.parametrize("case, match", [
