@@ -73,8 +73,9 @@ def test_single_label_data_is_unchanged(pneumonia_npz):
     assert not ds.multi_label and ds.split("train").labels.ndim == 1
     shots = sample_shots(ds, 4, 0)
     assert np.bincount(ds.split("train").labels[shots["train"]]).tolist() == [4, 4]  # K per class, as before
-    with pytest.raises(DataError, match="holds one class per image, not findings"):
-        read_dataset(pneumonia_npz, multi_label=True)
+    # --multi-label reads its [N, 1] labels as one finding (named by --classes)
+    one = read_dataset(pneumonia_npz, classes=["pneumonia"], multi_label=True)
+    assert one.multi_label and one.split("train").labels[:, 0].tolist() == ds.split("train").labels.tolist()
 
 
 @pytest.mark.parametrize("case, match", [
