@@ -374,3 +374,33 @@ def test_int8_gates_count_finding_decisions():
     flipped[1, 2] = 0.55  # one of six (image, finding) decisions changes
     with pytest.raises(QuantizationError, match=r"decision agreement 83.3% < 99.0% \(1 of 6 \(image, finding\) decisions changed\)"):
         gate_report(ref, flipped, ImageSet(np.zeros((2, 3, 4, 4), np.float32)), Gates(), "int8", multi_label=True)
+
+
+def test_csv_manifest_end_to_end(tmp_path, capsys):
+    """Planted images as PNG files behind a manifest with blank (unknown) and -1 (uncertain) cells: zero-shot
+    training, then evaluation on the known labels only; --uncertain zeros makes the -1 cells known."""
+    from PIL import Image
+    rows = []
+    for split, count, seed in (("train", 24, 0), ("val", 24, 1), ("test", 12, 2)):
+        images, labels = planted_multilabel(count, seed)
+        for i, (im, y) in enumerate(zip(images, labels)):
+            name = f"{split}/{i}.png"
+            (tmp_path / split).mkdir(exist_ok=True)
+            Image.fromarray(im).save(tmp_path / name)
+            cells = [str(v) for v in y]
+            if split == "test" and i < 3:
+                cells[0], cells[1] = "", "-1"  # effusion unknown, cardiomegaly uncertain
+            rows.append(",".join([name, split, *cells]))
+    manifest = tmp_path / "findings.csv"
+    manifest.write_text("path,split," + NAMES + "\n" + "\n".join(rows) + "\n")
+    code, _, err = cli(train, ["--data", manifest, "--preset", "tiny", "--shots", "2", "--method", "zeroshot",
+                               "--device", "cpu", "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    known = {}
+    for policy in ("ignore", "zeros"):
+        code, out, err = cli(evaluate, [tmp_path / "run", "--data", manifest, "--uncertain", policy, "--bootstrap", "0",
+                                        "--json", tmp_path / f"{policy}.json"], capsys)
+        assert code == 0, err
+        per = json.loads((tmp_path / f"{policy}.json").read_text())["results"][str(tmp_path / "run")]["per_finding"]
+        known[policy] = [per[f]["known"] for f in FINDINGS]
+    assert known == {"ignore": [9, 9, 12], "zeros": [9, 12, 12]}
