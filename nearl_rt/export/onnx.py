@@ -389,7 +389,7 @@ def main(argv=None) -> int:
         else:
             export_model(model, out, **options)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
-              f"{len(model.class_names)} classes{extra})")
+              f"{len(model.class_names)} {'findings' if model.multi_label else 'classes'}{extra})")
         paths = [out]
     if args.preprocess:
         from nearl_rt.export.preprocess_graph import export_preprocess_graph
@@ -505,7 +505,7 @@ def export_int8(model, args, gates, checkpoint_sha256: str, recorded: dict) -> l
     if "accuracy" in report:
         line += f", accuracy {100 * report['accuracy']['fp32']:.2f}% -> {100 * report['accuracy']['int8']:.2f}%"
     print(f"wrote {int8} ({int8.stat().st_size / 2**20:.1f} MiB, int8 {method}, {model.interaction}, "
-          f"{len(model.class_names)} classes; {line})")
+          f"{len(model.class_names)} {'findings' if model.multi_label else 'classes'}; {line})")
     return [p for p in (fp32, int8) if p is not None]
 
 
