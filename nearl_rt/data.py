@@ -137,8 +137,8 @@ def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None,
     elif not ds.named and names_matter:
         warnings.warn(f"{path} does not say which MedMNIST dataset it is (its file name does not start with one of "
                       f"{', '.join(sorted(MEDMNIST_CLASSES))}), so its classes are named {ds.class_names} and the "
-                      f"prompts read e.g. 'a medical image showing class 0.': the text tower cannot tell the classes "
-                      f"apart by name. Name them in label order: --data-classes a,b (train, sweep, evaluate)", ClassNamesWarning, stacklevel=2)
+                      f"prompts read e.g. 'a medical image showing {ds.class_names[0]}.': the text tower cannot tell "
+                      f"the classes apart by name. Name them in label order: --data-classes a,b (train, sweep, evaluate)", ClassNamesWarning, stacklevel=2)
     if frames == "each":
         ds.splits = {name: _expand_frames(s) for name, s in ds.splits.items()}
     _check_labels(ds)
