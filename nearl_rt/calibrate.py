@@ -25,8 +25,9 @@ from nearl_rt.checkpoint import update_extra
 from nearl_rt.classifier import load_classifier, resolve_checkpoint, resolve_device
 from nearl_rt.core.cli import run_cli
 from nearl_rt.core.errors import NearlError
-from nearl_rt.data import add_inference_arguments, intensity_from_args, parse_classes, read_dataset
-from nearl_rt.evaluate import score_split_of
+from nearl_rt import multilabel
+from nearl_rt.data import add_inference_arguments, add_label_arguments, dataset_from_args, intensity_from_args
+from nearl_rt.evaluate import score_findings, score_split_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
     p.add_argument("--data-classes", help="comma-separated names of the dataset's labels (default: from the data)")
+    add_label_arguments(p)
     p.add_argument("--split", default="val", help="held-out labelled split to fit on (default: val; never the test split "
                                                   "you report on)")
     p.add_argument("--limit", type=int, help="fit on a fixed class-balanced subset of N images")
@@ -83,12 +85,22 @@ def run(args: argparse.Namespace) -> Calibration:
         raise NearlError(f"{args.checkpoint} is an exported file: calibrate its checkpoint, then export it again (the "
                          f"temperature is part of the graph)")
     ckpt = resolve_checkpoint(args.checkpoint)
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.data_classes), frames=args.frames)
+    ds = dataset_from_args(args, args.data_classes)
     ds.split(args.split)  # exists, before the model is built
     if args.split == "test":
         print("warning: fitting on the test split: metrics reported on it afterwards are optimistic", file=sys.stderr)
     classifier, extra = load_classifier(ckpt, pretrained=args.pretrained, backend=args.backend,
                                         device=resolve_device(args.device))
+    if classifier.multi_label:  # per-finding thresholds (nearl_rt.multilabel), temperature 1
+        scored = score_findings(classifier, ds, args.split, limit=args.limit, batch_size=args.batch_size,
+                                skip_bad=args.skip_bad_images,
+                                intensity=intensity_from_args(args, extra.get("intensity"), ckpt))
+        subset = "all images" if args.limit is None else f"the first {args.limit} images"
+        calibration, unfitted = multilabel.calibrate_findings(ckpt, scored.logits, scored.labels, scored.class_names,
+                                                              rule, {"data": os.path.abspath(args.data),
+                                                                     "split": args.split, "subset": subset})
+        print(f"{ckpt}: {multilabel.describe(calibration, unfitted)}")
+        return calibration
     scored = score_split_of(classifier, ds, classifier.class_names, args.split, explicit=False, limit=args.limit,
                             batch_size=args.batch_size, skip_bad=args.skip_bad_images,
                             intensity=intensity_from_args(args, extra.get("intensity"), ckpt))

@@ -68,6 +68,7 @@ class Calibration:
     operating_point: Optional[str] = None
     thresholds: dict = field(default_factory=dict)
     fitted_on: Optional[dict] = None
+    multi_label: bool = False  # per-finding probabilities sigmoid(logits / T) (nearl_rt.multilabel), {finding: t}
 
     @property
     def fitted(self) -> bool:
@@ -75,7 +76,8 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return {"temperature": self.temperature, "operating_point": self.operating_point,
-                "thresholds": dict(self.thresholds), "fitted_on": self.fitted_on}
+                "thresholds": dict(self.thresholds), "fitted_on": self.fitted_on,
+                **({"multi_label": True} if self.multi_label else {})}
 
     @classmethod
     def from_dict(cls, record: Optional[dict], where: str = "checkpoint") -> "Calibration":
@@ -84,7 +86,8 @@ class Calibration:
             return cls()
         try:
             cal = cls(float(record["temperature"]), record.get("operating_point"),
-                      {str(k): float(v) for k, v in (record.get("thresholds") or {}).items()}, record.get("fitted_on"))
+                      {str(k): float(v) for k, v in (record.get("thresholds") or {}).items()}, record.get("fitted_on"),
+                      bool(record.get("multi_label", False)))
         except (TypeError, ValueError, KeyError, AttributeError):
             raise CalibrationError(f"{where} has a malformed calibration record; recalibrate it with "
                                    f"`python -m nearl_rt.calibrate`") from None
@@ -95,6 +98,8 @@ class Calibration:
         return cal
 
     def probabilities(self, logits) -> np.ndarray:
+        if self.multi_label:
+            return special.expit(np.asarray(logits, dtype=np.float64) / self.temperature)
         return softmax(logits, self.temperature)
 
 

@@ -50,6 +50,7 @@ def checkpoint_payload(model, extra: Optional[dict] = None) -> dict:
         "class_names": list(model.class_names),
         "template": model.template,
         "templates": model.templates,  # a template, an ensemble list or per-class prompts (plain values)
+        "multi_label": bool(model.multi_label),  # findings: templates = {"positive": ..., "negative": ...}
         "backbone": dataclasses.asdict(model.backbone_identity),
         "adapter": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()},
         "extra": dict(extra or {}),
@@ -204,7 +205,9 @@ def load_checkpoint(path, *, pretrained=None, backend: str = "auto", interaction
         model.load_adapter_state_dict(payload["adapter"])
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}. The checkpoint's weights are for a different preset or config") from None
-    if payload["class_names"]:
+    if payload["class_names"] and payload.get("multi_label"):
+        model.set_findings(payload["class_names"], **payload["templates"])
+    elif payload["class_names"]:
         model.set_classes(payload["class_names"], payload.get("templates") or payload["template"] or "a photo of {}.")
     return model
 

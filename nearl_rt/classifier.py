@@ -3,6 +3,7 @@ context, or a linear probe on frozen image features. Shared by training (validat
 prediction."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -57,7 +58,12 @@ class Classifier:
             raise ValueError("a coop classifier needs a model with a prompt_context (nearl_rt.coop.attach_context); "
                              "other methods have none")
         self.model, self.method, self.head = model, method, head
-        self.calibration = calibration or Calibration()
+        # a multi-label model's probabilities are per finding: sigmoid (nearl_rt.multilabel)
+        self.calibration = replace(calibration or Calibration(), multi_label=bool(model.multi_label))
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.model.multi_label)
 
     @property
     def random_backbone(self) -> bool:
@@ -81,6 +87,9 @@ class Classifier:
         names = list(class_names)
         if names == self.class_names:
             return
+        if self.multi_label:
+            raise DataError(f"a multi-label model scores the findings it was trained on {self.class_names}, not "
+                            f"{names}")
         if self.head is not None:
             raise DataError(f"a linear_probe head scores only the classes it was fitted on {self.class_names}; "
                             f"it cannot score {names}")
@@ -125,7 +134,11 @@ class OnnxClassifier:
         self.session = NearlSession(path)
         self.method = f"onnx ({self.session.metadata.get('precision', 'fp32')})"
         self.calibration = Calibration(self.session.temperature, self.session.operating_point,
-                                       dict(self.session.thresholds))
+                                       dict(self.session.thresholds), multi_label=self.session.multi_label)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.session.multi_label
 
     @property
     def random_backbone(self) -> bool:

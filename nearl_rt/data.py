@@ -1,11 +1,19 @@
 """Labelled image data for training, evaluation and prediction.
 
-Three sources, all read into the same `Dataset` (per split: image sources + integer labels + class names):
+Four sources, all read into the same `Dataset` (per split: image sources + labels + class names):
 - an image-folder tree: ROOT/<class>/<image> (one split, "all"), or ROOT/<split>/<class>/<image>
   for splits named train / val / test;
 - a BiomedCoOp-style split JSON: {"train": [[relpath, label, classname], ...], "val": [...], "test": [...]},
   paths relative to --image-root (default: the JSON's folder);
-- a MedMNIST .npz: `<split>_images` (uint8 [N, H, W] or [N, H, W, 3]) and `<split>_labels` ([N] or [N, 1]).
+- a MedMNIST .npz: `<split>_images` (uint8 [N, H, W] or [N, H, W, 3]) and `<split>_labels` ([N] or [N, 1]);
+  `[N, F]` 0/1 labels (ChestMNIST's layout) make it multi-label, F findings;
+- a CSV manifest (multi-label): `path[,split],<finding 1>,<finding 2>,...`, one row per image, 1 / 0 / blank
+  (unknown) / -1 (uncertain, CheXpert's code: --uncertain ignore|zeros|ones) per finding.
+
+Multi-label data (`Dataset.multi_label`) has labels int64 [N, F] with 1 = present, 0 = absent, -1 = unknown
+(UNKNOWN: masked out of the loss and the metrics); its `class_names` are the finding names. Single-label data has
+labels int64 [N] (class indices). Detection is automatic (the labels' shape; a .csv is always multi-label);
+`multi_label=True` (--multi-label) also reads an [N, 1] .npz as one finding and refuses single-label sources.
 
 Any of them may hold DICOM files and 16-bit / float images (nearl_rt.core.imaging decodes them, mapping more
 than 8 bits to 0..255 by the run's intensity policy); a multi-frame file is refused unless
@@ -16,6 +24,7 @@ training (flips off by default: they change anatomy).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -44,11 +53,16 @@ MEDMNIST_CLASSES = {
     "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
                    "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
                    "vascular lesions"],
+    "chestmnist": ["atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
+                   "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural thickening", "hernia"],
     "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte",
                    "monocyte", "neutrophil", "platelet"],
 }
 
 Source = Union[str, Frame, np.ndarray]  # a file path, one frame of a multi-frame file, or an image array
+UNKNOWN = -1  # a multi-label entry whose finding is not known: masked out of the loss and the metrics
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")  # what a CSV's -1 (uncertain) becomes: unknown, 0 or 1
+MULTI_LABEL_SOURCES = "a MedMNIST-style .npz with [N, F] 0/1 labels or a CSV manifest (path,<finding>,...)"
 
 
 class DataError(NearlError):
@@ -58,7 +72,7 @@ class DataError(NearlError):
 @dataclass
 class Split:
     sources: list            # per image: a path (str), a Frame or an image array
-    labels: np.ndarray       # int64 [N]
+    labels: np.ndarray       # int64 [N] (class indices), or [N, F] multi-label (1 / 0 / UNKNOWN)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -77,6 +91,7 @@ class Dataset:
     class_names: list
     splits: dict             # split name -> Split
     named: bool = True       # False: the data did not name its classes ("class 0", "class 1", ... stand in)
+    multi_label: bool = False  # labels [N, F]: several findings per image (class_names are the findings)
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -85,31 +100,45 @@ class Dataset:
 
 
 def read_dataset(path, image_root=None, classes: Optional[Sequence[str]] = None, frames: str = "refuse", *,
-                 names_matter: bool = True) -> Dataset:
-    """Read a folder tree, split JSON or .npz (chosen by what `path` is) and check its labels.
+                 names_matter: bool = True, multi_label: Optional[bool] = None, uncertain: str = "ignore") -> Dataset:
+    """Read a folder tree, split JSON, .npz or .csv manifest (chosen by what `path` is) and check its labels.
     frames="each": every frame of a multi-frame file (DICOM, TIFF) becomes an image with the file's label.
     names_matter: warn (ClassNamesWarning) when the data does not name its classes and `classes` does not either
-    (off where only the images are used)."""
+    (off where only the images are used). multi_label: None detects it from the data; True demands it (an [N, 1]
+    .npz becomes one finding); False refuses multi-label data. uncertain: what a CSV's -1 becomes (ignore =
+    unknown, zeros, ones). Multi-label data: `classes` names the .npz's columns in order, or picks the CSV's."""
     if frames not in FRAME_OPTIONS:
         raise DataError(f"frames={frames!r}: use one of {FRAME_OPTIONS}")
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise DataError(f"--uncertain {uncertain!r}: use one of {', '.join(UNCERTAIN_POLICIES)}")
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
+    if multi_label and (path.is_dir() or path.suffix == ".json"):
+        raise DataError(f"{path}: an image folder or split JSON gives each image one class, so it cannot hold "
+                        f"multi-label findings; use {MULTI_LABEL_SOURCES}")
     if path.is_dir():
         ds = _read_folder(path)
     elif path.suffix == ".json":
         ds = _read_split_json(path, Path(image_root) if image_root else path.parent)
     elif path.suffix == ".npz":
-        ds = _read_npz(path)
+        ds = _read_npz(path, bool(multi_label))
+    elif path.suffix == ".csv":
+        ds = _read_manifest(path, Path(image_root) if image_root else path.parent, uncertain)
     else:
-        raise DataError(f"{path}: unknown dataset kind; pass an image folder, a split .json or a MedMNIST .npz")
-    if classes is not None:
+        raise DataError(f"{path}: unknown dataset kind; pass an image folder, a split .json, a MedMNIST .npz or a "
+                        f"multi-label .csv manifest")
+    if multi_label is False and ds.multi_label:
+        raise DataError(f"{path} holds multi-label findings {ds.class_names}; this tool reads single-label data")
+    if classes is not None and ds.multi_label:
+        _name_findings(ds, list(classes))
+    elif classes is not None:
         ds.class_names, ds.named = list(classes), True
     elif not ds.named and names_matter:
         warnings.warn(f"{path} does not say which MedMNIST dataset it is (its file name does not start with one of "
                       f"{', '.join(sorted(MEDMNIST_CLASSES))}), so its classes are named {ds.class_names} and the "
-                      f"prompts read e.g. 'a medical image showing class 0.': the text tower cannot tell the classes "
-                      f"apart by name. Name them in label order: --data-classes a,b (train, sweep, evaluate)", ClassNamesWarning, stacklevel=2)
+                      f"prompts read e.g. 'a medical image showing {ds.class_names[0]}.': the text tower cannot tell "
+                      f"the classes apart by name. Name them in label order: --data-classes a,b (train, sweep, evaluate)", ClassNamesWarning, stacklevel=2)
     if frames == "each":
         ds.splits = {name: _expand_frames(s) for name, s in ds.splits.items()}
     _check_labels(ds)
@@ -121,9 +150,29 @@ def _expand_frames(split: Split) -> Split:
     return Split(sources, split.labels[np.asarray(origin, dtype=np.int64)])
 
 
+def _name_findings(ds: Dataset, names: list) -> None:
+    """--classes on multi-label data: the names of an unnamed .npz's columns, in order; otherwise the findings to
+    keep (columns picked by name)."""
+    width = len(ds.class_names)
+    if not ds.named:
+        if len(names) != width:
+            raise DataError(f"{ds.path} has {width} findings per image; --classes names {len(names)}: {names}")
+        ds.class_names, ds.named = names, True
+        return
+    missing = [n for n in names if n not in ds.class_names]
+    if missing:
+        raise DataError(f"finding(s) {missing} are not in {ds.path}; it has {ds.class_names}")
+    cols = np.asarray([ds.class_names.index(n) for n in names], dtype=np.int64)
+    ds.splits = {k: Split(s.sources, s.labels[:, cols]) for k, s in ds.splits.items()}
+    ds.class_names = names
+
+
 def _check_labels(ds: Dataset) -> None:
     if not any(len(s) for s in ds.splits.values()):
         raise DataError(f"{ds.path} holds no images (empty dataset)")
+    if ds.multi_label:
+        _check_findings(ds)
+        return
     n = len(ds.class_names)
     for name, s in ds.splits.items():
         bad = np.flatnonzero((s.labels < 0) | (s.labels >= n))
@@ -131,6 +180,25 @@ def _check_labels(ds: Dataset) -> None:
             i = int(bad[0])
             raise DataError(f"{ds.path}: label {int(s.labels[i])} of {s.describe(i)} ({name} split) is out of range "
                             f"for {n} classes {ds.class_names}; fix the label or pass --classes with all class names")
+
+
+def _check_findings(ds: Dataset) -> None:
+    """Multi-label labels are 1 / 0 / UNKNOWN, one column per finding, and every finding is known somewhere."""
+    width = len(ds.class_names)
+    known = np.zeros(width, dtype=bool)
+    for name, s in ds.splits.items():
+        if s.labels.ndim != 2 or s.labels.shape[1] != width:
+            raise DataError(f"{ds.path}: the {name} labels have shape {s.labels.shape}; expected [N, {width}] for "
+                            f"findings {ds.class_names}")
+        bad = np.argwhere(~np.isin(s.labels, (0, 1, UNKNOWN)))
+        if bad.size:
+            i, f = (int(v) for v in bad[0])
+            raise DataError(f"{ds.path}: finding {ds.class_names[f]!r} of {s.describe(i)} ({name} split) is "
+                            f"{int(s.labels[i, f])}; multi-label values are 1, 0 or unknown")
+        known |= (s.labels != UNKNOWN).any(axis=0)
+    if not known.all():
+        raise DataError(f"{ds.path}: finding(s) {[ds.class_names[f] for f in np.flatnonzero(~known)]} are unknown "
+                        f"for every image; drop them (--classes lists the findings to keep) or label some images")
 
 
 def _list_images(folder: Path) -> list:
@@ -191,7 +259,69 @@ def _read_split_json(path: Path, image_root: Path) -> Dataset:
     return Dataset(str(path), class_names, splits)
 
 
-def _read_npz(path: Path) -> Dataset:
+def _manifest_value(text: str, uncertain: str) -> Optional[int]:
+    """A CSV manifest cell -> 1 / 0 / UNKNOWN (blank; -1 under --uncertain ignore); None when it is not a label."""
+    text = text.strip()
+    if text == "":
+        return UNKNOWN
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if value == -1.0:
+        return {"ignore": UNKNOWN, "zeros": 0, "ones": 1}[uncertain]
+    return int(value) if value in (0.0, 1.0) else None
+
+
+def _read_manifest(path: Path, image_root: Path, uncertain: str) -> Dataset:
+    """A multi-label CSV manifest: header `path[,split],<finding>...`; rows without a split column (or with an empty
+    one) go to the "all" split."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not rows or not rows[0] or rows[0][0].strip() != "path":
+        raise DataError(f"{path}: a manifest's first line is the header path[,split],<finding 1>,<finding 2>,...")
+    header = [h.strip() for h in rows[0]]
+    has_split = len(header) > 1 and header[1] == "split"
+    findings = header[2 if has_split else 1:]
+    if not findings or not all(findings) or len(set(findings)) != len(findings):
+        raise DataError(f"{path}: the header must name one or more unique findings after path[,split], got {findings}")
+    per_split: dict = {}
+    missing = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line}: {len(row)} values for {len(header)} columns {header}")
+        split = row[1].strip() if has_split else ""
+        if split and split not in SPLITS:
+            raise DataError(f"{path} line {line}: split {split!r} is not one of {SPLITS} (or blank)")
+        labels = []
+        for name, cell in zip(findings, row[len(header) - len(findings):]):
+            value = _manifest_value(cell, uncertain)
+            if value is None:
+                raise DataError(f"{path} line {line}: finding {name!r} is {cell!r}; use 1, 0, blank (unknown) or -1 "
+                                f"(uncertain: --uncertain ignore|zeros|ones)")
+            labels.append(value)
+        full = image_root / row[0].strip()
+        if not full.is_file():
+            missing.append(str(full))
+        sources, rows_labels = per_split.setdefault(split or "all", ([], []))
+        sources.append(str(full))
+        rows_labels.append(labels)
+    if missing:
+        raise DataError(f"{path}: {len(missing)} image(s) not found, first {missing[0]}; check --image-root "
+                        f"(now {image_root})")
+    splits = {k: Split(src, np.asarray(lab, dtype=np.int64).reshape(len(src), len(findings)))
+              for k, (src, lab) in per_split.items()}
+    if "all" in splits and len(splits) > 1:
+        raise DataError(f"{path}: some rows have a split and some do not; give every row train, val or test")
+    return Dataset(str(path), findings, splits, multi_label=True)
+
+
+def _read_npz(path: Path, multi_label: bool = False) -> Dataset:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -203,11 +333,14 @@ def _read_npz(path: Path) -> Dataset:
         images, labels = data[f"{split}_images"], data[f"{split}_labels"] if f"{split}_labels" in data.files else None
         if labels is None:
             raise DataError(f"{path} has {split}_images but no {split}_labels")
-        if labels.ndim == 2 and labels.shape[1] == 1:
+        if labels.ndim == 2 and labels.shape[1] == 1 and not multi_label:
             labels = labels[:, 0]
-        if labels.ndim != 1 or len(labels) != len(images):
+        if labels.ndim not in (1, 2) or len(labels) != len(images):
             raise DataError(f"{path}: {split}_labels has shape {labels.shape}; expected [{len(images)}] or "
-                            f"[{len(images)}, 1] (single-label classification)")
+                            f"[{len(images)}, 1] (single-label) or [{len(images)}, F] (F findings, multi-label)")
+        if labels.ndim == 1 and multi_label:
+            raise DataError(f"{path}: {split}_labels [{len(labels)}] holds one class per image, not findings; "
+                            f"multi-label data is {MULTI_LABEL_SOURCES}")
         if images.dtype.kind not in "uif" or images.ndim not in (3, 4):
             raise DataError(f"{path}: {split}_images must be [N, H, W] or [N, H, W, 3] of uint8 (or uint16 / float: "
                             f"mapped by the intensity policy), got {images.dtype} {images.shape}")
@@ -215,10 +348,36 @@ def _read_npz(path: Path) -> Dataset:
     if not splits:
         raise DataError(f"{path} has no train_images / val_images / test_images arrays (not a MedMNIST file)")
     prefix = path.stem.split("_")[0].lower()
+    widths = {s.labels.shape[1] if s.labels.ndim == 2 else 0 for s in splits.values()}
+    if len(widths) > 1:
+        raise DataError(f"{path}: its splits' labels disagree in shape ({sorted(widths)} findings; 0: one class)")
+    width = widths.pop()
+    if width:
+        names = MEDMNIST_CLASSES.get(prefix)
+        named = names is not None and len(names) == width
+        return Dataset(str(path), list(names) if named else [f"finding {i}" for i in range(width)], splits,
+                       named=named, multi_label=True)
     top = max((int(s.labels.max()) for s in splits.values() if len(s)), default=0)
     if prefix in MEDMNIST_CLASSES:
         return Dataset(str(path), list(MEDMNIST_CLASSES[prefix]), splits)
     return Dataset(str(path), [f"class {i}" for i in range(top + 1)], splits, named=False)
+
+
+def finding_columns(ds: Dataset, findings: Sequence[str]) -> Dataset:
+    """Multi-label data with its label columns in the order of a model's `findings` (picked by name; an .npz that
+    does not name its findings is taken to hold the model's, in its order)."""
+    if not ds.multi_label:
+        raise DataError(f"the model scores findings {list(findings)} (multi-label); {ds.path} is single-label")
+    names = ds.class_names if ds.named else list(findings)
+    if not ds.named and len(names) != len(ds.class_names):
+        raise DataError(f"{ds.path} has {len(ds.class_names)} unnamed findings; the model has {len(names)}: {names}")
+    missing = [f for f in findings if f not in names]
+    if missing:
+        raise DataError(f"the model's finding(s) {missing} are not in {ds.path} (it has {names}); name the data's "
+                        f"columns with --data-classes")
+    cols = np.asarray([names.index(f) for f in findings], dtype=np.int64)
+    return Dataset(ds.path, list(findings), {k: Split(s.sources, s.labels[:, cols]) for k, s in ds.splits.items()},
+                   multi_label=True)
 
 
 def load_images(split: Split, skip_bad: bool = False,
@@ -330,6 +489,22 @@ def add_image_arguments(p: argparse.ArgumentParser, training: bool) -> None:
                         + trained)
     p.add_argument("--frames", default="refuse", choices=FRAME_OPTIONS,
                    help="multi-frame DICOM / TIFF: refuse (default) or read each frame as an image")
+
+
+def add_label_arguments(p: argparse.ArgumentParser) -> None:
+    """--multi-label / --uncertain: how multi-label data is read (train, evaluate, sweep, calibrate)."""
+    p.add_argument("--multi-label", action="store_true",
+                   help="the data is multi-label (detected anyway from [N, F] .npz labels or a .csv manifest; this "
+                        "also reads an [N, 1] .npz as one finding and refuses folders)")
+    p.add_argument("--uncertain", default="ignore", choices=UNCERTAIN_POLICIES,
+                   help="a manifest's -1 (uncertain, CheXpert): ignore = unknown, masked (default), zeros, ones")
+
+
+def dataset_from_args(args, classes: Optional[str]) -> Dataset:
+    """read_dataset with the data options of a tool (--data, --image-root, --frames, the label arguments)."""
+    return read_dataset(args.data, args.image_root, parse_classes(classes), frames=args.frames,
+                        multi_label=True if getattr(args, "multi_label", False) else None,
+                        uncertain=getattr(args, "uncertain", "ignore"))
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,12 @@ summarised as mean ± std. docs/evaluation.md defines every number.
 `--classes a,b,c` scores that class set (images matched by class name; default: the checkpoint's own
 classes). `--base-to-novel` scores base-test images among the base classes and novel-test images among
 the novel classes (the split recorded at training, or `--base-classes` / `--novel-classes`) and reports
-the harmonic mean of the two."""
+the harmonic mean of the two.
+
+Multi-label models (findings) report per-finding and macro AUROC / AUPRC, per-finding sensitivity, specificity and
+F1 at their thresholds, subset accuracy and Hamming loss on the known labels (nearl_rt.multilabel), with
+bootstrap intervals for the AUROC / AUPRC; `--predictions` writes per finding its label, probability, logit and
+decision."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +35,9 @@ from nearl_rt.core.atomic import atomic_output
 from nearl_rt.classifier import Classifier, load_classifier, resolve_device
 from nearl_rt.classsets import dataset_for_classes, split_base_novel
 from nearl_rt.core.cli import run_cli
-from nearl_rt.data import (DataError, Dataset, Preprocess, add_inference_arguments, intensity_from_args, parse_classes,
-                           read_dataset, skip_summary)
+from nearl_rt.data import (DataError, Dataset, Preprocess, Split, add_inference_arguments, add_label_arguments,
+                           dataset_from_args, finding_columns, intensity_from_args, parse_classes, skip_summary)
+from nearl_rt import multilabel
 from nearl_rt.core.errors import NearlError
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, aggregate, evaluation_metrics, harmonic_mean
 from nearl_rt.plots import write_evaluation_plots
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
     p.add_argument("--classes", help="comma-separated class names to score (default: the checkpoint's classes)")
     p.add_argument("--data-classes", help="comma-separated names of the dataset's labels (default: from the data)")
+    add_label_arguments(p)
     p.add_argument("--base-to-novel", action="store_true",
                    help="score base and novel classes separately and report their harmonic mean")
     p.add_argument("--base-classes", help="comma-separated base classes (default: as recorded at training)")
@@ -147,11 +154,54 @@ def score_split_of(classifier, ds: Dataset, classes: Sequence[str], split: str, 
         raise DataError(f"the {split} split of {ds.path} has no images of classes {list(classes)}")
     preprocess = Preprocess(classifier.preprocess_cfg, intensity=intensity)
     logits, kept, skipped = classifier.split_logits(part, preprocess, batch_size, skip_bad)
-    # class subsets and limits keep the split's source objects: an array image is named by its place in the split
-    position = {id(src): i for i, src in enumerate(full.sources)}
-    names = [src if isinstance(src, str) else str(src) if isinstance(src, Frame) else
-             f"{ds.path}:{split}:{position[id(src)]}" for src in part.sources]
+    names = image_names(ds, split, full, part)
     return Scored(split, list(classifier.class_names), [names[i] for i in kept], part.labels[kept], logits, skipped)
+
+
+def image_names(ds: Dataset, split: str, full: Split, part: Split) -> list:
+    """Identifiers of `part`'s images: the file path (or FILE:frame=N), or DATA:SPLIT:INDEX for arrays (class
+    subsets and limits keep the split's source objects: an array image is named by its place in `full`)."""
+    position = {id(src): i for i, src in enumerate(full.sources)}
+    return [src if isinstance(src, str) else str(src) if isinstance(src, Frame) else
+            f"{ds.path}:{split}:{position[id(src)]}" for src in part.sources]
+
+
+def score_findings(classifier, ds: Dataset, split: str, *, limit: Optional[int] = None, batch_size: int = 64,
+                   skip_bad: bool = False, intensity: IntensityPolicy = DEFAULT_POLICY) -> Scored:
+    """A multi-label classifier's raw per-finding logits on `split` (its first `limit` images), labels [N, F]."""
+    full = finding_columns(ds, classifier.class_names).split(split)
+    part = full.subset(range(min(limit, len(full)))) if limit is not None else full
+    if len(part) == 0:
+        raise DataError(f"the {split} split of {ds.path} has no images")
+    logits, kept, skipped = classifier.split_logits(part, Preprocess(classifier.preprocess_cfg, intensity=intensity),
+                                                    batch_size, skip_bad)
+    names = image_names(ds, split, full, part)
+    return Scored(split, list(classifier.class_names), [names[i] for i in kept], part.labels[kept], logits, skipped)
+
+
+def evaluate_findings(classifier, ds: Dataset, split: str, *, limit=None, batch_size=64, skip_bad=False,
+                      intensity=DEFAULT_POLICY, operating_point=None, fit_split="val", resamples=DEFAULT_RESAMPLES,
+                      seed=0) -> tuple[dict, Scored]:
+    """A multi-label model's metrics (nearl_rt.multilabel) at its stored per-finding thresholds, or at thresholds
+    fitted now by `operating_point` on `fit_split`."""
+    kw = dict(batch_size=batch_size, skip_bad=skip_bad, intensity=intensity)
+    scored = score_findings(classifier, ds, split, limit=limit, **kw)
+    calibration = classifier.calibration
+    thresholds, source = dict(calibration.thresholds), "stored with the model"
+    if operating_point is not None and str(operating_point) != calibration.operating_point:
+        reference = score_findings(classifier, ds, fit_split, **kw)
+        thresholds, unfitted = multilabel.fit_finding_thresholds(
+            reference.labels, calibration.probabilities(reference.logits), scored.class_names, operating_point)
+        source = f"{operating_point}, fitted now on the {fit_split} split, {len(reference.labels)} images; not stored"
+        if unfitted:
+            source += f" (none for {unfitted}: 0.5)"
+    m = multilabel.multilabel_metrics(scored.labels, calibration.probabilities(scored.logits), scored.class_names,
+                                      thresholds, resamples=resamples, seed=seed)
+    m.update(multi_label=True, operating_point=operating_point and str(operating_point) or calibration.operating_point,
+             calibration={"operating_point": source if calibration.fitted or operating_point else
+                          "none stored: 0.5 per finding", "fitted_on": calibration.fitted_on},
+             skipped_images=scored.skipped)
+    return m, scored
 
 
 def resolve_operating_point(classifier, scored: Scored, rule: Optional[OperatingPointRule], fit) -> tuple:
@@ -285,11 +335,18 @@ def run(args: argparse.Namespace) -> dict:
     if per_image and (len(checkpoints) > 1 or b2n):
         raise NearlError(f"{' and '.join(per_image)} describe one model on one class set: evaluate one checkpoint "
                          f"without --base-to-novel")
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.data_classes), frames=args.frames)
+    ds = dataset_from_args(args, args.data_classes)
     device = resolve_device(args.device)
     results = {}
+    multi = False
     for ckpt in checkpoints:
         classifier, extra = load_classifier(ckpt, pretrained=args.pretrained, backend=args.backend, device=device)
+        if classifier.multi_label:
+            multi = evaluate_multilabel(args, ckpt, classifier, extra, ds, results, b2n)
+            continue
+        if ds.multi_label:
+            raise DataError(f"{ckpt} is a single-label model of classes {classifier.class_names}; {args.data} holds "
+                            f"multi-label findings {ds.class_names}: evaluate a model trained on them")
         m, parts = evaluate_classifier(classifier, extra, ds, args.split, classes=parse_classes(args.classes),
                                        base_to_novel=b2n, base=parse_classes(args.base_classes),
                                        novel=parse_classes(args.novel_classes), limit=args.limit,
@@ -308,7 +365,7 @@ def run(args: argparse.Namespace) -> dict:
             write_per_image(args, ckpt, m, parts["all"])
     report = {"data": args.data, "split": args.split, "results": results}
     if len(results) > 1:
-        keys = B2N_KEYS if b2n else SUMMARY_KEYS
+        keys = multilabel.SUMMARY_KEYS if multi else B2N_KEYS if b2n else SUMMARY_KEYS
         report["summary"] = aggregate(list(results.values()), keys)
         print(f"mean ± std over {len(results)} runs:")
         for k in keys:
@@ -317,6 +374,30 @@ def run(args: argparse.Namespace) -> dict:
         with atomic_output(Path(args.json)) as tmp:
             tmp.write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def evaluate_multilabel(args, ckpt: str, classifier, extra: dict, ds: Dataset, results: dict, b2n: bool) -> bool:
+    """evaluate's branch for a multi-label model: print (and keep in `results`) its metrics, write --predictions."""
+    if b2n or args.classes or args.plots:
+        raise NearlError(f"{ckpt} is multi-label: --base-to-novel, --classes and --plots are single-label only")
+    m, scored = evaluate_findings(classifier, ds, args.split, limit=args.limit, batch_size=args.batch_size,
+                                  skip_bad=args.skip_bad_images,
+                                  intensity=intensity_from_args(args, extra.get("intensity"), ckpt),
+                                  operating_point=OperatingPointRule.parse(args.operating_point) if args.operating_point
+                                  else None, fit_split=args.fit_split, resamples=args.bootstrap,
+                                  seed=args.bootstrap_seed)
+    m.update(method=extra.get("method", "nearl"), split=args.split, random_backbone=bool(classifier.random_backbone))
+    results[ckpt] = m
+    print(multilabel.format_metrics(ckpt, m), flush=True)
+    if m["skipped_images"]:
+        print(f"  {skip_summary(m['skipped_images'])}")
+    if args.predictions:
+        thresholds = {f: v["threshold"] for f, v in m["per_finding"].items() if v["threshold_fitted"]}
+        multilabel.write_predictions(Path(args.predictions), scored.images, scored.labels, scored.logits,
+                                     classifier.calibration.probabilities(scored.logits), scored.class_names,
+                                     thresholds)
+        print(f"wrote {args.predictions} ({len(scored.labels)} images)")
+    return True
 
 
 def write_per_image(args, name: str, m: dict, scored: Scored) -> None:

@@ -27,8 +27,8 @@ from nearl_rt.backbone import BackboneIdentity, build_backbone
 from nearl_rt.config import NearlConfig, preset_config
 from nearl_rt.core.imaging import IntensityPolicy
 from nearl_rt.core.preprocess import image_list, preprocess_batch
-from nearl_rt.prompts import DEFAULT_TEMPLATE, Templates, class_prompts, normalise_templates, pool_prompts, \
-    pooling_matrix
+from nearl_rt.prompts import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, DEFAULT_TEMPLATE, Templates, class_prompts, \
+    finding_prompts, normalise_templates, pool_prompts, pooling_matrix
 from nearl_rt.tokenizer import tokenize
 from nearl_rt.towers import PromptBatch, build_towers
 
@@ -61,6 +61,8 @@ class NearlCLIP(nn.Module):
         self.use, self.oca_v, self.oca_t = adapters["use"], adapters["oca_v"], adapters["oca_t"]
         self.class_names: list[str] = []
         self.templates: Optional[Templates] = None  # a template, an ensemble list, or per-class prompts
+        # multi-label (set_findings): class_names are findings, templates {"positive": ..., "negative": ...}
+        self.multi_label = False
         self.register_buffer("class_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("prompt_pool", None, persistent=False)  # [C, P] prompt ensemble averaging
         self.prompt_context: Optional[nn.Module] = None  # CoOp's learned context (nearl_rt.coop)
@@ -82,7 +84,11 @@ class NearlCLIP(nn.Module):
     @property
     def prompts(self) -> list[str]:
         """Every prompt, class by class (several per class with an ensemble)."""
-        return [p for ps in class_prompts(self.class_names, self.templates) for p in ps] if self.class_names else []
+        if not self.class_names:
+            return []
+        groups = finding_prompts(self.class_names, self.templates["positive"], self.templates["negative"]) \
+            if self.multi_label else class_prompts(self.class_names, self.templates)
+        return [p for ps in groups for p in ps]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -139,19 +145,35 @@ class NearlCLIP(nn.Module):
         """Fix the classes `classify` scores (any class set). `template`: one template with '{}', a list of
         templates (prompt ensemble) or {class: [prompts]}; with several prompts per class the class text
         feature is the normalised mean of its prompts' features (nearl_rt.prompts)."""
-        if isinstance(class_names, str) or not class_names:
-            raise ValueError("class_names must be a non-empty list of strings, e.g. ['normal', 'pneumonia']")
-        names = [str(c) for c in class_names]
-        if any(not c.strip() for c in names) or len(set(names)) != len(names):
-            raise ValueError(f"class names must be non-empty and unique, got {names}")
+        names = _checked_names(class_names)
         templates = normalise_templates(template)
-        per_class = class_prompts(names, templates)
-        self.class_names, self.templates = names, templates
+        self._set_prompts(names, class_prompts(names, templates), templates, multi_label=False)
+
+    def set_findings(self, finding_names: Sequence[str], positive: Templates = DEFAULT_POSITIVE,
+                     negative: Templates = DEFAULT_NEGATIVE) -> None:
+        """Multi-label: score each finding through a positive and a negative prompt (each side a template, an
+        ensemble or per-finding prompts). `classify` then returns per-finding logits [B, F] = the positive prompt's
+        logit minus the negative's, so sigmoid(logit) = softmax over the pair = P(finding present)."""
+        names = _checked_names(finding_names)
+        templates = {"positive": normalise_templates(positive), "negative": normalise_templates(negative)}
+        self._set_prompts(names, finding_prompts(names, templates["positive"], templates["negative"]), templates,
+                          multi_label=True)
+
+    def _set_prompts(self, names: list, groups: list, templates, multi_label: bool) -> None:
+        self.class_names, self.templates, self.multi_label = names, templates, multi_label
         device = self.class_tokens.device
-        self.class_tokens = self.tokenize([p for ps in per_class for p in ps]).to(device)
-        pool = pooling_matrix([len(ps) for ps in per_class])
+        self.class_tokens = self.tokenize([p for ps in groups for p in ps]).to(device)
+        pool = pooling_matrix([len(ps) for ps in groups])
         self.prompt_pool = None if pool is None else pool.to(device)
         self._text_cache = self._class_prompts = None
+
+    def class_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits per prompt group [B, G] -> per class [B, C]: the same for single-label classes; for F findings
+        (G = 2F) the positive group's logit minus the negative's (the logit bias cancels)."""
+        if not self.multi_label:
+            return logits
+        n = len(self.class_names)
+        return logits[:, :n] - logits[:, n:]
 
     def classify(self, images) -> torch.Tensor:
         """Logits [B, len(class_names)] for the classes set with `set_classes`. `images`: the preprocessed batch
@@ -161,8 +183,8 @@ class NearlCLIP(nn.Module):
         if not torch.is_tensor(images):
             images = self.preprocess(images)
         if self.interaction == "text_cacheable" and not torch.is_grad_enabled():
-            return self.scaled_logits(self.encode_images(images, self.cached_text_stream()),
-                                pool_prompts(self._text_cache[1].features, self.prompt_pool))
+            return self.class_logits(self.scaled_logits(self.encode_images(images, self.cached_text_stream()),
+                                                        pool_prompts(self._text_cache[1].features, self.prompt_pool)))
         return self(images, self.class_tokens)
 
     def preprocess(self, images, intensity: Optional[IntensityPolicy] = None) -> torch.Tensor:
@@ -197,17 +219,21 @@ class NearlCLIP(nn.Module):
     # ---------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] (preprocessed), tokens [C, context] -> logits [B, C]. Passed the class prompts
-        (`model.class_tokens`) of a prompt ensemble, the logits are per class (prompts averaged)."""
+        (`model.class_tokens`) of a prompt ensemble, the logits are per class (prompts averaged); of findings,
+        per finding (class_logits)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [C, context_length] (from nearl_rt.tokenize), got {tuple(tokens.shape)}")
-        pool = self.prompt_pool if tokens is self.class_tokens else None
+        own = tokens is self.class_tokens
+        pool = self.prompt_pool if own else None
         if self.interaction == "text_cacheable":
             text = self.encode_text_stream(tokens)
-            return self.scaled_logits(self.encode_images(images, text), pool_prompts(text.features, pool))
-        img, txt = self._bidirectional(images, tokens)
-        return self.scaled_logits_paired(img, pool_prompts(txt, pool))
+            logits = self.scaled_logits(self.encode_images(images, text), pool_prompts(text.features, pool))
+        else:
+            img, txt = self._bidirectional(images, tokens)
+            logits = self.scaled_logits_paired(img, pool_prompts(txt, pool))
+        return self.class_logits(logits) if own else logits
 
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features: image [B, E] and text [B, C, E] (prompt c as scored against image b)."""
@@ -309,6 +335,15 @@ class NearlCLIP(nn.Module):
             z = self.use.step(z, layer, x, text.layer_tokens[layer], text.valid, self.backend)
             x = self.oca_v[layer](x, z, group, self.backend)
         return self._image_features(x)
+
+
+def _checked_names(names) -> list:
+    if isinstance(names, str) or not names:
+        raise ValueError("class_names must be a non-empty list of strings, e.g. ['normal', 'pneumonia']")
+    names = [str(c) for c in names]
+    if any(not c.strip() for c in names) or len(set(names)) != len(names):
+        raise ValueError(f"class names must be non-empty and unique, got {names}")
+    return names
 
 
 def build_model(preset: Union[str, NearlConfig] = "vit_b16", *, interaction: str = "bidirectional",

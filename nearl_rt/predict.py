@@ -3,6 +3,8 @@ of images (PNG/JPEG/16-bit TIFF/DICOM, ...), or the images of a dataset file (.n
 `--split`); `--frames each` predicts every frame of a multi-frame file (named FILE:frame=N). Prints CSV
 (`input,rank,class,probability`), or writes CSV / JSON to `--output` (by its extension). The probabilities are
 the model's calibrated ones; `--decision` (binary models) adds the class decided at the stored threshold.
+A multi-label model lists every finding's probability (unless --topk is given) and, as `decision`, the findings at
+or above their stored thresholds (';'-joined; 0.5 for a finding without one).
 `--explain OUTDIR` also writes a saliency map per image (PNG overlay + .npy: nearl_rt.saliency, docs/explain.md)."""
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="which split of a dataset file to read")
     p.add_argument("--image-root", help="folder a split JSON's paths are relative to")
     p.add_argument("--limit", type=int, help="predict the first N images only")
-    p.add_argument("--topk", type=int, default=1, help="classes per image")
+    p.add_argument("--topk", type=int, help="classes per image (default 1; multi-label: every finding)")
     p.add_argument("--output", help="write .csv or .json here instead of printing CSV")
     p.add_argument("--decision", action="store_true",
                    help="binary models: also the class decided at the stored operating point's threshold")
@@ -74,14 +76,17 @@ def collect_inputs(inputs: list, split: str, image_root, frames: str = "refuse")
     return names, sources
 
 
-def rows(names: list, probs: np.ndarray, class_names: list, topk: int, threshold=None) -> list:
-    """Per image its top-k classes; with a binary model's threshold also the class decided at it."""
+def rows(names: list, probs: np.ndarray, class_names: list, topk: int, threshold=None, findings=None) -> list:
+    """Per image its top-k classes; with a binary model's threshold also the class decided at it; with a multi-label
+    model's per-finding thresholds (`findings`, {finding: t}) the findings decided present."""
     out = []
     order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     for name, p, top in zip(names, probs, order):
         out.append({"input": name, "top": [{"class": class_names[c], "probability": float(p[c])} for c in top]})
         if threshold is not None:
             out[-1]["decision"] = class_names[int(p[1] >= threshold)]
+        if findings is not None:
+            out[-1]["decision"] = ";".join(c for c, pc in zip(class_names, p) if pc >= findings[c])
     return out
 
 
@@ -98,7 +103,7 @@ def to_csv(results: list) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.topk < 1 or (args.limit is not None and args.limit < 1):
+    if (args.topk is not None and args.topk < 1) or (args.limit is not None and args.limit < 1):
         raise NearlError(f"--topk and --limit must be >= 1 (got {args.topk}, {args.limit})")
     if args.output and Path(args.output).suffix not in (".csv", ".json"):
         raise NearlError(f"--output {args.output}: use a .csv or .json file name")
@@ -109,16 +114,21 @@ def main(argv=None) -> int:
         names, sources = names[:args.limit], sources[:args.limit]
     classifier, extra = load_classifier(args.checkpoint, pretrained=args.pretrained, backend=args.backend,
                                     device=resolve_device(args.device))
+    findings = {c: classifier.calibration.thresholds.get(c, 0.5) for c in classifier.class_names} \
+        if classifier.multi_label else None
+    if args.topk is None:
+        args.topk = len(classifier.class_names) if findings else 1
     if args.topk > len(classifier.class_names):
         raise NearlError(f"--topk {args.topk} exceeds the checkpoint's {len(classifier.class_names)} classes")
     if args.explain:
         class_index(classifier, args.explain_class)  # an unknown name fails before any work
-    threshold = binary_threshold(classifier.class_names, classifier.calibration.thresholds) if args.decision else None
+    threshold = binary_threshold(classifier.class_names, classifier.calibration.thresholds) \
+        if args.decision and not findings else None
     split = Split(sources, np.zeros(len(sources), dtype=np.int64))
     preprocess = Preprocess(classifier.preprocess_cfg,
                             intensity=intensity_from_args(args, extra.get("intensity"), args.checkpoint))
     probs, kept, skipped = classifier.probabilities(split, preprocess, args.batch_size, args.skip_bad_images)
-    results = rows([names[i] for i in kept], probs, classifier.class_names, args.topk, threshold)
+    results = rows([names[i] for i in kept], probs, classifier.class_names, args.topk, threshold, findings)
     if skipped:
         print(skip_summary(skipped), file=sys.stderr)
     if args.output is None:

@@ -52,7 +52,8 @@ def folder_config(payload: dict, adapter_sha256: str) -> dict:
         "format": FOLDER_FORMAT, "format_version": FORMAT_VERSION, "nearl_rt_version": payload.get("nearl_rt_version"),
         "config": config if isinstance(config, dict) else config.to_dict(),
         "class_names": list(payload["class_names"]), "template": payload.get("template"),
-        "templates": payload.get("templates"), "backbone": backbone,
+        "templates": payload.get("templates"), "multi_label": bool(payload.get("multi_label", False)),
+        "backbone": backbone,
         **{k: extra.pop(k, None) for k in TOP_LEVEL_EXTRA},
         "training": extra, "adapter_file": ADAPTER_FILE, "adapter_sha256": adapter_sha256,
     }

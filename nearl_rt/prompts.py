@@ -27,6 +27,9 @@ from nearl_rt.core.errors import NearlError
 
 Templates = Union[str, list, dict]
 DEFAULT_TEMPLATE = "a photo of {}."
+# Multi-label findings are scored through a pair of prompts each: does the image show it, or not.
+DEFAULT_POSITIVE = "a medical image showing {}."
+DEFAULT_NEGATIVE = "a medical image with no {}."
 
 
 class TemplateError(NearlError, ValueError):
@@ -119,6 +122,13 @@ def class_prompts(class_names: Sequence[str], templates: Templates) -> list:
         raise TemplateError(f"the per-class prompt set has no prompts for class(es) {missing}; it has "
                             f"{sorted(templates)}")
     return [[p.replace("{}", c) for p in templates[c]] for c in class_names]
+
+
+def finding_prompts(finding_names: Sequence[str], positive: Templates, negative: Templates) -> list:
+    """Multi-label: the 2F prompt groups of F findings, every finding's positive prompts first (groups 0..F-1),
+    then every finding's negative prompts (groups F..2F-1); each side may be a template, an ensemble or per-finding
+    prompts (see class_prompts)."""
+    return class_prompts(finding_names, positive) + class_prompts(finding_names, negative)
 
 
 def pooling_matrix(counts: Sequence[int]) -> Optional[torch.Tensor]:

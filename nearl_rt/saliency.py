@@ -113,7 +113,11 @@ def class_index(classifier, class_name: Optional[str]) -> Optional[int]:
 
 
 def calibrated_softmax(classifier) -> Probabilities:
+    """The classifier's calibrated probabilities: softmax(logits / T), or per finding sigmoid(logits / T) for a
+    multi-label model (nearl_rt.multilabel)."""
     temperature = classifier.calibration.temperature
+    if getattr(classifier, "multi_label", False):
+        return lambda logits: torch.sigmoid(logits.float() / temperature)
     return lambda logits: torch.softmax(logits.float() / temperature, dim=-1)
 
 

@@ -17,6 +17,10 @@ epoch. Options after the sweep's own are passed to every `train` run unchanged. 
 the sweep's options and train's (flags override it); DIR/config.yaml records them all, resolved. With
 `--report-to tensorboard,mlflow` every run reports as train does (MLflow: all in DIR/mlruns unless
 --tracking-uri), then its test metrics; the sweep itself reports mean ± std per method and K and the plot.
+
+On multi-label data (nearl_rt.multilabel; methods nearl, zeroshot, linear_probe) the tables are macro AUROC,
+macro AUPRC, macro-F1, subset accuracy and Hamming loss (lower is better: its bold is the lowest), the plot macro
+AUROC and AUPRC, and K is images per finding positive.
 """
 from __future__ import annotations
 
@@ -41,9 +45,11 @@ from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, non_default_flags,
                                   read_config, resolved_options, unknown_keys, write_config)
+from nearl_rt import multilabel
 from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
-from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier, read_predictions, reported_calibration, write_predictions
+from nearl_rt.evaluate import (B2N_KEYS, evaluate_classifier, evaluate_findings, read_predictions, reported_calibration,
+                               write_predictions)
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, parse_report_to
@@ -55,12 +61,15 @@ NOT_RUN_DEFINING = ("device", "config", "report_to", "tracking_uri", "no_progres
 OWN_TRAIN_DESTS = tuple(o[2:].replace("-", "_") for o in OWN_TRAIN_OPTIONS)
 CHECKPOINTS = ("last", "best")
 PLOT = {False: ("accuracy", "macro_f1"), True: ("hm_accuracy", "novel_accuracy")}
+MULTI_LABEL_PLOT = ("macro_auroc", "macro_auprc")
+LOWER_IS_BETTER = ("hamming_loss",)
 INTERVAL_KEYS = ("auc", "auprc")  # table cells with the 95 % interval of the mean over the seeds
 PREDICTIONS = "predictions.csv"
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy", "auc": "AUROC",
           "auprc": "AUPRC",
           "hm_accuracy": "harmonic mean (base, novel accuracy)", "novel_accuracy": "novel accuracy",
-          "base_accuracy": "base accuracy"}
+          "base_accuracy": "base accuracy", "macro_auroc": "macro AUROC", "macro_auprc": "macro AUPRC",
+          "subset_accuracy": "subset accuracy", "hamming_loss": "Hamming loss (lower is better)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +223,7 @@ def markdown(summary: dict, methods: list, shots: list, keys, header: str) -> st
         best = {}
         for k in shots:
             means = [summary[m][str(k)][key]["mean"] for m in methods if str(k) in summary.get(m, {})]
-            best[k] = max(means) if means else None
+            best[k] = (min if key in LOWER_IS_BETTER else max)(means) if means else None
         for m in methods:
             cells = []
             for k in shots:
@@ -261,9 +270,10 @@ def plot(summary: dict, methods: list, shots: list, keys, path: Path, title: str
 def write_results(out: Path, settings: dict, runs: list, methods: list, shots: list, b2n: bool, total: int,
                   resamples: int = DEFAULT_RESAMPLES) -> dict:
     """results.json, results.md and the plot; returns the summary (mean ± std per method and K)."""
-    keys = B2N_KEYS if b2n else SUMMARY_KEYS
+    multi = any(r["metrics"].get("multi_label") for r in runs)
+    keys = multilabel.SUMMARY_KEYS if multi else B2N_KEYS if b2n else SUMMARY_KEYS
     summary = summarise(runs, keys)
-    if resamples and not b2n:
+    if resamples and not b2n and not multi:
         seed_mean_intervals(runs, summary, resamples)
     with atomic_output(out / "results.json") as tmp:
         tmp.write_text(json.dumps({"settings": settings, "runs": runs, "summary": summary}, indent=1) + "\n")
@@ -274,15 +284,15 @@ def write_results(out: Path, settings: dict, runs: list, methods: list, shots: l
               f"{settings['checkpoint']}.pt; mean ± std over seeds {seeds} on the {settings['split']} split"
               + (f" ({settings['eval_limit']}-image class-balanced subset)" if settings["eval_limit"] else "")
               + "; **bold**: the best mean per column"
-              + ("" if b2n or not resamples else "; [low, high]: 95 % interval of the mean over the seeds (bootstrap "
+              + ("" if b2n or multi or not resamples else "; [low, high]: 95 % interval of the mean over the seeds (bootstrap "
                                                  "of the test images, stratified by class, the same resamples for every "
                                                  "seed)") + ".")
-    table_keys = ("base_accuracy", "novel_accuracy", "hm_accuracy", "hm_macro_f1") if b2n else SUMMARY_KEYS
+    table_keys = ("base_accuracy", "novel_accuracy", "hm_accuracy", "hm_macro_f1") if b2n else keys
     with atomic_output(out / "results.md") as tmp:
         tmp.write_text(markdown(summary, methods, shots, table_keys, header))
     if runs:
         title = f"{Path(settings['data']).name}: {', '.join(methods)}{note}"
-        plot(summary, methods, shots, PLOT[b2n], out / "accuracy_vs_shots.png", title)
+        plot(summary, methods, shots, MULTI_LABEL_PLOT if multi else PLOT[b2n], out / "accuracy_vs_shots.png", title)
     return summary
 
 
@@ -296,10 +306,19 @@ def evaluate_run(checkpoint: Path, ds, args, b2n: bool, device) -> dict:
     """A finished run's metrics on the sweep's split through `checkpoint` (last.pt or best.pt); its per-image
     predictions.csv in the run directory beside them (one class set)."""
     classifier, extra = load_classifier(checkpoint, device=device)
+    intensity = resolve_policy(extra.get("intensity"), None, checkpoint)
+    if classifier.multi_label:
+        m, scored = evaluate_findings(classifier, ds, args.split, limit=args.eval_limit, resamples=args.bootstrap,
+                                      intensity=intensity)
+        thresholds = {f: v["threshold"] for f, v in m["per_finding"].items() if v["threshold_fitted"]}
+        multilabel.write_predictions(checkpoint.parent / PREDICTIONS, scored.images, scored.labels, scored.logits,
+                                     classifier.calibration.probabilities(scored.logits), scored.class_names,
+                                     thresholds)
+        return m
     m, parts = evaluate_classifier(classifier, extra, ds, args.split, base_to_novel=b2n,
                                    base=parse_classes(args.base_classes), novel=parse_classes(args.novel_classes),
                                    limit=args.eval_limit, resamples=args.bootstrap,
-                                   intensity=resolve_policy(extra.get("intensity"), None, checkpoint))
+                                   intensity=intensity)
     if not b2n:
         write_predictions(checkpoint.parent / PREDICTIONS, parts["all"], reported_calibration(m))
     return m
@@ -325,8 +344,12 @@ def main(argv=None) -> int:
                 "split": args.split, "eval_limit": args.eval_limit, "checkpoint": args.checkpoint,
                 "train_options": train_flags(train_args)}
     check_sweep_dir(out, settings)
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames)
+    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames,
+                      multi_label=True if train_args.multi_label else None, uncertain=train_args.uncertain)
     ds.split(args.split)  # the evaluation split exists
+    if ds.multi_label and (b2n or "coop" in methods):
+        raise NearlError(f"{args.data} is multi-label: --methods coop and --base-to-novel are single-label only "
+                         f"(use nearl, zeroshot, linear_probe)")
     train_ds = ds
     if b2n:
         base, _ = split_base_novel(ds.class_names, parse_classes(args.base_classes), parse_classes(args.novel_classes))
@@ -379,7 +402,7 @@ def main(argv=None) -> int:
             executed += 1
             per_run = (time.perf_counter() - started) / executed
             remaining = sum(1 for m, kk, s in grid[i:] if not (out / "runs" / run_name(m, kk, s) / "eval.json").is_file())
-            key = "hm_accuracy" if b2n else "accuracy"
+            key = "macro_auroc" if metrics.get("multi_label") else "hm_accuracy" if b2n else "accuracy"
             print(f"[{i}/{len(grid)}] {run_dir.name}: {key} {metrics[key]:.4f} in {_duration(record['wall_s'])}; "
                   f"{i} of {len(grid)} runs done, ETA {_duration(per_run * remaining)}", flush=True)
         runs.append(record)
@@ -388,7 +411,7 @@ def main(argv=None) -> int:
         tracker.params(config)
         for method, per_k in summary.items():
             for k, cell in per_k.items():
-                tracker.metrics({f"{method}/{key}_{stat}": cell[key][stat] for key in (B2N_KEYS if b2n else SUMMARY_KEYS)
+                tracker.metrics({f"{method}/{key}_{stat}": cell[key][stat] for key in cell if key != "runs"
                                  for stat in ("mean", "std") if math.isfinite(cell[key][stat])}, int(k))
         if (out / "accuracy_vs_shots.png").is_file():
             tracker.artifact(out / "accuracy_vs_shots.png")

@@ -43,11 +43,13 @@ from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.config_file import add_config_argument, parse_with_config, resolved_options, write_config
 from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
-from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
-                           read_dataset, skip_summary)
+from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, add_label_arguments, dataset_from_args,
+                           intensity_from_args, load_images, parse_classes, skip_summary)
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
-from nearl_rt.linear_probe import fit_linear_probe
-from nearl_rt.prompts import load_templates
+from nearl_rt.linear_probe import fit_linear_probe, fit_multilabel_probe
+from nearl_rt.multilabel import calibrate_findings, entry_hits, masked_bce
+from nearl_rt.multilabel import describe as describe_findings
+from nearl_rt.prompts import DEFAULT_NEGATIVE, load_templates
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 
@@ -55,11 +57,12 @@ from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "steps", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
             "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames", "templates", "coop_context", "base_to_novel",
-            "base_classes", "novel_classes", "operating_point")
+            "base_classes", "novel_classes", "operating_point", "multi_label", "uncertain", "negative_template")
 # What runs recorded before a key existed did (they resume under it).
 RUN_KEY_DEFAULTS = {"steps": None, "intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
                     "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None,
-                    "operating_point": DEFAULT_RULE}
+                    "operating_point": DEFAULT_RULE, "multi_label": False, "uncertain": "ignore",
+                    "negative_template": DEFAULT_NEGATIVE}
 STATE = "train_state.pt"
 # Options of one invocation, not of the run: left out of its config.yaml. Paths in it are absolute.
 INVOCATION_OPTIONS = ("resume", "stop_after")
@@ -75,12 +78,20 @@ FEW_VALIDATION = 10  # validation images per class below which the log calls bes
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nearl_rt.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="image folder tree, split .json, or MedMNIST .npz")
-    p.add_argument("--image-root", help="folder the split JSON's paths are relative to (default: the JSON's folder)")
+    p.add_argument("--data", required=True, help="image folder tree, split .json, MedMNIST .npz, or a multi-label "
+                                                 ".csv manifest")
+    p.add_argument("--image-root", help="folder the split JSON's / manifest's paths are relative to (default: its "
+                                        "folder)")
     p.add_argument("--classes", "--data-classes", dest="classes",
                    help="comma-separated names of the data's labels, in label order (default: from the data, or "
-                        "MedMNIST's names by the .npz file's name); they become the prompts")
-    p.add_argument("--template", default="a medical image showing {}.", help="prompt template, one '{}'")
+                        "MedMNIST's names by the .npz file's name); they become the prompts. Multi-label: the names "
+                        "of an .npz's finding columns, or the manifest's findings to keep")
+    add_label_arguments(p)
+    p.add_argument("--template", default="a medical image showing {}.",
+                   help="prompt template, one '{}' (multi-label: the positive prompt of each finding)")
+    p.add_argument("--negative-template", default=DEFAULT_NEGATIVE, metavar="TEMPLATE|NAME|FILE",
+                   help=f"multi-label: each finding's negative prompt (default {DEFAULT_NEGATIVE!r}); a template, or "
+                        f"an ensemble as for --templates")
     p.add_argument("--templates", metavar="NAME|FILE",
                    help="prompt ensemble instead of --template: a shipped set (xray, ct, mri, histology, dermoscopy, "
                         "fundus), a .txt file (one template per line) or a .json file (a list of templates, or "
@@ -257,8 +268,10 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------------- data
 def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
     """Read the data, drop unreadable images if asked, draw the K shots, decode the chosen images."""
-    ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=args.frames)
+    ds = dataset_from_args(args, args.classes)
     class_split = {}
+    if ds.multi_label and (args.base_to_novel or args.base_classes is not None or args.method == "coop"):
+        raise NearlError(f"{args.data} is multi-label: --base-to-novel and --method coop are single-label only")
     if args.base_to_novel or args.base_classes is not None:
         base, novel = split_base_novel(ds.class_names, parse_classes(args.base_classes),
                                        parse_classes(args.novel_classes))
@@ -285,11 +298,24 @@ def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
 
 # --------------------------------------------------------------------------------------- training
 def evaluate_batches(classifier: Classifier, images: torch.Tensor, labels: np.ndarray, batch: int = 64) -> dict:
+    """Validation loss and accuracy (multi-label: masked BCE, and the fraction of known labels decided right at
+    p >= 0.5)."""
     classifier.model.eval()
     with torch.no_grad():
         logits = torch.cat([classifier.logits(images[i:i + batch]).float() for i in range(0, len(images), batch)])
     target = torch.from_numpy(labels).to(logits.device)
+    if classifier.multi_label:
+        hits, count = entry_hits(logits, target)
+        return {"loss": masked_bce(logits, target).item(), "accuracy": hits / max(count, 1)}
     return {"loss": F.cross_entropy(logits, target).item(), "accuracy": (logits.argmax(-1) == target).float().mean().item()}
+
+
+def batch_objective(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> tuple[torch.Tensor, int, int]:
+    """(the batch's loss summed over its images, labels decided right, labels counted): cross-entropy and argmax
+    hits per image, or masked BCE (nearl_rt.multilabel) and hits per known (image, finding) label."""
+    if multi_label:
+        return (masked_bce(logits, y, reduction="sum"), *entry_hits(logits, y))
+    return F.cross_entropy(logits, y, reduction="sum"), int((logits.argmax(-1) == y).sum()), len(y)
 
 
 def all_finite(loss: torch.Tensor, d: Dist) -> bool:
@@ -360,7 +386,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             with amp:
                 logits = net(x, model.class_tokens).float()
             # sum over this process's images / global batch * world: DDP's averaging then gives the global mean
-            loss = F.cross_entropy(logits, y, reduction="sum") * (d.world / len(batch))
+            loss_sum_batch, hits, counted = batch_objective(logits, y, model.multi_label)
+            loss = loss_sum_batch * (d.world / len(batch))
             if not all_finite(loss, d):
                 raise diverged(out, epoch, f"the training loss is not finite ({loss.item()}) at step {step + 1}")
             opt.zero_grad(set_to_none=True)
@@ -371,8 +398,8 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             tracker.metrics({"step/loss": loss.item() * len(batch) / d.world / len(mine), "step/lr": lr},
                             epoch * per_epoch + step + 1)
             loss_sum += loss.item() * len(batch) / d.world
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(mine)
+            correct += hits
+            seen += counted
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item() * len(batch) / d.world / len(mine):.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
@@ -432,7 +459,11 @@ def train_baseline(args, model, train, val, out: Path, tracker: Tracker) -> None
     model.eval()
     val_x = preprocess.eval(val[0]).to(device)
     if args.method == "linear_probe":
-        head, probe = fit_linear_probe(model, preprocess.eval(train[0]).to(device), train[1], val_x, val[1])
+        fit = fit_multilabel_probe if model.multi_label else fit_linear_probe
+        try:
+            head, probe = fit(model, preprocess.eval(train[0]).to(device), train[1], val_x, val[1])
+        except ValueError as e:
+            raise NearlError(str(e)) from None
         print(f"linear_probe: C = {probe['C']:.3g} (best of {probe['fits']} on the validation shots)")
     classifier = Classifier(model, args.method, head)
     val_metrics = evaluate_batches(classifier, val_x, val[1])
@@ -455,6 +486,11 @@ def calibrate_checkpoints(args, out: Path, val, shots: dict, device) -> None:
             warnings.simplefilter("ignore", RandomBackboneWarning)
             classifier, _ = load_classifier(ckpt, pretrained=args.pretrained, backend=args.backend, device=device)
         logits = logits_of(classifier, Preprocess(classifier.preprocess_cfg, intensity=args.policy).eval(val[0]))
+        if classifier.multi_label:  # per-finding thresholds; a finding whose labels are all one class keeps 0.5
+            calibration, unfitted = calibrate_findings(ckpt, logits, val[1], classifier.class_names, args.rule, {
+                "data": os.path.abspath(args.data), "split": shots["val_split"], "subset": "the run's validation shots"})
+            print(f"calibrated {ckpt}: {describe_findings(calibration, unfitted)}", flush=True)
+            continue
         try:
             calibration, report = calibrate_checkpoint(ckpt, logits, val[1], classifier.class_names, args.rule, {
                 "data": os.path.abspath(args.data), "split": shots["val_split"], "subset": "the run's validation shots"})
@@ -490,6 +526,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "coop" and args.templates:
         raise NearlError("--method coop learns its own prompt context; --templates does not apply to it")
     templates = load_templates(args.templates) if args.templates else args.template
+    negative = load_templates(args.negative_template)
     settings = {k: getattr(args, k) for k in RUN_KEYS}
     settings["data"] = os.path.abspath(args.data)
     config = run_config(args)  # as given (--steps stays --steps)
@@ -509,13 +546,17 @@ def run(args: argparse.Namespace) -> int:
         if args.method == "coop":
             attach_context(model, init_context(model, args.coop_context, args.seed))
             templates = coop_template(args.coop_context)
-        model.set_classes(ds.class_names, templates)
+        if ds.multi_label:
+            model.set_findings(ds.class_names, templates, negative)
+        else:
+            model.set_classes(ds.class_names, templates)
         trainable = {"nearl": model.num_trainable_parameters(), "zeroshot": 0,
                      "coop": args.coop_context * model.text_tower.width,
                      "linear_probe": len(ds.class_names) * (model.embed_dim + 1)}[args.method]
         if d.main:
+            per = "positive findings, multi-label" if ds.multi_label else "classes"
             print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "
-                  f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)
+                  f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} {per})", flush=True)
             if args.method in EPOCH_METHODS:
                 per_epoch = steps_per_epoch(len(train[1]), args.batch_size)
                 few = " (so few: a noisy choice)" if len(val[1]) < FEW_VALIDATION * len(ds.class_names) else ""

@@ -68,3 +68,32 @@ def labels_npz(path, labels):
     n = len(labels)
     np.savez(path, train_images=np.zeros((n, 8, 8), np.uint8), train_labels=np.asarray(labels))
     return path
+
+
+FINDINGS = ["effusion", "cardiomegaly", "nodule"]
+
+
+def planted_multilabel(n: int, seed: int, unknown: float = 0.0, size: int = 32) -> tuple:
+    """Synthetic multi-label images: finding f (of FINDINGS) present = a bright square in quadrant f of a dark,
+    noisy image, each present with probability 0.4; a fraction `unknown` of the labels set to -1 (unknown).
+    Returns (uint8 images [n, size, size, 3], int64 labels [n, 3])."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, len(FINDINGS))) < 0.4).astype(np.int64)
+    images = rng.integers(0, 60, (n, size, size, 3)).astype(np.uint8)
+    half, pad = size // 2, size // 8
+    for i, row in enumerate(labels):
+        for f, present in enumerate(row):
+            if present:
+                y, x = divmod(f, 2)
+                images[i, y * half + pad:(y + 1) * half - pad, x * half + pad:(x + 1) * half - pad] = 230
+    labels[rng.random(labels.shape) < unknown] = -1
+    return images, labels
+
+
+def write_planted_npz(path, n=(48, 40, 48), unknown: float = 0.0) -> str:
+    """A MedMNIST-style multi-label .npz of planted_multilabel images (train / val / test); names: FINDINGS."""
+    arrays = {}
+    for seed, (split, count) in enumerate(zip(("train", "val", "test"), n)):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = planted_multilabel(count, seed, unknown if split == "train" else 0.0)
+    np.savez(path, **arrays)
+    return str(path)

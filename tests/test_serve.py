@@ -356,3 +356,28 @@ def test_with_preprocess_ensemble_serves_through_tritonserver(server_python, tmp
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_multi_label_model_serves_per_finding_probabilities(server_python, tmp_path):
+    """A multi-label export (issue 23: probs = per-finding sigmoid probabilities [B, F]) is served as NearlSession
+    computes it. Its own server: ~100 s here, most of it Triton's start."""
+    import warnings
+    from nearl_rt.export.onnx import export_model
+    from tests.helpers import FINDINGS, tiny
+    model = tiny()
+    model.set_findings(FINDINGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_model(model.eval(), tmp_path / "findings.onnx")
+    rng = np.random.default_rng(2)
+    xs = {f"x{i}": rng.standard_normal((1 + i % 2, 3, 32, 32)).astype(np.float32) for i in range(4)}
+    with Server(server_python, path, tmp_path / "server.log") as s:
+        out = np.load(s.client("load", xs, tmp_path))
+    session = NearlSession(path, providers=["CPUExecutionProvider"])
+    assert session.multi_label
+    for key, x in xs.items():
+        logits, probs = session.run(x)
+        assert out[f"{key}_probs"].shape == (len(x), len(FINDINGS))
+        np.testing.assert_allclose(out[f"{key}_probs"], probs, rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(out[f"{key}_probs"], 1 / (1 + np.exp(-out[f"{key}_logits"].astype(np.float64))),
+                                   atol=1e-5, err_msg=key)

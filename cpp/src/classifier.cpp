@@ -218,6 +218,21 @@ std::size_t Classifier::fixed_batch() const { return impl_->fixed_batch; }
 const std::string& Classifier::provider() const { return impl_->provider; }
 const std::string& Classifier::fallback_reason() const { return impl_->fallback_reason; }
 bool Classifier::has_preprocess() const { return impl_->preprocess.has_value(); }
+bool Classifier::multi_label() const { return impl_->metadata.value("labels", std::string("single")) == "multi"; }
+
+std::vector<Predictions> Classifier::findings(const Scores& scores) const {
+  if (!multi_label()) throw Error(impl_->path + " is a single-label model: use top() (findings() is multi-label)");
+  const std::vector<std::string>& names = impl_->class_names;
+  const nlohmann::json& stored = impl_->metadata.contains("thresholds") ? impl_->metadata["thresholds"] : nlohmann::json::object();
+  std::vector<Predictions> out(scores.batch);
+  for (std::size_t b = 0; b < scores.batch; ++b)
+    for (std::size_t c = 0; c < scores.classes; ++c) {
+      const float p = scores.probs[b * scores.classes + c];
+      const double t = stored.contains(names[c]) ? stored[names[c]].get<double>() : 0.5;
+      if (p >= t) out[b].push_back({c, names[c], p});
+    }
+  return out;
+}
 
 std::vector<float> Classifier::preprocess(const ImageView& image) const {
   const Impl& m = *impl_;

@@ -1,8 +1,10 @@
 // nearl_client: classify images with an exported NEARL-CLIP (the nearl::Classifier library).
 //
-//   nearl_client MODEL.onnx [--top-k K] [--device cpu|cuda] [--threads N] INPUT...
+//   nearl_client MODEL.onnx [--top-k K] [--findings] [--device cpu|cuda] [--threads N] INPUT...
 //
 // --top-k: classes printed per image, 0 = all (default 5, or all when the model has fewer).
+// --findings (multi-label models): after an image's ranks, one line "<image>\tfindings\t<f1;f2;...>" naming the
+// findings at or above their stored thresholds (0.5 without one; empty when none).
 // INPUT: a PNG or JPEG file of any size (decoded, then resized / cropped / normalised by the model's
 // preprocessing graph, MODEL.preprocess.onnx), or a raw little-endian float32 file (*.f32) holding
 // preprocessed [n, 3, S, S] images. Output: one line per image and rank, tab-separated
@@ -52,10 +54,12 @@ int run(int argc, char** argv) {
   std::vector<std::string> inputs;
   std::optional<std::size_t> top_k;  // default: 5, or all classes when the model has fewer
   nearl::Options options;
+  bool findings = false;
   for (int a = 1; a < argc; ++a) {
     std::string arg = argv[a];
     bool has_value = a + 1 < argc;
-    if (arg == "--top-k" && has_value) top_k = parse_count(arg, argv[++a]);
+    if (arg == "--findings") findings = true;
+    else if (arg == "--top-k" && has_value) top_k = parse_count(arg, argv[++a]);
     else if (arg == "--threads" && has_value) options.intra_op_threads = int(parse_count(arg, argv[++a]));
     else if (arg == "--device" && has_value) {
       std::string d = argv[++a];
@@ -65,7 +69,7 @@ int run(int argc, char** argv) {
     else inputs.push_back(arg);
   }
   if (model_path.empty() || inputs.empty())
-    throw nearl::Error("usage: nearl_client MODEL.onnx [--top-k K] [--device cpu|cuda] [--threads N] "
+    throw nearl::Error("usage: nearl_client MODEL.onnx [--top-k K] [--findings] [--device cpu|cuda] [--threads N] "
                        "IMAGE.png|IMAGE.jpg|BATCH.f32 ...");
   nearl::Classifier model(model_path, options);
   if (!model.fallback_reason().empty())
@@ -74,23 +78,27 @@ int run(int argc, char** argv) {
   if (top_k && *top_k > classes)  // before any input is read
     throw nearl::Error("--top-k " + std::to_string(*top_k) + ": the model has " + std::to_string(classes) +
                        " classes (0 = all)");
+  if (findings && !model.multi_label())
+    throw nearl::Error("--findings: " + model_path + " is a single-label model (its classes exclude each other)");
   std::size_t k = top_k ? *top_k : std::min<std::size_t>(5, classes);
   std::string out;  // printed only when every input succeeded
   for (const std::string& path : inputs) {
-    std::vector<nearl::Predictions> rows;
     bool batch = ends_with(path, ".f32");
-    if (batch) {
-      std::vector<float> x = read_raw(path, model.input_size());
-      rows = model.top(model.run(x.data(), x.size() / (std::size_t(3) * model.input_size() * model.input_size())), k);
-    } else {
-      rows.push_back(model.classify_file(path, k));
-    }
+    std::vector<float> x = batch ? read_raw(path, model.input_size()) : model.preprocess(nearl::read_image(path).view());
+    nearl::Scores scores = model.run(x.data(), x.size() / (std::size_t(3) * model.input_size() * model.input_size()));
+    std::vector<nearl::Predictions> rows = model.top(scores, k);
+    std::vector<nearl::Predictions> decided = findings ? model.findings(scores) : std::vector<nearl::Predictions>{};
     for (std::size_t i = 0; i < rows.size(); ++i) {
       std::string image = batch ? path + "[" + std::to_string(i) + "]" : path;
       for (std::size_t r = 0; r < rows[i].size(); ++r) {
         char line[48];
         std::snprintf(line, sizeof(line), "\t%zu\t%.9g\t", r + 1, rows[i][r].probability);
         out += image + line + rows[i][r].label + "\n";
+      }
+      if (findings) {
+        out += image + "\tfindings\t";
+        for (std::size_t f = 0; f < decided[i].size(); ++f) out += (f ? ";" : "") + decided[i][f].label;
+        out += "\n";
       }
     }
   }

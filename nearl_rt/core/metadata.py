@@ -22,6 +22,9 @@ CLASSIFIER_KEYS = ("class_names", "input_size", "mean", "std")
 # are the decision thresholds on those probs, {class name: t} (one-vs-rest; a binary model's positive class),
 # chosen by the rule in operating_point. A file without them: temperature 1, no thresholds.
 CALIBRATION_KEYS = ("temperature", "operating_point", "thresholds")
+# nearl.labels: "multi" for a multi-label classifier (class_names are findings; probs [B, F] are per-finding
+# sigmoid probabilities, thresholds per finding); "single" (or absent) for softmax over classes.
+LABELS_SINGLE, LABELS_MULTI = "single", "multi"
 PREPROCESS_KIND = "preprocess"  # nearl.kind of a preprocessing graph
 # nearl.graph: how the classifier's graph is written. plain: standard ONNX ops (every runtime); fused: the towers'
 # blocks as onnxruntime's com.microsoft transformer ops (nearl_rt.export.fused). Files without the key are plain.
@@ -76,6 +79,11 @@ def classifier_metadata(source, name) -> dict:
         raise MetadataError(f"{name} lacks the nearl.* metadata {missing}: it was not written by export.onnx "
                             f"(export a checkpoint with `python -m export.onnx CKPT`)")
     return meta
+
+
+def is_multi_label(meta: Mapping[str, object]) -> bool:
+    """Whether decoded metadata describes a multi-label classifier (nearl.labels = multi)."""
+    return meta.get("labels", LABELS_SINGLE) == LABELS_MULTI
 
 
 def calibration_values(temperature: float, operating_point: str, thresholds: Mapping[str, float]) -> dict:

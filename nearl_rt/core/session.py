@@ -5,6 +5,11 @@
     # -> [[("pneumonia", 0.91), ("normal", 0.09)], ...]
     session.predict(["a.png"], decision=True)         # binary: + the class decided at the stored threshold
     # -> [("pneumonia", [("pneumonia", 0.91), ("normal", 0.09)])]
+    session.predict(["a.png"], decision=True)         # multi-label: + the findings at or above their thresholds
+    # -> [(["effusion"], [("effusion", 0.83), ("cardiomegaly", 0.31), ...])]
+
+A multi-label model (`session.multi_label`) has findings for classes and per-finding probabilities, each on its
+own (sigmoid of positive minus negative prompt logit), and one threshold per finding.
 
 The probabilities are the model's calibrated ones (its graph divides the logits by the temperature it was
 calibrated with, `session.temperature`); `logits` stay raw. `session.thresholds` and `session.operating_point`
@@ -31,8 +36,8 @@ import onnxruntime as ort
 from nearl_rt.core.cpu import physical_cores
 from nearl_rt.core.hashing import sha256_file
 from nearl_rt.core.imaging import IntensityPolicy, load_image, resolve_policy
-from nearl_rt.core.metadata import (GRAPH_FUSED, PREPROCESS_KIND, classifier_metadata, preprocess_graph_path,
-                                    read_calibration, read_metadata)
+from nearl_rt.core.metadata import (GRAPH_FUSED, PREPROCESS_KIND, classifier_metadata, is_multi_label,
+                                    preprocess_graph_path, read_calibration, read_metadata)
 from nearl_rt.core.preprocess import ImageLike, image_list, preprocess_batch
 
 
@@ -98,6 +103,7 @@ class NearlSession:
         self.input_size: tuple[int, int] = tuple(self.metadata["input_size"])
         self.intensity: IntensityPolicy = resolve_policy(self.metadata.get("intensity"), intensity, path)
         self.temperature, self.operating_point, self.thresholds = read_calibration(self.metadata)
+        self.multi_label: bool = is_multi_label(self.metadata)
         self._cuda = self.providers[0] == "CUDAExecutionProvider"
         self._graph = _open_preprocess_graph(path, self.metadata, session_options) if preprocess == "onnx" else None
 
@@ -129,17 +135,21 @@ class NearlSession:
         """Per image, (class name, probability) pairs, most probable first (all classes, or top_k).
 
         decision=True (binary models with a stored threshold): per image (decided class, pairs), the decided
-        class being the positive class (index 1) when its probability is >= the threshold, else the other."""
+        class being the positive class (index 1) when its probability is >= the threshold, else the other;
+        multi-label models: per image ([findings whose probability is >= their threshold (0.5 without one)], pairs)."""
         k = len(self.class_names) if top_k is None else int(top_k)
         if not 1 <= k <= len(self.class_names):
             raise ValueError(f"top_k={top_k} must be between 1 and the number of classes ({len(self.class_names)})")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
-        threshold = self.decision_threshold() if decision else None
+        threshold = self.decision_threshold() if decision and not self.multi_label else None
         x = self.preprocess(images)
         probs = np.concatenate([self.run(x[i:i + batch_size])[1] for i in range(0, len(x), batch_size)])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         ranked = [[(self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+        if decision and self.multi_label:
+            t = np.asarray([self.thresholds.get(c, 0.5) for c in self.class_names])
+            return [([c for c, pc, tc in zip(self.class_names, p, t) if pc >= tc], pairs) for p, pairs in zip(probs, ranked)]
         if threshold is None:
             return ranked
         return [(self.class_names[int(p[1] >= threshold)], pairs) for p, pairs in zip(probs, ranked)]

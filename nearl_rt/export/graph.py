@@ -2,7 +2,8 @@
 
 Both take `images` float32 [B, 3, H, W] (normalised) and return (`logits`, `probs`) float32 [B, C]: the
 logits raw, the probabilities calibrated, softmax(logits / temperature), when the checkpoint stores a
-temperature (nearl_rt.calibration; plain softmax(logits) otherwise).
+temperature (nearl_rt.calibration; plain softmax(logits) otherwise). A multi-label model's are per finding
+[B, F]: logits = positive minus negative prompt logit, probs = sigmoid(logits / temperature).
 
 - bidirectional: the whole lock-step model; the trimmed class prompts are constants and the text
   tower runs for B x C rows inside the graph.
@@ -44,8 +45,10 @@ class _Classifier(nn.Module):
         self.temperature = temperature
 
     def _outputs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logits.float()
-        return logits, torch.softmax(logits if self.temperature is None else logits / self.temperature, dim=-1)
+        logits = self.model.class_logits(logits.float())
+        scaled = logits if self.temperature is None else logits / self.temperature
+        # multi-label: per-finding probabilities, sigmoid(positive - negative logit) = softmax over the pair
+        return logits, torch.sigmoid(scaled) if self.model.multi_label else torch.softmax(scaled, dim=-1)
 
 
 class BidirectionalGraph(_Classifier):

@@ -30,7 +30,8 @@ from nearl_rt.export.fused import fused_towers
 from nearl_rt.export.ort_ops import TRANSLATIONS as ORT_TRANSLATIONS
 from nearl_rt.export.graph import export_module, reference_ops
 from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy, resolve_policy
-from nearl_rt.core.metadata import GRAPH_FUSED, GRAPH_PLAIN, calibration_values, read_metadata, write_metadata
+from nearl_rt.core.metadata import (GRAPH_FUSED, GRAPH_PLAIN, LABELS_MULTI, LABELS_SINGLE, calibration_values,
+                                    read_metadata, write_metadata)
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.core.errors import NearlError
 
@@ -221,6 +222,7 @@ def classifier_metadata_values(model, opset: int, fp16: bool, fixed_batch: Optio
         "precision": "fp16" if fp16 else "fp32",
         "batch_size": str(fixed_batch) if fixed_batch else "dynamic",
         "graph": GRAPH_FUSED if fused else GRAPH_PLAIN,
+        "labels": LABELS_MULTI if model.multi_label else LABELS_SINGLE,
         **calibrated,
     }
 
@@ -387,7 +389,7 @@ def main(argv=None) -> int:
         else:
             export_model(model, out, **options)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {model.interaction}, "
-              f"{len(model.class_names)} classes{extra})")
+              f"{len(model.class_names)} {'findings' if model.multi_label else 'classes'}{extra})")
         paths = [out]
     if args.preprocess:
         from nearl_rt.export.preprocess_graph import export_preprocess_graph
@@ -503,7 +505,7 @@ def export_int8(model, args, gates, checkpoint_sha256: str, recorded: dict) -> l
     if "accuracy" in report:
         line += f", accuracy {100 * report['accuracy']['fp32']:.2f}% -> {100 * report['accuracy']['int8']:.2f}%"
     print(f"wrote {int8} ({int8.stat().st_size / 2**20:.1f} MiB, int8 {method}, {model.interaction}, "
-          f"{len(model.class_names)} classes; {line})")
+          f"{len(model.class_names)} {'findings' if model.multi_label else 'classes'}; {line})")
     return [p for p in (fp32, int8) if p is not None]
 
 

@@ -34,7 +34,7 @@ import onnx
 
 from nearl_rt.core.hashing import sha256_file
 from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy
-from nearl_rt.core.metadata import read_metadata, write_metadata
+from nearl_rt.core.metadata import is_multi_label, read_metadata, write_metadata
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.core.errors import NearlError
 
@@ -203,30 +203,33 @@ def verify_int8(fp32_path, int8_path, images: ImageSet, gates: Gates) -> dict:
     """Score `images` with both files; raise QuantizationError when a gate fails, else return the report:
     top-1 agreement, max |delta prob| and, with labels, both accuracies (and macro-F1 / AUC) and their change."""
     return gate_report(_probs(Path(fp32_path), images.images), _probs(Path(int8_path), images.images), images,
-                       gates, "int8")
+                       gates, "int8", is_multi_label(read_metadata(fp32_path)))
 
 
-def gate_report(ref: np.ndarray, got: np.ndarray, images: ImageSet, gates: Gates, what: str) -> dict:
+def gate_report(ref: np.ndarray, got: np.ndarray, images: ImageSet, gates: Gates, what: str,
+                multi_label: bool = False) -> dict:
     """The gates of a reduced precision `what` ("int8", "OpenVINO bf16") whose probabilities `got` stand against
     the float32 `ref` on `images`: the report (metrics keyed "fp32" and `what`'s last word), or QuantizationError
-    naming every gate missed."""
+    naming every gate missed. multi_label: probabilities per finding; "top-1 agreement" is then the agreement of
+    the (image, finding) decisions at p >= 0.5, and with labels the accuracy is that of the known labels'
+    decisions (1 - Hamming loss) and the AUROC the macro AUROC (nearl_rt.multilabel)."""
     label = what.split()[-1]
     if not np.isfinite(got).all():
         raise QuantizationError(f"the {what} model returns non-finite probabilities; the file was not written")
-    agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    agree = float(np.mean((ref >= 0.5) == (got >= 0.5))) if multi_label else float(np.mean(ref.argmax(1) == got.argmax(1)))
     report = {"images": int(len(ref)), "source": images.source, "top1_agreement": agree,
               "max_abs_prob_diff": float(np.abs(ref - got).max()), "gates": asdict(gates)}
     failures = []
     if agree < gates.min_agreement:
-        changed = int(round((1 - agree) * len(ref)))
-        failures.append(f"top-1 agreement {100 * agree:.1f}% < {100 * gates.min_agreement:.1f}% "
-                        f"({changed} of {len(ref)} images changed class)")
+        total, what_changed = (ref.size, "(image, finding) decisions changed") if multi_label else \
+            (len(ref), "images changed class")
+        failures.append(f"{'decision' if multi_label else 'top-1'} agreement {100 * agree:.1f}% < "
+                        f"{100 * gates.min_agreement:.1f}% ({int(round((1 - agree) * total))} of {total} {what_changed})")
     if gates.max_prob_diff is not None and report["max_abs_prob_diff"] > gates.max_prob_diff:
         failures.append(f"max |delta prob| {report['max_abs_prob_diff']:.4f} > {gates.max_prob_diff:.4f}")
     if images.labels is not None:
-        from nearl_rt.metrics import classification_metrics
         names = [str(i) for i in range(ref.shape[1])]
-        m_ref, m_got = (classification_metrics(images.labels, p, names) for p in (ref, got))
+        m_ref, m_got = (_labelled_metrics(images.labels, p, names, multi_label) for p in (ref, got))
         for key in ("accuracy", "macro_f1", "auc"):
             report[key] = {"fp32": m_ref[key], label: m_got[key], "change_points": 100 * (m_got[key] - m_ref[key])}
         change = abs(report["accuracy"]["change_points"])
@@ -241,14 +244,26 @@ def gate_report(ref: np.ndarray, got: np.ndarray, images: ImageSet, gates: Gates
     return report
 
 
+def _labelled_metrics(labels, probs, names: list, multi_label: bool) -> dict:
+    """accuracy, macro_f1 and auc of probabilities against labels (multi-label: see gate_report)."""
+    if not multi_label:
+        from nearl_rt.metrics import classification_metrics
+        return classification_metrics(labels, probs, names)
+    from nearl_rt.multilabel import multilabel_metrics
+    m = multilabel_metrics(labels, probs, names)
+    return {"accuracy": 1.0 - m["hamming_loss"], "macro_f1": m["macro_f1"], "auc": m["macro_auroc"]}
+
+
 def images_from_dataset(data, class_names: Sequence[str], preprocess_cfg: dict, *, split: Optional[str] = None,
                         counts: Sequence[int] = (), seed: int = 0, image_root=None,
                         intensity: IntensityPolicy = DEFAULT_POLICY) -> list[ImageSet]:
     """Disjoint, deterministic (seeded permutation) draws of `counts[i]` preprocessed images from one split of a
     dataset the CLIs read (default split: train, else the only one), decoded with the model's `intensity`
     policy (nearl_rt.core.imaging). The dataset's classes must be the model's."""
-    from nearl_rt.data import Preprocess, load_images, read_dataset
-    ds = read_dataset(data, image_root)
+    from nearl_rt.data import Preprocess, finding_columns, load_images, read_dataset
+    ds = read_dataset(data, image_root, names_matter=False)
+    if ds.multi_label:
+        ds = finding_columns(ds, class_names)
     if list(ds.class_names) != list(class_names):
         raise QuantizationError(f"{data} has the classes {ds.class_names}, the model {list(class_names)}: "
                                 f"calibrate on images of the model's own class set")

@@ -67,6 +67,8 @@ class Classifier {
   const std::string& provider() const;  // "CUDAExecutionProvider" or "CPUExecutionProvider"
   const std::string& fallback_reason() const;  // why CUDA was not used ("" if it is, or was not asked)
   bool has_preprocess() const;
+  // Multi-label (nearl.labels = "multi"): class_names() are findings, probs per finding (sigmoid, independent).
+  bool multi_label() const;
 
   // top_k: how many classes per image, 0 = all. Images need the preprocessing graph.
   Predictions classify(const ImageView& image, std::size_t top_k = 0) const;
@@ -81,6 +83,9 @@ class Classifier {
   Scores run(const float* images, std::size_t n) const;
   // Scores -> per image the top_k (0 = all) classes, most probable first (ties: lower index first).
   std::vector<Predictions> top(const Scores& scores, std::size_t top_k = 0) const;
+  // Multi-label: per image the findings whose probability is >= their stored threshold (nearl.thresholds;
+  // 0.5 without one), in class_names() order. Throws for a single-label model.
+  std::vector<Predictions> findings(const Scores& scores) const;
 
  private:
   struct Impl;
