@@ -36,7 +36,7 @@ from nearl_rt.core.imaging import resolve_policy
 from nearl_rt import train
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.checkpoint import read_checkpoint
-from nearl_rt.classifier import METHODS, load_classifier, resolve_device
+from nearl_rt.classifier import load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, non_default_flags,
@@ -44,6 +44,7 @@ from nearl_rt.config_file import (add_config_argument, apply_defaults, config_de
 from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier, read_predictions, reported_calibration, write_predictions
+from nearl_rt.methods import METHODS, REGISTRY, expand_methods
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, parse_report_to
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
     p.add_argument("--classes", "--data-classes", dest="classes",
                    help="comma-separated names of the data's labels, in label order (default: from the data)")
-    p.add_argument("--methods", default="nearl,linear_probe,zeroshot,coop", help=f"comma-separated, of {METHODS}")
+    p.add_argument("--methods", default="nearl,linear_probe,zeroshot,coop",
+                   help=f"comma-separated, of {', '.join(METHODS)}; or all")
     p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--out", required=True, help="sweep directory")
@@ -115,7 +117,7 @@ def _int_list(text: str, name: str) -> list:
 
 
 def parse_grid(args) -> tuple[list, list, list]:
-    methods = [m.strip() for m in args.methods.split(",")]
+    methods = expand_methods(args.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods):
         raise NearlError(f"--methods {args.methods!r}: unknown or repeated method {unknown or methods}; "
@@ -316,9 +318,18 @@ def main(argv=None) -> int:
         raise NearlError(f"--bootstrap {args.bootstrap}: use 0 (no intervals) or at least {DEFAULT_RESAMPLES} resamples")
     train_args = check_train_options(rest, train_defaults)
     b2n = args.base_to_novel or args.base_classes is not None
-    if b2n and "linear_probe" in methods:
-        raise NearlError("--methods linear_probe cannot run --base-to-novel: its head scores only the classes it was "
-                         "fitted on (use nearl, zeroshot or coop)")
+    fixed = [m for m in methods if not REGISTRY[m].generalises]
+    if b2n and fixed:
+        if args.methods.strip() == "all":  # every method that scores unseen classes
+            methods = [m for m in methods if m not in fixed]
+            print(f"--base-to-novel: leaving out {', '.join(fixed)} (they score only the classes fitted on)", flush=True)
+        else:
+            raise NearlError(f"--methods {','.join(fixed)} cannot run --base-to-novel: "
+                             f"{'its head scores' if len(fixed) == 1 else 'their heads score'} only the classes "
+                             f"fitted on (use {', '.join(m for m in METHODS if REGISTRY[m].generalises)}, or all)")
+    if any(REGISTRY[m].needs_descriptions for m in methods):  # a missing file fails now, not after hours of runs
+        from nearl_rt.prompt_learners import read_descriptions
+        read_descriptions(train_args.class_descriptions, [])
     out = Path(args.out)
     settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,

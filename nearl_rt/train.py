@@ -42,11 +42,12 @@ from nearl_rt.classifier import METHODS, Classifier, load_classifier, resolve_de
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.config_file import add_config_argument, parse_with_config, resolved_options, write_config
-from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
+from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template
 from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_from_args, load_images, parse_classes,
                            read_dataset, skip_summary)
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.linear_probe import fit_linear_probe
+from nearl_rt.methods import REGISTRY, trainable_count
 from nearl_rt.prompts import load_templates
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
@@ -55,16 +56,16 @@ from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "steps", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
             "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames", "templates", "coop_context", "base_to_novel",
-            "base_classes", "novel_classes", "operating_point")
+            "base_classes", "novel_classes", "operating_point", "class_descriptions")
 # What runs recorded before a key existed did (they resume under it).
 RUN_KEY_DEFAULTS = {"steps": None, "intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
                     "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None,
-                    "operating_point": DEFAULT_RULE}
+                    "operating_point": DEFAULT_RULE, "class_descriptions": None}
 STATE = "train_state.pt"
 # Options of one invocation, not of the run: left out of its config.yaml. Paths in it are absolute.
 INVOCATION_OPTIONS = ("resume", "stop_after")
 PATH_OPTIONS = ("data", "image_root", "pretrained")
-EPOCH_METHODS = ("nearl", "coop")  # trained for --steps / --epochs; the others are fitted in one step
+EPOCH_METHODS = tuple(m for m in METHODS if REGISTRY[m].steps)  # --steps / --epochs; the others: fitted in one go
 # The training budget when --epochs is not given: the same number of optimizer steps at every K (an epoch of
 # K shots x C classes is ceil(K * C / batch) steps, 1 or 2 for K <= 16 on two classes). Measured in
 # docs/protocols.md ("The training recipe").
@@ -92,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--method", default="nearl", choices=METHODS)
     p.add_argument("--coop-context", type=int, default=DEFAULT_CONTEXT,
-                   help="coop: number of learned context vectors (4 starts from 'a photo of a')")
+                   help="coop, kgcoop, cocoop, biomedcoop: number of learned context vectors (4 starts from "
+                        "'a photo of a')")
+    p.add_argument("--class-descriptions", metavar="FILE.json",
+                   help="biomedcoop: the classes' descriptions, {\"class name\": [\"description\", ...]} (e.g. "
+                        "BiomedCoOp's LLM prompt sets)")
     p.add_argument("--base-to-novel", action="store_true",
                    help="train on the base classes only (the first half in the dataset's class order)")
     p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
@@ -327,8 +332,11 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
     if resume_state is not None:
         model.load_adapter_state_dict(resume_state["adapter"])
         if model.prompt_context is not None:
+            saved = resume_state["context"]  # {name: tensor}; a plain tensor: CoOp's context (older runs)
+            saved = {"ctx": saved} if isinstance(saved, torch.Tensor) else saved
             with torch.no_grad():
-                model.prompt_context.ctx.copy_(resume_state["context"])
+                for name, p in model.prompt_context.named_parameters():
+                    p.copy_(saved[name])
         opt.load_state_dict(resume_state["optimizer"])
         set_rng_state(resume_state["rng"])
         start_epoch, best = resume_state["epoch"], resume_state["best"]
@@ -357,10 +365,15 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
                 group["lr"] = lr
             x = preprocess.augment([train_images[i] for i in mine], [aug_seeds[i] for i in mine]).to(d.device)
             y = torch.from_numpy(train_labels[mine]).to(d.device)
+            context = model.prompt_context
             with amp:
-                logits = net(x, model.class_tokens).float()
+                logits = (classifier.logits(x) if context is not None and context.conditional
+                          else net(x, model.class_tokens)).float()
             # sum over this process's images / global batch * world: DDP's averaging then gives the global mean
             loss = F.cross_entropy(logits, y, reduction="sum") * (d.world / len(batch))
+            extra_loss = None if context is None else context.extra_loss(model, x, logits)
+            if extra_loss is not None:  # the method's regulariser (KgCoOp, BiomedCoOp)
+                loss = loss + extra_loss
             if not all_finite(loss, d):
                 raise diverged(out, epoch, f"the training loss is not finite ({loss.item()}) at step {step + 1}")
             opt.zero_grad(set_to_none=True)
@@ -381,8 +394,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             dist.all_reduce(stats)
             loss_sum, correct, seen = stats[0].item(), int(stats[1]), int(stats[2])
         train_time = time.perf_counter() - t0
-        bad = non_finite_tensor({**model.adapter_state_dict(), **({} if model.prompt_context is None else
-                                                                  {"coop context": model.prompt_context.ctx})})
+        bad = non_finite_tensor({**model.adapter_state_dict(), **context_parameters(model)})
         if bad:
             raise diverged(out, epoch, f"adapter tensor {bad} became NaN or Inf")
         val_metrics = evaluate_batches(classifier, val_x, val_y)
@@ -404,7 +416,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             tracker.metrics(epoch_scalars(record), record["epoch"])
             state = {"epoch": epoch + 1, "best": best,
                      "adapter": {k: v.detach().cpu() for k, v in model.adapter_state_dict().items()},
-                     **({} if model.prompt_context is None else {"context": model.prompt_context.ctx.detach().cpu()}),
+                     **({} if model.prompt_context is None else {"context": context_parameters(model)}),
                      "optimizer": opt.state_dict(), "rng": rng_state()}
             with atomic_output(out / STATE) as tmp:
                 torch.save(state, tmp)
@@ -419,26 +431,40 @@ def epoch_scalars(record: dict) -> dict:
 
 
 def trainable_parameters(model) -> list:
-    """What the optimizer moves: NEARL's adapters, or CoOp's context vectors."""
+    """What the optimizer moves: NEARL's adapters, or a prompt learner's context (and CoCoOp's meta-net)."""
     return model.adapter_parameters() if model.prompt_context is None else list(model.prompt_context.parameters())
 
 
+def context_parameters(model) -> dict:
+    """A prompt learner's trained tensors by name (none for other methods), detached on the CPU."""
+    context = model.prompt_context
+    return {} if context is None else {n: p.detach().cpu().clone() for n, p in context.named_parameters()}
+
+
 def train_baseline(args, model, train, val, out: Path, tracker: Tracker) -> None:
-    """zeroshot (no training) or linear_probe (logistic regression on frozen features, its L2 strength
-    chosen on the validation shots): one step, no epochs."""
+    """zeroshot (no training), linear_probe (logistic regression on frozen features, its L2 strength
+    chosen on the validation shots) or a feature-level head (nearl_rt.feature_fit): one step, no epochs."""
     preprocess = Preprocess(model.preprocess_cfg, intensity=args.policy)
     device = model.class_tokens.device
-    head, probe = None, {}
+    head, probe, fitted = None, {}, {}
     model.eval()
     val_x = preprocess.eval(val[0]).to(device)
     if args.method == "linear_probe":
         head, probe = fit_linear_probe(model, preprocess.eval(train[0]).to(device), train[1], val_x, val[1])
         print(f"linear_probe: C = {probe['C']:.3g} (best of {probe['fits']} on the validation shots)")
+    elif REGISTRY[args.method].kind == "features":
+        from nearl_rt.feature_fit import fit_feature_head
+        head, fitted = fit_feature_head(args.method, model, preprocess.eval(train[0]).to(device), train[1], val_x,
+                                        val[1], args.seed)
+        head = head.to(device).eval()
+        print(f"{args.method}: " + ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()
+                                              if isinstance(v, float) and k.startswith(("train_loss", "alpha", "beta"))))
     classifier = Classifier(model, args.method, head)
     val_metrics = evaluate_batches(classifier, val_x, val[1])
     extra = {**classifier.checkpoint_extra(), **args.class_split, "intensity": args.policy.to_dict(), "epoch": 0,
              "seed": args.seed, "shots": args.shots, "val_accuracy": val_metrics["accuracy"],
-             "val_loss": val_metrics["loss"], **({"linear_probe_C": probe["C"]} if probe else {})}
+             "val_loss": val_metrics["loss"], **({"linear_probe_C": probe["C"]} if probe else {}),
+             **({"fit": {k: v for k, v in fitted.items() if isinstance(v, (int, float))}} if fitted else {})}
     nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
     nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
     record = {"epoch": 0, "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
@@ -487,8 +513,12 @@ def run(args: argparse.Namespace) -> int:
     args.rule = OperatingPointRule.parse(args.operating_point)
     parse_report_to(args.report_to)  # a bad list fails before anything runs
     out = Path(args.out)
-    if args.method == "coop" and args.templates:
-        raise NearlError("--method coop learns its own prompt context; --templates does not apply to it")
+    method = REGISTRY[args.method]
+    if method.prompt_learner and args.templates:
+        raise NearlError(f"--method {args.method} learns its own prompt context; --templates does not apply to it")
+    if method.needs_descriptions:
+        from nearl_rt.prompt_learners import read_descriptions
+        read_descriptions(args.class_descriptions, [])  # a missing file fails before anything runs
     templates = load_templates(args.templates) if args.templates else args.template
     settings = {k: getattr(args, k) for k in RUN_KEYS}
     settings["data"] = os.path.abspath(args.data)
@@ -502,17 +532,20 @@ def run(args: argparse.Namespace) -> int:
             print(skip_summary(skipped), file=sys.stderr)
         args.epochs = plan_epochs(len(train[1]), args.batch_size, args.epochs, args.steps)
         torch.manual_seed(args.seed)  # adapter initialisation
-        # coop has no adapters (they stay at their zero update): its text never depends on the image
-        interaction = "text_cacheable" if args.method == "coop" else args.interaction
+        # prompt learners and feature heads have no adapters (they stay at their zero update): their text never
+        # depends on the image
+        interaction = "text_cacheable" if method.kind in ("prompt", "features") else args.interaction
         model = nearl_rt.build_model(args.preset, interaction=interaction, backend=args.backend,
                                      pretrained=args.pretrained).to(d.device)
-        if args.method == "coop":
-            attach_context(model, init_context(model, args.coop_context, args.seed))
+        if method.prompt_learner:
+            from nearl_rt.prompt_learners import build_context
+            attach_context(model, build_context(args.method, model, ds.class_names, args.coop_context, args.seed,
+                                                args.class_descriptions))
             templates = coop_template(args.coop_context)
         model.set_classes(ds.class_names, templates)
-        trainable = {"nearl": model.num_trainable_parameters(), "zeroshot": 0,
-                     "coop": args.coop_context * model.text_tower.width,
-                     "linear_probe": len(ds.class_names) * (model.embed_dim + 1)}[args.method]
+        trainable = trainable_count(args.method, embed_dim=model.embed_dim, text_width=model.text_tower.width,
+                                    classes=len(ds.class_names), shots=args.shots, context=args.coop_context,
+                                    adapters=model.num_trainable_parameters())
         if d.main:
             print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "
                   f"{len(val[1])} validation images ({args.shots} shots x {len(ds.class_names)} classes)", flush=True)

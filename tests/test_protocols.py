@@ -319,7 +319,7 @@ def test_sweep_base_to_novel_reports_base_novel_hm(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ bad input
 BAD = {
-    "unknown method": (sweep, lambda t: [*_sweep_base(t), "--methods", "nearl,cocoop"], "unknown or repeated method"),
+    "unknown method": (sweep, lambda t: [*_sweep_base(t), "--methods", "nearl,prograd"], "unknown or repeated method"),
     "K above a class's count": (sweep, lambda t: ["--data", labels_npz(t / "x.npz", [0] * 20 + [1] * 6), "--out", t / "out",
                                                   "--shots", "1,8", "--methods", "zeroshot", "--split", "train"],
                                 "--shots 8 is larger than class 'class 1' has: 6 image"),
