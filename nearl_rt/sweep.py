@@ -46,12 +46,14 @@ from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.evaluate import B2N_KEYS, evaluate_classifier, read_predictions, reported_calibration, write_predictions
 from nearl_rt.methods import METHODS, REGISTRY, expand_methods
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
+from nearl_rt.dassl_splits import shots_from_selection
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, parse_report_to
 
 # Options the sweep sets for every run itself.
 OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
-                     "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes")
+                     "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes",
+                     "--fewshot-file")
 NOT_RUN_DEFINING = ("device", "config", "report_to", "tracking_uri", "no_progress")
 OWN_TRAIN_DESTS = tuple(o[2:].replace("-", "_") for o in OWN_TRAIN_OPTIONS)
 CHECKPOINTS = ("last", "best")
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-to-novel", action="store_true", help="train on base classes, score base / novel / HM")
     p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
     p.add_argument("--novel-classes", help="comma-separated novel classes (default: the other classes)")
+    p.add_argument("--fewshot-dir", metavar="DIR",
+                   help="take every run's shots from Dassl / BiomedCoOp's selections DIR/shot_K-seed_S.pkl (their "
+                        "split_fewshot folder; --data: the dataset's split JSON) instead of drawing them")
     p.add_argument("--split", default="test", help="split every run is evaluated on")
     p.add_argument("--checkpoint", default="last", choices=CHECKPOINTS,
                    help="which checkpoint of each run is scored: last.pt (the final model) or best.pt")
@@ -166,6 +171,11 @@ def check_sweep_dir(out: Path, settings: dict) -> None:
             raise NearlError(f"--out {out} holds a sweep with other settings ({'; '.join(differ)}); choose a new --out")
     elif out.is_dir() and any(out.iterdir()):
         raise NearlError(f"--out {out} exists and is not a sweep directory (no sweep.json); choose a new --out")
+
+
+def selection_file(folder, shots: int, seed: int) -> str:
+    """Dassl's few-shot selection of K shots for a seed in its split_fewshot folder."""
+    return str(Path(folder) / f"shot_{shots}-seed_{seed}.pkl")
 
 
 def run_name(method: str, shots: int, seed: int) -> str:
@@ -334,6 +344,7 @@ def main(argv=None) -> int:
     settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
                 "split": args.split, "eval_limit": args.eval_limit, "checkpoint": args.checkpoint,
+                "fewshot_dir": None if args.fewshot_dir is None else os.path.abspath(args.fewshot_dir),
                 "train_options": train_flags(train_args)}
     check_sweep_dir(out, settings)
     ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames)
@@ -342,8 +353,12 @@ def main(argv=None) -> int:
     if b2n:
         base, _ = split_base_novel(ds.class_names, parse_classes(args.base_classes), parse_classes(args.novel_classes))
         train_ds = restrict(ds, base)
-    for seed in seeds:  # K above a class's count fails now, not after hours of runs
-        sample_shots(train_ds, shots[-1], seed)
+    for seed in seeds:  # K above a class's count (or a missing selection file) fails now, not after hours of runs
+        if args.fewshot_dir is None:
+            sample_shots(train_ds, shots[-1], seed)
+        else:
+            for k in shots:
+                shots_from_selection(train_ds, selection_file(args.fewshot_dir, k, seed), k, seed)
     device = resolve_device(args.device)
     warnings.filterwarnings("once", category=RandomBackboneWarning)  # not once per run
     train.make_output_dir(out / "runs")
@@ -375,7 +390,8 @@ def main(argv=None) -> int:
                 **vars(train_args), "data": args.data, "method": method, "shots": k, "seed": seed,
                 "out": str(run_dir), "device": args.device, "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
-                "resume": resume, "tracking_uri": tracking_uri}))
+                "resume": resume, "tracking_uri": tracking_uri,
+                "fewshot_file": None if args.fewshot_dir is None else selection_file(args.fewshot_dir, k, seed)}))
             scored = run_dir / f"{args.checkpoint}.pt"
             metrics = evaluate_run(scored, ds, args, b2n, device)
             with Tracker(train_args.report_to, run_dir, tracking_uri) as tracker:

@@ -49,6 +49,7 @@ from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.linear_probe import fit_linear_probe
 from nearl_rt.methods import REGISTRY, trainable_count
 from nearl_rt.prompts import load_templates
+from nearl_rt.dassl_splits import shots_from_selection
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 
@@ -56,11 +57,12 @@ from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "steps", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
             "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames", "templates", "coop_context", "base_to_novel",
-            "base_classes", "novel_classes", "operating_point", "class_descriptions")
+            "base_classes", "novel_classes", "operating_point", "class_descriptions",
+            "fewshot_file")
 # What runs recorded before a key existed did (they resume under it).
 RUN_KEY_DEFAULTS = {"steps": None, "intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
                     "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None,
-                    "operating_point": DEFAULT_RULE, "class_descriptions": None}
+                    "operating_point": DEFAULT_RULE, "class_descriptions": None, "fewshot_file": None}
 STATE = "train_state.pt"
 # Options of one invocation, not of the run: left out of its config.yaml. Paths in it are absolute.
 INVOCATION_OPTIONS = ("resume", "stop_after")
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
     p.add_argument("--novel-classes", help="comma-separated novel classes (default: all other classes)")
     p.add_argument("--shots", type=int, required=True, help="K training images per class")
+    p.add_argument("--fewshot-file", metavar="FILE.pkl",
+                   help="take the K shots from a Dassl / BiomedCoOp selection (split_fewshot/shot_K-seed_S.pkl, "
+                        "read without running it) instead of drawing them; --data is the dataset's split JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help=f"optimizer steps, rounded up to whole epochs (default: {DEFAULT_STEPS} "
                                              "when --epochs is not given)")
@@ -277,7 +282,11 @@ def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
             _, ok, bad = load_images(ds.splits[name], skip_bad=True, intensity=args.policy)
             ds.splits[name] = ds.splits[name].subset(ok)
             skipped += bad
-    shots = {**sample_shots(ds, args.shots, args.seed), **class_split}
+    if args.fewshot_file and class_split:
+        raise NearlError("--fewshot-file gives the shots of all classes; it does not combine with --base-to-novel")
+    drawn = shots_from_selection(ds, args.fewshot_file, args.shots, args.seed) if args.fewshot_file else \
+        sample_shots(ds, args.shots, args.seed)
+    shots = {**drawn, **class_split}
     train_split, val_split = ds.split(shots["train_split"]), ds.split(shots["val_split"])
     shots["train_images"] = [train_split.describe(i) for i in shots["train"]]
     shots["val_images"] = [val_split.describe(i) for i in shots["val"]]

@@ -18,7 +18,7 @@ LAYERS = {
     "kernels": ["nearl_rt.kernels"],
     "model": ["nearl_rt.config", "nearl_rt.adapters", "nearl_rt.backbone", "nearl_rt.timm_models", "nearl_rt.towers",
               "nearl_rt.tokenizer", "nearl_rt.prompts", "nearl_rt.model", "nearl_rt.cuda_graph", "nearl_rt.checkpoint",
-              "nearl_rt.data", "nearl_rt.sampling", "nearl_rt.classsets", "nearl_rt.calibration", "nearl_rt.metrics",
+              "nearl_rt.data", "nearl_rt.sampling", "nearl_rt.dassl_splits", "nearl_rt.classsets", "nearl_rt.calibration", "nearl_rt.metrics",
               "nearl_rt.coop", "nearl_rt.methods", "nearl_rt.feature_heads",
               "nearl_rt.classifier", "nearl_rt.linear_probe", "nearl_rt.feature_fit", "nearl_rt.prompt_learners",
               "nearl_rt.pretrained",
