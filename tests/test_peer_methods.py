@@ -268,3 +268,19 @@ def test_export_refuses_cocoop_in_one_line(tmp_path):
     with pytest.raises(ExportError, match="is a cocoop checkpoint: its prompts depend on each image") as e:
         export_checkpoint(tmp_path / "m.pt", tmp_path / "m.onnx")
     assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
+
+
+def test_base_to_novel_sweep_of_all_methods_runs_those_that_generalise(tmp_path, capsys):
+    from tests.test_protocols import _four_class_tree
+    descriptions = tmp_path / "desc.json"
+    descriptions.write_text(json.dumps({c: [f"an ultrasound of a {c} nodule"] for c in ("calcified", "cyst")}))
+    rc, printed, err = cli(sweep, ["--data", _four_class_tree(tmp_path / "d"), "--methods", "all", "--shots", "1",
+                                   "--seeds", "0", "--out", tmp_path / "sw", "--base-to-novel", "--preset", "tiny",
+                                   "--epochs", "1", "--batch-size", "4", "--no-progress", "--class-descriptions",
+                                   descriptions], capsys)
+    generalise = [m for m in METHODS if REGISTRY[m].generalises]
+    assert rc == 0 and f"{len(generalise)} of {len(generalise)} runs done" in printed, err
+    assert "leaving out linear_probe, clip_adapter, tip_adapter, tip_adapter_f, lpplusplus" in printed
+    results = json.loads((tmp_path / "sw" / "results.json").read_text())
+    for r in results["runs"]:  # every generalising method scored the novel classes it never saw
+        assert r["metrics"]["novel"]["class_names"] == ["mixed", "solid"], r["method"]
