@@ -249,20 +249,22 @@ def plot(summary: dict, methods: list, shots: list, keys, path: Path, title: str
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2))
     for ax, key in zip(axes, keys):
-        for m in methods:
+        for i, m in enumerate(methods):
             ks = [k for k in shots if str(k) in summary.get(m, {})]
             if not ks:
                 continue
             mean = np.array([summary[m][str(k)][key]["mean"] for k in ks])
             std = np.array([summary[m][str(k)][key]["std"] for k in ks])
-            line, = ax.plot(ks, mean, marker="o", label=m)
+            # more methods than the default cycle's 10 colours: 20 distinct ones, so no two lines share one
+            color = plt.cm.tab20(i % 20) if len(methods) > 10 else None
+            line, = ax.plot(ks, mean, marker="o", label=m, color=color)
             ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.set_xlabel("shots per class (K)")
         ax.set_ylabel(LABELS.get(key, key))
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8 if len(methods) > 6 else None)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_output(path) as tmp:
