@@ -330,6 +330,9 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
     n = len(train_labels)
     if args.batch_size < d.world:
         raise NearlError(f"--batch-size {args.batch_size} is smaller than the {d.world} processes; raise it")
+    if d.world > 1 and model.prompt_context is not None and model.prompt_context.conditional:
+        raise NearlError(f"--method {args.method} trains in one process (its per-image prompts run outside "
+                         f"DistributedDataParallel); run it without torchrun")
     per_epoch = steps_per_epoch(n, args.batch_size)
     total, warmup = per_epoch * args.epochs, int(round(args.warmup_epochs * per_epoch))
     params = trainable_parameters(model)
