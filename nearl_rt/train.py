@@ -469,6 +469,10 @@ def train_baseline(args, model, train, val, out: Path, tracker: Tracker) -> None
         head, fitted = fit_feature_head(args.method, model, preprocess.eval(train[0]).to(device), train[1], val_x,
                                         val[1], args.seed)
         head = head.to(device).eval()
+        bad = non_finite_tensor(head.state_dict())
+        if bad:
+            raise NearlError(f"{args.method}: the fitted head's {bad} is NaN or Inf (the fit diverged); no checkpoint "
+                             f"was written")
         print(f"{args.method}: " + ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()
                                               if isinstance(v, float) and k.startswith(("train_loss", "alpha", "beta"))))
     classifier = Classifier(model, args.method, head)
