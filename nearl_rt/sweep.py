@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -265,7 +266,7 @@ def plot(summary: dict, methods: list, shots: list, keys, path: Path, title: str
         ax.set_ylabel(LABELS.get(key, key))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8 if len(methods) > 6 else None)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 60 * len(keys)), fontsize=10)  # a long method list wraps, not clips
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
