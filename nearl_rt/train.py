@@ -47,7 +47,7 @@ from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, intensity_f
                            read_dataset, skip_summary)
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.linear_probe import fit_linear_probe
-from nearl_rt.methods import REGISTRY, trainable_count
+from nearl_rt.methods import REGISTRY, get_method, trainable_count
 from nearl_rt.prompts import load_templates
 from nearl_rt.dassl_splits import shots_from_selection
 from nearl_rt.sampling import sample_shots
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(BiomedCLIP: open_clip_config.json + weights + tokenizer files); default: random backbone")
     p.add_argument("--interaction", default="bidirectional", choices=["bidirectional", "text_cacheable"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--method", default="nearl", choices=METHODS)
+    p.add_argument("--method", default="nearl", metavar="NAME",
+                   help=f"what is trained: {', '.join(METHODS)} (docs/protocols.md#methods) [nearl]")
     p.add_argument("--coop-context", type=int, default=DEFAULT_CONTEXT,
                    help="coop, kgcoop, cocoop, biomedcoop: number of learned context vectors (4 starts from "
                         "'a photo of a')")
@@ -529,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
     args.rule = OperatingPointRule.parse(args.operating_point)
     parse_report_to(args.report_to)  # a bad list fails before anything runs
     out = Path(args.out)
-    method = REGISTRY[args.method]
+    method = get_method(args.method)  # an unknown method: one line naming the registered ones
     if method.prompt_learner and args.templates:
         raise NearlError(f"--method {args.method} learns its own prompt context; --templates does not apply to it")
     if method.needs_descriptions:

@@ -208,6 +208,13 @@ def test_biomedcoop_without_its_descriptions_file_is_one_line(pneumonia_npz, tmp
         assert not (tmp_path / "run").exists()
 
 
+def test_unknown_method_on_the_command_line_is_one_line(pneumonia_npz, tmp_path, capsys):
+    rc, _, err = cli(train, ["--data", pneumonia_npz, "--shots", "1", "--method", "prograd", "--out",
+                             str(tmp_path / "run")], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "unknown method 'prograd'; use one of nearl, zeroshot, linear_probe, coop, kgcoop, cocoop" in err
+
+
 def test_unknown_method_in_a_checkpoint_is_one_line(tmp_path):
     model = _model("tiny")
     nearl_rt.save_checkpoint(model, tmp_path / "m.pt", extra={"method": "prograd"})
@@ -271,10 +278,13 @@ def test_export_refuses_cocoop_in_one_line(tmp_path):
 
 
 def test_base_to_novel_sweep_of_all_methods_runs_those_that_generalise(tmp_path, capsys):
-    from tests.test_protocols import _four_class_tree
+    from tests.test_data import make_tree
+    data = tmp_path / "d"
+    for split, n in (("train", 2), ("val", 1), ("test", 2)):
+        make_tree(data, {c: n for c in ("cyst", "solid", "mixed", "calcified")}, split)
     descriptions = tmp_path / "desc.json"
     descriptions.write_text(json.dumps({c: [f"an ultrasound of a {c} nodule"] for c in ("calcified", "cyst")}))
-    rc, printed, err = cli(sweep, ["--data", _four_class_tree(tmp_path / "d"), "--methods", "all", "--shots", "1",
+    rc, printed, err = cli(sweep, ["--data", data, "--methods", "all", "--shots", "1",
                                    "--seeds", "0", "--out", tmp_path / "sw", "--base-to-novel", "--preset", "tiny",
                                    "--epochs", "1", "--batch-size", "4", "--no-progress", "--class-descriptions",
                                    descriptions], capsys)
