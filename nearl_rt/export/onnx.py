@@ -91,7 +91,8 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
         raise ValueError("fused=True writes a float32 graph for onnxruntime's CPU provider; export float16 without it")
     temperature = calibration.temperature if calibration is not None and calibration.fitted else None
     if head is not None and (fused or fp16):
-        raise ValueError("a feature head exports as a plain float32 graph (no fused=True, no fp16)")
+        raise ValueError(f"a {method} head exports as a plain float32 graph: drop --fp16 / --fused "
+                         f"(fp16=True, fused=True)")
     export_module(model, temperature, head)  # checks the model before anything is written
     if model.dtype != torch.float32:  # the reference (and the fp32 export) is the float32 model
         model = copy.deepcopy(model).float()
