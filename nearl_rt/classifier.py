@@ -13,11 +13,10 @@ import torch.nn.functional as F
 
 from nearl_rt.calibration import Calibration
 from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
-from nearl_rt.coop import PromptContext, attach_context, coop_template
+from nearl_rt.coop import attach_context, coop_template
 from nearl_rt.data import DataError, Preprocess, Split, load_images
 from nearl_rt.core.errors import CheckpointError
-
-METHODS = ("nearl", "zeroshot", "linear_probe", "coop")
+from nearl_rt.methods import METHODS, REGISTRY
 
 
 def resolve_device(arg: str) -> torch.device:
@@ -44,19 +43,20 @@ def frozen_image_features(model, images: torch.Tensor) -> torch.Tensor:
 
 
 class Classifier:
-    """logits(images) for a NEARL-CLIP model; `head` = (weight [C, E], bias [C]) makes it a linear probe;
-    a model with a `prompt_context` (nearl_rt.coop) is a CoOp classifier. `calibration` (the checkpoint's,
-    nearl_rt.calibration) makes its probabilities: softmax(logits / temperature)."""
+    """logits(images) for a NEARL-CLIP model and a registered method (nearl_rt.methods): `head` = (weight [C, E],
+    bias [C]) makes it a linear probe, a feature head module (nearl_rt.feature_heads) a feature-level method; a
+    model with a `prompt_context` (nearl_rt.coop, nearl_rt.prompt_learners) is a prompt learner. `calibration`
+    (the checkpoint's, nearl_rt.calibration) makes its probabilities: softmax(logits / temperature)."""
 
-    def __init__(self, model, method: str = "nearl", head: Optional[tuple] = None,
-                 calibration: Optional[Calibration] = None):
+    def __init__(self, model, method: str = "nearl", head=None, calibration: Optional[Calibration] = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
-        if (method == "linear_probe") != (head is not None):
-            raise ValueError("a linear_probe classifier needs its head (weight, bias); other methods take none")
-        if (method == "coop") != (model.prompt_context is not None):
-            raise ValueError("a coop classifier needs a model with a prompt_context (nearl_rt.coop.attach_context); "
-                             "other methods have none")
+        kind = REGISTRY[method].kind
+        if (kind in ("probe", "features")) != (head is not None):
+            raise ValueError(f"a {method} classifier {'needs its head' if head is None else 'takes no head'}")
+        if (kind == "prompt") != (model.prompt_context is not None):
+            raise ValueError(f"a {method} classifier {'needs' if kind == 'prompt' else 'has no'} prompt_context "
+                             f"(nearl_rt.coop.attach_context)")
         self.model, self.method, self.head = model, method, head
         # a multi-label model's probabilities are per finding: sigmoid (nearl_rt.multilabel)
         self.calibration = replace(calibration or Calibration(), multi_label=bool(model.multi_label))
@@ -91,15 +91,20 @@ class Classifier:
             raise DataError(f"a multi-label model scores the findings it was trained on {self.class_names}, not "
                             f"{names}")
         if self.head is not None:
-            raise DataError(f"a linear_probe head scores only the classes it was fitted on {self.class_names}; "
+            raise DataError(f"a {self.method} head scores only the classes it was fitted on {self.class_names}; "
                             f"it cannot score {names}")
-        template = coop_template(self.model.prompt_context.length) if self.method == "coop" else self.model.templates
-        self.model.set_classes(names, template)
+        context = self.model.prompt_context
+        self.model.set_classes(names, self.model.templates if context is None else coop_template(context.length))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device)
         if self.head is None:
+            context = self.model.prompt_context
+            if context is not None and context.conditional:  # CoCoOp: prompts conditioned on each image
+                return context.classify(self.model, frozen_image_features(self.model, images))
             return self.model.classify(images)
+        if isinstance(self.head, torch.nn.Module):
+            return self.head(frozen_image_features(self.model, images).float())
         weight, bias = self.head
         return frozen_image_features(self.model, images).to(weight.dtype) @ weight.t() + bias
 
@@ -117,10 +122,12 @@ class Classifier:
 
     def checkpoint_extra(self) -> dict:
         extra = {"method": self.method}
-        if self.head is not None:
+        if self.head is not None and not isinstance(self.head, torch.nn.Module):
             extra["linear_head"] = {"weight": self.head[0].detach().cpu(), "bias": self.head[1].detach().cpu()}
-        if self.method == "coop":
-            extra["coop_context"] = self.model.prompt_context.ctx.detach().cpu().clone()
+        if isinstance(self.head, torch.nn.Module):
+            extra["feature_head"] = {"kind": self.method, "state": self.head.state()}
+        if self.model.prompt_context is not None:
+            extra.update(self.model.prompt_context.checkpoint_entries())
         return extra
 
 
@@ -217,7 +224,7 @@ def load_classifier(path, *, pretrained=None, backend: str = "auto",
     extra = read_checkpoint(path).get("extra") or {}
     method = extra.get("method", "nearl")
     if method not in METHODS:
-        raise CheckpointError(f"{path} records an unknown method {method!r}; expected one of {METHODS}")
+        raise CheckpointError(f"{path} records an unknown method {method!r}; expected one of {', '.join(METHODS)}")
     model = load_checkpoint(path, pretrained=pretrained, backend=backend)
     if device is not None:
         model = model.to(device)
@@ -231,12 +238,35 @@ def load_classifier(path, *, pretrained=None, backend: str = "auto",
                                   f"(weight [C, E], bias [C] for its {len(model.class_names)} classes)")
         head = (h["weight"].to(model.class_tokens.device), h["bias"].to(model.class_tokens.device))
     calibration = Calibration.from_dict(extra.get("calibration"), str(path))
-    if method == "coop":
+    if REGISTRY[method].kind == "features":
+        head = feature_head_of(extra, method, path, model)
+    if REGISTRY[method].prompt_learner:
         ctx = extra.get("coop_context")
         width = model.text_tower.width
         if not (isinstance(ctx, torch.Tensor) and ctx.dim() == 2 and ctx.shape[1] == width):
-            raise CheckpointError(f"{path} is a coop checkpoint without valid context vectors "
+            raise CheckpointError(f"{path} is a {method} checkpoint without valid context vectors "
                                   f"(extra['coop_context'] [n, {width}])")
-        attach_context(model, PromptContext(ctx))
+        from nearl_rt.prompt_learners import context_from_checkpoint
+        try:
+            context = context_from_checkpoint(method, ctx, extra, model)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is a {method} checkpoint with a damaged context ({e})") from None
+        attach_context(model, context)
     return Classifier(model, method, head, calibration), extra
+
+
+def feature_head_of(extra: dict, method: str, path, model) -> torch.nn.Module:
+    """The feature head a checkpoint stores (extra["feature_head"]), on the model's device; CheckpointError if
+    it is missing or does not fit the model's classes."""
+    from nearl_rt.feature_heads import head_from_state
+    stored = extra.get("feature_head")
+    try:
+        if not isinstance(stored, dict) or stored.get("kind") != method:
+            raise ValueError("no feature_head of this method")
+        head = head_from_state(method, stored["state"])
+        if head.text.shape[0] != len(model.class_names):
+            raise ValueError(f"{head.text.shape[0]} classes, the model has {len(model.class_names)}")
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is a {method} checkpoint without a valid feature head ({e})") from None
+    return head.to(model.class_tokens.device).eval()
 

@@ -9,6 +9,8 @@ zero-shot prompt "a photo of a {}.". The vectors live in `PromptContext`, attach
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -19,7 +21,11 @@ INIT_TEXT = "a photo of a"
 
 
 class PromptContext(nn.Module):
-    """n learned context vectors [n, width] replacing the token embeddings at positions 1..n."""
+    """n learned context vectors [n, width] replacing the token embeddings at positions 1..n. Subclasses
+    (nearl_rt.prompt_learners) add a training regulariser (`extra_loss`) or image-conditioned prompts
+    (`conditional`: the classifier calls `classify(model, image_features)`)."""
+
+    conditional = False
 
     def __init__(self, vectors: torch.Tensor):
         super().__init__()
@@ -36,6 +42,14 @@ class PromptContext(nn.Module):
         n = self.length
         ctx = self.ctx.to(embeddings.dtype).unsqueeze(0).expand(embeddings.shape[0], -1, -1)
         return torch.cat([embeddings[:, :1], ctx, embeddings[:, 1 + n:]], dim=1)
+
+    def extra_loss(self, model, images: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """A method's term added to the cross-entropy in training (None: CoOp has none)."""
+        return None
+
+    def checkpoint_entries(self) -> dict:
+        """What a checkpoint's extra stores of the context."""
+        return {"coop_context": self.ctx.detach().cpu().clone()}
 
 
 def placeholder(n: int) -> str:

@@ -30,6 +30,7 @@ from nearl_rt.core.atomic import atomic_output
 from nearl_rt.data import UNKNOWN
 from nearl_rt.metrics import auroc_batch, average_precision_batch
 DEFAULT_THRESHOLD = 0.5
+METHODS = ("nearl", "zeroshot", "linear_probe")  # the few-shot methods that score findings (the others: single-label)
 SUMMARY_KEYS = ("macro_auroc", "macro_auprc", "macro_f1", "subset_accuracy", "hamming_loss")
 
 

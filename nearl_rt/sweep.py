@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +41,7 @@ from nearl_rt.core.imaging import resolve_policy
 from nearl_rt import train
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.checkpoint import read_checkpoint
-from nearl_rt.classifier import METHODS, load_classifier, resolve_device
+from nearl_rt.classifier import load_classifier, resolve_device
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.config_file import (add_config_argument, apply_defaults, config_defaults, config_path, non_default_flags,
@@ -50,13 +51,16 @@ from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.evaluate import (B2N_KEYS, evaluate_classifier, evaluate_findings, read_predictions, reported_calibration,
                                write_predictions)
+from nearl_rt.methods import METHODS, REGISTRY, expand_methods
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
+from nearl_rt.dassl_splits import shots_from_selection
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, parse_report_to
 
 # Options the sweep sets for every run itself.
 OWN_TRAIN_OPTIONS = ("--method", "--shots", "--seed", "--out", "--resume", "--stop-after", "--data", "--image-root",
-                     "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes")
+                     "--classes", "--data-classes", "--base-to-novel", "--base-classes", "--novel-classes",
+                     "--fewshot-file")
 NOT_RUN_DEFINING = ("device", "config", "report_to", "tracking_uri", "no_progress")
 OWN_TRAIN_DESTS = tuple(o[2:].replace("-", "_") for o in OWN_TRAIN_OPTIONS)
 CHECKPOINTS = ("last", "best")
@@ -79,13 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the split JSON's paths are relative to")
     p.add_argument("--classes", "--data-classes", dest="classes",
                    help="comma-separated names of the data's labels, in label order (default: from the data)")
-    p.add_argument("--methods", default="nearl,linear_probe,zeroshot,coop", help=f"comma-separated, of {METHODS}")
+    p.add_argument("--methods", default="nearl,linear_probe,zeroshot,coop",
+                   help=f"comma-separated, of {', '.join(METHODS)}; or all")
     p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--base-to-novel", action="store_true", help="train on base classes, score base / novel / HM")
     p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
     p.add_argument("--novel-classes", help="comma-separated novel classes (default: the other classes)")
+    p.add_argument("--fewshot-dir", metavar="DIR",
+                   help="take every run's shots from Dassl / BiomedCoOp's selections DIR/shot_K-seed_S.pkl (their "
+                        "split_fewshot folder; --data: the dataset's split JSON) instead of drawing them")
     p.add_argument("--split", default="test", help="split every run is evaluated on")
     p.add_argument("--checkpoint", default="last", choices=CHECKPOINTS,
                    help="which checkpoint of each run is scored: last.pt (the final model) or best.pt")
@@ -124,7 +132,7 @@ def _int_list(text: str, name: str) -> list:
 
 
 def parse_grid(args) -> tuple[list, list, list]:
-    methods = [m.strip() for m in args.methods.split(",")]
+    methods = expand_methods(args.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods):
         raise NearlError(f"--methods {args.methods!r}: unknown or repeated method {unknown or methods}; "
@@ -173,6 +181,11 @@ def check_sweep_dir(out: Path, settings: dict) -> None:
             raise NearlError(f"--out {out} holds a sweep with other settings ({'; '.join(differ)}); choose a new --out")
     elif out.is_dir() and any(out.iterdir()):
         raise NearlError(f"--out {out} exists and is not a sweep directory (no sweep.json); choose a new --out")
+
+
+def selection_file(folder, shots: int, seed: int) -> str:
+    """Dassl's few-shot selection of K shots for a seed in its split_fewshot folder."""
+    return str(Path(folder) / f"shot_{shots}-seed_{seed}.pkl")
 
 
 def run_name(method: str, shots: int, seed: int) -> str:
@@ -246,21 +259,23 @@ def plot(summary: dict, methods: list, shots: list, keys, path: Path, title: str
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2))
     for ax, key in zip(axes, keys):
-        for m in methods:
+        for i, m in enumerate(methods):
             ks = [k for k in shots if str(k) in summary.get(m, {})]
             if not ks:
                 continue
             mean = np.array([summary[m][str(k)][key]["mean"] for k in ks])
             std = np.array([summary[m][str(k)][key]["std"] for k in ks])
-            line, = ax.plot(ks, mean, marker="o", label=m)
+            # more methods than the default cycle's 10 colours: 20 distinct ones, so no two lines share one
+            color = plt.cm.tab20(i % 20) if len(methods) > 10 else None
+            line, = ax.plot(ks, mean, marker="o", label=m, color=color)
             ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.set_xlabel("shots per class (K)")
         ax.set_ylabel(LABELS.get(key, key))
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title, fontsize=10)
+    axes[0].legend(fontsize=8 if len(methods) > 6 else None)
+    fig.suptitle(textwrap.fill(title, 60 * len(keys)), fontsize=10)  # a long method list wraps, not clips
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -335,27 +350,42 @@ def main(argv=None) -> int:
         raise NearlError(f"--bootstrap {args.bootstrap}: use 0 (no intervals) or at least {DEFAULT_RESAMPLES} resamples")
     train_args = check_train_options(rest, train_defaults)
     b2n = args.base_to_novel or args.base_classes is not None
-    if b2n and "linear_probe" in methods:
-        raise NearlError("--methods linear_probe cannot run --base-to-novel: its head scores only the classes it was "
-                         "fitted on (use nearl, zeroshot or coop)")
+    fixed = [m for m in methods if not REGISTRY[m].generalises]
+    if b2n and fixed:
+        if args.methods.strip() == "all":  # every method that scores unseen classes
+            methods = [m for m in methods if m not in fixed]
+            print(f"--base-to-novel: leaving out {', '.join(fixed)} (they score only the classes fitted on)", flush=True)
+        else:
+            raise NearlError(f"--methods {','.join(fixed)} cannot run --base-to-novel: "
+                             f"{'its head scores' if len(fixed) == 1 else 'their heads score'} only the classes "
+                             f"fitted on (use {', '.join(m for m in METHODS if REGISTRY[m].generalises)}, or all)")
+    if any(REGISTRY[m].needs_descriptions for m in methods):  # a missing file fails now, not after hours of runs
+        from nearl_rt.prompt_learners import read_descriptions
+        read_descriptions(train_args.class_descriptions, [])
     out = Path(args.out)
     settings = {"data": os.path.abspath(args.data), "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
                 "split": args.split, "eval_limit": args.eval_limit, "checkpoint": args.checkpoint,
+                "fewshot_dir": None if args.fewshot_dir is None else os.path.abspath(args.fewshot_dir),
                 "train_options": train_flags(train_args)}
     check_sweep_dir(out, settings)
     ds = read_dataset(args.data, args.image_root, parse_classes(args.classes), frames=train_args.frames,
                       multi_label=True if train_args.multi_label else None, uncertain=train_args.uncertain)
     ds.split(args.split)  # the evaluation split exists
-    if ds.multi_label and (b2n or "coop" in methods):
-        raise NearlError(f"{args.data} is multi-label: --methods coop and --base-to-novel are single-label only "
-                         f"(use nearl, zeroshot, linear_probe)")
+    single_only = [m for m in methods if m not in multilabel.METHODS]
+    if ds.multi_label and (b2n or single_only):
+        raise NearlError(f"{args.data} is multi-label: --base-to-novel and the methods {single_only} are single-label "
+                         f"only (use {', '.join(multilabel.METHODS)})")
     train_ds = ds
     if b2n:
         base, _ = split_base_novel(ds.class_names, parse_classes(args.base_classes), parse_classes(args.novel_classes))
         train_ds = restrict(ds, base)
-    for seed in seeds:  # K above a class's count fails now, not after hours of runs
-        sample_shots(train_ds, shots[-1], seed)
+    for seed in seeds:  # K above a class's count (or a missing selection file) fails now, not after hours of runs
+        if args.fewshot_dir is None:
+            sample_shots(train_ds, shots[-1], seed)
+        else:
+            for k in shots:
+                shots_from_selection(train_ds, selection_file(args.fewshot_dir, k, seed), k, seed)
     device = resolve_device(args.device)
     warnings.filterwarnings("once", category=RandomBackboneWarning)  # not once per run
     train.make_output_dir(out / "runs")
@@ -387,7 +417,8 @@ def main(argv=None) -> int:
                 **vars(train_args), "data": args.data, "method": method, "shots": k, "seed": seed,
                 "out": str(run_dir), "device": args.device, "image_root": args.image_root, "classes": args.classes,
                 "base_to_novel": b2n, "base_classes": args.base_classes, "novel_classes": args.novel_classes,
-                "resume": resume, "tracking_uri": tracking_uri}))
+                "resume": resume, "tracking_uri": tracking_uri,
+                "fewshot_file": None if args.fewshot_dir is None else selection_file(args.fewshot_dir, k, seed)}))
             scored = run_dir / f"{args.checkpoint}.pt"
             metrics = evaluate_run(scored, ds, args, b2n, device)
             with Tracker(train_args.report_to, run_dir, tracking_uri) as tracker:

@@ -42,14 +42,17 @@ from nearl_rt.classifier import METHODS, Classifier, load_classifier, resolve_de
 from nearl_rt.classsets import restrict, split_base_novel
 from nearl_rt.core.cli import run_cli
 from nearl_rt.config_file import add_config_argument, parse_with_config, resolved_options, write_config
-from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template, init_context
+from nearl_rt.coop import DEFAULT_CONTEXT, attach_context, coop_template
 from nearl_rt.data import (Dataset, Preprocess, add_image_arguments, add_label_arguments, dataset_from_args,
                            intensity_from_args, load_images, parse_classes, skip_summary)
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.linear_probe import fit_linear_probe, fit_multilabel_probe
+from nearl_rt.methods import REGISTRY, get_method, trainable_count
+from nearl_rt import multilabel
 from nearl_rt.multilabel import calibrate_findings, entry_hits, masked_bce
 from nearl_rt.multilabel import describe as describe_findings
 from nearl_rt.prompts import DEFAULT_NEGATIVE, load_templates
+from nearl_rt.dassl_splits import shots_from_selection
 from nearl_rt.sampling import sample_shots
 from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 
@@ -57,17 +60,18 @@ from nearl_rt.tracking import Tracker, add_tracking_arguments, parse_report_to
 RUN_KEYS = ("data", "image_root", "classes", "template", "preset", "pretrained", "interaction", "method", "shots",
             "seed", "epochs", "steps", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
             "hflip", "skip_bad_images", "intensity", "dicom_voi", "frames", "templates", "coop_context", "base_to_novel",
-            "base_classes", "novel_classes", "operating_point", "multi_label", "uncertain", "negative_template")
+            "base_classes", "novel_classes", "operating_point", "multi_label", "uncertain", "negative_template",
+            "class_descriptions", "fewshot_file")
 # What runs recorded before a key existed did (they resume under it).
 RUN_KEY_DEFAULTS = {"steps": None, "intensity": "minmax", "dicom_voi": "file", "frames": "refuse", "templates": None,
                     "coop_context": DEFAULT_CONTEXT, "base_to_novel": False, "base_classes": None, "novel_classes": None,
                     "operating_point": DEFAULT_RULE, "multi_label": False, "uncertain": "ignore",
-                    "negative_template": DEFAULT_NEGATIVE}
+                    "negative_template": DEFAULT_NEGATIVE, "class_descriptions": None, "fewshot_file": None}
 STATE = "train_state.pt"
 # Options of one invocation, not of the run: left out of its config.yaml. Paths in it are absolute.
 INVOCATION_OPTIONS = ("resume", "stop_after")
 PATH_OPTIONS = ("data", "image_root", "pretrained")
-EPOCH_METHODS = ("nearl", "coop")  # trained for --steps / --epochs; the others are fitted in one step
+EPOCH_METHODS = tuple(m for m in METHODS if REGISTRY[m].steps)  # --steps / --epochs; the others: fitted in one go
 # The training budget when --epochs is not given: the same number of optimizer steps at every K (an epoch of
 # K shots x C classes is ceil(K * C / batch) steps, 1 or 2 for K <= 16 on two classes). Measured in
 # docs/protocols.md ("The training recipe").
@@ -101,14 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "(BiomedCLIP: open_clip_config.json + weights + tokenizer files); default: random backbone")
     p.add_argument("--interaction", default="bidirectional", choices=["bidirectional", "text_cacheable"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--method", default="nearl", choices=METHODS)
+    p.add_argument("--method", default="nearl", metavar="NAME",
+                   help=f"what is trained: {', '.join(METHODS)} (docs/protocols.md#methods) [nearl]")
     p.add_argument("--coop-context", type=int, default=DEFAULT_CONTEXT,
-                   help="coop: number of learned context vectors (4 starts from 'a photo of a')")
+                   help="coop, kgcoop, cocoop, biomedcoop: number of learned context vectors (4 starts from "
+                        "'a photo of a')")
+    p.add_argument("--class-descriptions", metavar="FILE.json",
+                   help="biomedcoop: the classes' descriptions, {\"class name\": [\"description\", ...]} (e.g. "
+                        "BiomedCoOp's LLM prompt sets)")
     p.add_argument("--base-to-novel", action="store_true",
                    help="train on the base classes only (the first half in the dataset's class order)")
     p.add_argument("--base-classes", help="comma-separated base classes (implies --base-to-novel)")
     p.add_argument("--novel-classes", help="comma-separated novel classes (default: all other classes)")
     p.add_argument("--shots", type=int, required=True, help="K training images per class")
+    p.add_argument("--fewshot-file", metavar="FILE.pkl",
+                   help="take the K shots from a Dassl / BiomedCoOp selection (split_fewshot/shot_K-seed_S.pkl, "
+                        "read without running it) instead of drawing them; --data is the dataset's split JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help=f"optimizer steps, rounded up to whole epochs (default: {DEFAULT_STEPS} "
                                              "when --epochs is not given)")
@@ -270,8 +282,10 @@ def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
     """Read the data, drop unreadable images if asked, draw the K shots, decode the chosen images."""
     ds = dataset_from_args(args, args.classes)
     class_split = {}
-    if ds.multi_label and (args.base_to_novel or args.base_classes is not None or args.method == "coop"):
-        raise NearlError(f"{args.data} is multi-label: --base-to-novel and --method coop are single-label only")
+    b2n = args.base_to_novel or args.base_classes is not None
+    if ds.multi_label and (b2n or args.method not in multilabel.METHODS):
+        raise NearlError(f"{args.data} is multi-label: --base-to-novel and --method {args.method} are single-label only "
+                         f"(multi-label methods: {', '.join(multilabel.METHODS)})")
     if args.base_to_novel or args.base_classes is not None:
         base, novel = split_base_novel(ds.class_names, parse_classes(args.base_classes),
                                        parse_classes(args.novel_classes))
@@ -285,7 +299,11 @@ def prepare_data(args) -> tuple[Dataset, dict, tuple, tuple, list]:
             _, ok, bad = load_images(ds.splits[name], skip_bad=True, intensity=args.policy)
             ds.splits[name] = ds.splits[name].subset(ok)
             skipped += bad
-    shots = {**sample_shots(ds, args.shots, args.seed), **class_split}
+    if args.fewshot_file and class_split:
+        raise NearlError("--fewshot-file gives the shots of all classes; it does not combine with --base-to-novel")
+    drawn = shots_from_selection(ds, args.fewshot_file, args.shots, args.seed) if args.fewshot_file else \
+        sample_shots(ds, args.shots, args.seed)
+    shots = {**drawn, **class_split}
     train_split, val_split = ds.split(shots["train_split"]), ds.split(shots["val_split"])
     shots["train_images"] = [train_split.describe(i) for i in shots["train"]]
     shots["val_images"] = [val_split.describe(i) for i in shots["val"]]
@@ -342,6 +360,9 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
     n = len(train_labels)
     if args.batch_size < d.world:
         raise NearlError(f"--batch-size {args.batch_size} is smaller than the {d.world} processes; raise it")
+    if d.world > 1 and model.prompt_context is not None and model.prompt_context.conditional:
+        raise NearlError(f"--method {args.method} trains in one process (its per-image prompts run outside "
+                         f"DistributedDataParallel); run it without torchrun")
     per_epoch = steps_per_epoch(n, args.batch_size)
     total, warmup = per_epoch * args.epochs, int(round(args.warmup_epochs * per_epoch))
     params = trainable_parameters(model)
@@ -353,8 +374,11 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
     if resume_state is not None:
         model.load_adapter_state_dict(resume_state["adapter"])
         if model.prompt_context is not None:
+            saved = resume_state["context"]  # {name: tensor}; a plain tensor: CoOp's context (older runs)
+            saved = {"ctx": saved} if isinstance(saved, torch.Tensor) else saved
             with torch.no_grad():
-                model.prompt_context.ctx.copy_(resume_state["context"])
+                for name, p in model.prompt_context.named_parameters():
+                    p.copy_(saved[name])
         opt.load_state_dict(resume_state["optimizer"])
         set_rng_state(resume_state["rng"])
         start_epoch, best = resume_state["epoch"], resume_state["best"]
@@ -383,11 +407,16 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
                 group["lr"] = lr
             x = preprocess.augment([train_images[i] for i in mine], [aug_seeds[i] for i in mine]).to(d.device)
             y = torch.from_numpy(train_labels[mine]).to(d.device)
+            context = model.prompt_context
             with amp:
-                logits = net(x, model.class_tokens).float()
+                logits = (classifier.logits(x) if context is not None and context.conditional
+                          else net(x, model.class_tokens)).float()
             # sum over this process's images / global batch * world: DDP's averaging then gives the global mean
             loss_sum_batch, hits, counted = batch_objective(logits, y, model.multi_label)
             loss = loss_sum_batch * (d.world / len(batch))
+            extra_loss = None if context is None else context.extra_loss(model, x, logits)
+            if extra_loss is not None:  # the method's regulariser (KgCoOp, BiomedCoOp)
+                loss = loss + extra_loss
             if not all_finite(loss, d):
                 raise diverged(out, epoch, f"the training loss is not finite ({loss.item()}) at step {step + 1}")
             opt.zero_grad(set_to_none=True)
@@ -408,8 +437,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             dist.all_reduce(stats)
             loss_sum, correct, seen = stats[0].item(), int(stats[1]), int(stats[2])
         train_time = time.perf_counter() - t0
-        bad = non_finite_tensor({**model.adapter_state_dict(), **({} if model.prompt_context is None else
-                                                                  {"coop context": model.prompt_context.ctx})})
+        bad = non_finite_tensor({**model.adapter_state_dict(), **context_parameters(model)})
         if bad:
             raise diverged(out, epoch, f"adapter tensor {bad} became NaN or Inf")
         val_metrics = evaluate_batches(classifier, val_x, val_y)
@@ -431,7 +459,7 @@ def train_nearl(args, d: Dist, model, train, val, out: Path, resume_state, log: 
             tracker.metrics(epoch_scalars(record), record["epoch"])
             state = {"epoch": epoch + 1, "best": best,
                      "adapter": {k: v.detach().cpu() for k, v in model.adapter_state_dict().items()},
-                     **({} if model.prompt_context is None else {"context": model.prompt_context.ctx.detach().cpu()}),
+                     **({} if model.prompt_context is None else {"context": context_parameters(model)}),
                      "optimizer": opt.state_dict(), "rng": rng_state()}
             with atomic_output(out / STATE) as tmp:
                 torch.save(state, tmp)
@@ -446,16 +474,22 @@ def epoch_scalars(record: dict) -> dict:
 
 
 def trainable_parameters(model) -> list:
-    """What the optimizer moves: NEARL's adapters, or CoOp's context vectors."""
+    """What the optimizer moves: NEARL's adapters, or a prompt learner's context (and CoCoOp's meta-net)."""
     return model.adapter_parameters() if model.prompt_context is None else list(model.prompt_context.parameters())
 
 
+def context_parameters(model) -> dict:
+    """A prompt learner's trained tensors by name (none for other methods), detached on the CPU."""
+    context = model.prompt_context
+    return {} if context is None else {n: p.detach().cpu().clone() for n, p in context.named_parameters()}
+
+
 def train_baseline(args, model, train, val, out: Path, tracker: Tracker) -> None:
-    """zeroshot (no training) or linear_probe (logistic regression on frozen features, its L2 strength
-    chosen on the validation shots): one step, no epochs."""
+    """zeroshot (no training), linear_probe (logistic regression on frozen features, its L2 strength
+    chosen on the validation shots) or a feature-level head (nearl_rt.feature_fit): one step, no epochs."""
     preprocess = Preprocess(model.preprocess_cfg, intensity=args.policy)
     device = model.class_tokens.device
-    head, probe = None, {}
+    head, probe, fitted = None, {}, {}
     model.eval()
     val_x = preprocess.eval(val[0]).to(device)
     if args.method == "linear_probe":
@@ -465,11 +499,23 @@ def train_baseline(args, model, train, val, out: Path, tracker: Tracker) -> None
         except ValueError as e:
             raise NearlError(str(e)) from None
         print(f"linear_probe: C = {probe['C']:.3g} (best of {probe['fits']} on the validation shots)")
+    elif REGISTRY[args.method].kind == "features":
+        from nearl_rt.feature_fit import fit_feature_head
+        head, fitted = fit_feature_head(args.method, model, preprocess.eval(train[0]).to(device), train[1], val_x,
+                                        val[1], args.seed)
+        head = head.to(device).eval()
+        bad = non_finite_tensor(head.state_dict())
+        if bad:
+            raise NearlError(f"{args.method}: the fitted head's {bad} is NaN or Inf (the fit diverged); no checkpoint "
+                             f"was written")
+        print(f"{args.method}: " + ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()
+                                              if isinstance(v, float) and k.startswith(("train_loss", "alpha", "beta"))))
     classifier = Classifier(model, args.method, head)
     val_metrics = evaluate_batches(classifier, val_x, val[1])
     extra = {**classifier.checkpoint_extra(), **args.class_split, "intensity": args.policy.to_dict(), "epoch": 0,
              "seed": args.seed, "shots": args.shots, "val_accuracy": val_metrics["accuracy"],
-             "val_loss": val_metrics["loss"], **({"linear_probe_C": probe["C"]} if probe else {})}
+             "val_loss": val_metrics["loss"], **({"linear_probe_C": probe["C"]} if probe else {}),
+             **({"fit": {k: v for k, v in fitted.items() if isinstance(v, (int, float))}} if fitted else {})}
     nearl_rt.save_checkpoint(model, out / "last.pt", extra=extra)
     nearl_rt.save_checkpoint(model, out / "best.pt", extra=extra)
     record = {"epoch": 0, "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
@@ -523,8 +569,12 @@ def run(args: argparse.Namespace) -> int:
     args.rule = OperatingPointRule.parse(args.operating_point)
     parse_report_to(args.report_to)  # a bad list fails before anything runs
     out = Path(args.out)
-    if args.method == "coop" and args.templates:
-        raise NearlError("--method coop learns its own prompt context; --templates does not apply to it")
+    method = get_method(args.method)  # an unknown method: one line naming the registered ones
+    if method.prompt_learner and args.templates:
+        raise NearlError(f"--method {args.method} learns its own prompt context; --templates does not apply to it")
+    if method.needs_descriptions:
+        from nearl_rt.prompt_learners import read_descriptions
+        read_descriptions(args.class_descriptions, [])  # a missing file fails before anything runs
     templates = load_templates(args.templates) if args.templates else args.template
     negative = load_templates(args.negative_template)
     settings = {k: getattr(args, k) for k in RUN_KEYS}
@@ -539,20 +589,23 @@ def run(args: argparse.Namespace) -> int:
             print(skip_summary(skipped), file=sys.stderr)
         args.epochs = plan_epochs(len(train[1]), args.batch_size, args.epochs, args.steps)
         torch.manual_seed(args.seed)  # adapter initialisation
-        # coop has no adapters (they stay at their zero update): its text never depends on the image
-        interaction = "text_cacheable" if args.method == "coop" else args.interaction
+        # prompt learners and feature heads have no adapters (they stay at their zero update): their text never
+        # depends on the image
+        interaction = "text_cacheable" if method.kind in ("prompt", "features") else args.interaction
         model = nearl_rt.build_model(args.preset, interaction=interaction, backend=args.backend,
                                      pretrained=args.pretrained).to(d.device)
-        if args.method == "coop":
-            attach_context(model, init_context(model, args.coop_context, args.seed))
+        if method.prompt_learner:
+            from nearl_rt.prompt_learners import build_context
+            attach_context(model, build_context(args.method, model, ds.class_names, args.coop_context, args.seed,
+                                                args.class_descriptions))
             templates = coop_template(args.coop_context)
         if ds.multi_label:
             model.set_findings(ds.class_names, templates, negative)
         else:
             model.set_classes(ds.class_names, templates)
-        trainable = {"nearl": model.num_trainable_parameters(), "zeroshot": 0,
-                     "coop": args.coop_context * model.text_tower.width,
-                     "linear_probe": len(ds.class_names) * (model.embed_dim + 1)}[args.method]
+        trainable = trainable_count(args.method, embed_dim=model.embed_dim, text_width=model.text_tower.width,
+                                    classes=len(ds.class_names), shots=args.shots, context=args.coop_context,
+                                    adapters=model.num_trainable_parameters())
         if d.main:
             per = "positive findings, multi-label" if ds.multi_label else "classes"
             print(f"{args.method} on {args.preset}: {trainable:,} trainable parameters; {len(train[1])} training, "

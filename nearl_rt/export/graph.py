@@ -8,7 +8,10 @@ temperature (nearl_rt.calibration; plain softmax(logits) otherwise). A multi-lab
 - bidirectional: the whole lock-step model; the trimmed class prompts are constants and the text
   tower runs for B x C rows inside the graph.
 - text_cacheable: image tower + USEformer + OCA; the cached class text stream (class text features
-  and the per-layer prompt tokens the USEformer reads) are constants.
+  and the per-layer prompt tokens the USEformer reads) are constants. A prompt learner's learned context
+  (CoOp, KgCoOp, BiomedCoOp) is in that constant stream.
+- a feature head (CLIP-Adapter, Tip-Adapter(-F), LP++; nearl_rt.feature_heads): the frozen image tower's
+  normalised features, then the head, whose text features and cache are constants.
 
 Both run the PyTorch reference ops (fused Triton kernels are not ONNX ops). A float16 model casts
 the float32 input itself (its embedding layers do); the reference OCA accumulates the orthogonal
@@ -22,6 +25,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nearl_rt.model import NearlCLIP, PromptBatch, TextStream
@@ -84,9 +88,26 @@ class TextCacheableGraph(_Classifier):
         return self._outputs(m.scaled_logits(img.float(), self.class_features.float()))
 
 
-def export_module(model: NearlCLIP, temperature: Optional[float] = None) -> nn.Module:
-    """The module to export for `model`'s interaction mode; `temperature` calibrates its probs."""
+class FeatureHeadGraph(_Classifier):
+    """images -> (logits, probs) of a feature-level head on the frozen image features."""
+
+    def __init__(self, model: NearlCLIP, head: nn.Module, temperature: Optional[float] = None):
+        super().__init__(model, temperature)
+        self.head = head
+
+    def forward(self, images: torch.Tensor):
+        features = F.normalize(self.model.backbone.encode_image(images.to(self.model.dtype)), dim=-1)
+        return self._outputs(self.head(features.to(self.head.text.dtype)))
+
+
+def export_module(model: NearlCLIP, temperature: Optional[float] = None, head: Optional[nn.Module] = None) -> nn.Module:
+    """The module to export for `model`'s interaction mode (or its feature `head`); `temperature` calibrates its
+    probs. A CoCoOp context (image-conditioned prompts) is refused."""
     _check_model(model)
+    if head is not None:
+        return FeatureHeadGraph(model, head, temperature).eval()
+    if getattr(model.prompt_context, "conditional", False):
+        raise ValueError("a CoCoOp model's prompts depend on each image: its graph is not built")
     cls = BidirectionalGraph if model.interaction == "bidirectional" else TextCacheableGraph
     return cls(model, temperature).eval()
 

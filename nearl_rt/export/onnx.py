@@ -69,8 +69,10 @@ class ExportError(NearlError):
 def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = False, optimize: bool = False,
                  batch_size: Union[str, int] = "dynamic", verify: bool = True,
                  checkpoint_sha256: Optional[str] = None, intensity: Optional[IntensityPolicy] = None,
-                 calibration: Optional[Calibration] = None, fused: bool = False) -> Path:
-    """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically.
+                 calibration: Optional[Calibration] = None, fused: bool = False, head=None,
+                 method: str = "nearl") -> Path:
+    """Export a NearlCLIP (classes set, either interaction mode) to `out_path`, atomically; with `head` (a
+    nearl_rt.feature_heads module) the head on the frozen image features instead. `method`: recorded.
 
     opset: ONNX opset (default DEFAULT_OPSET); fp16: float16 weights and activations, float32 input and
     outputs; optimize: store onnxruntime's offline-optimised graph; batch_size: "dynamic" or a fixed
@@ -89,16 +91,20 @@ def export_model(model, out_path, *, opset: Optional[int] = None, fp16: bool = F
     if fused and fp16:
         raise ValueError("fused=True writes a float32 graph for onnxruntime's CPU provider; export float16 without it")
     temperature = calibration.temperature if calibration is not None and calibration.fitted else None
-    export_module(model, temperature)  # checks the model before anything is written
+    if head is not None and (fused or fp16):
+        raise ValueError(f"a {method} head exports as a plain float32 graph: drop --fp16 / --fused "
+                         f"(fp16=True, fused=True)")
+    export_module(model, temperature, head)  # checks the model before anything is written
     if model.dtype != torch.float32:  # the reference (and the fp32 export) is the float32 model
         model = copy.deepcopy(model).float()
-    module = export_module(model, temperature)
+    module = export_module(model, temperature, head)
     out_path = _output_file(out_path)
     with atomic_output(out_path) as tmp:
         proto = trace_to_onnx(export_module(copy.deepcopy(model).half(), temperature) if fp16 else module, opset,
                               fixed_batch, fused=fused)
-        write_metadata(proto, classifier_metadata_values(model, opset, fp16, fixed_batch, checkpoint_sha256,
-                                                        intensity, calibration, fused), doc=CLASSIFIER_DOC)
+        write_metadata(proto, {**classifier_metadata_values(model, opset, fp16, fixed_batch, checkpoint_sha256,
+                                                           intensity, calibration, fused), "method": method},
+                       doc=CLASSIFIER_DOC)
         onnx.save(proto, tmp)
         if optimize:
             _optimize_offline(tmp)
@@ -292,12 +298,17 @@ def verify_onnx(path, module, *, fp16: bool = False, fixed_batch: Optional[int] 
             raise ExportError(f"the fp16 file disagrees with float32 PyTorch: max |diff| of the logits "
                               f"{report['logits']:.3g} > tolerance {tol:.3g}; the file was not written")
         return report
-    return {**report, **check_float32_error(got[0], ref[0], _float64_logits(model, images))}
+    return {**report, **check_float32_error(got[0], ref[0], _float64_logits(module, images))}
 
 
-def _float64_logits(model, images: torch.Tensor) -> np.ndarray:
-    """The logits of a float64 copy of the model (reference ops): the ground truth float32 rounds."""
+def _float64_logits(module, images: torch.Tensor) -> np.ndarray:
+    """The logits of a float64 copy of the model (reference ops): the ground truth float32 rounds. A feature
+    head's graph module runs in float64 as a whole (its head included)."""
+    model = module.model
     with reference_ops(model), torch.no_grad():
+        if getattr(module, "head", None) is not None:
+            module64 = copy.deepcopy(module).double()
+            return module64(images.double().to(model.class_tokens.device))[0].cpu().numpy()
         model64 = copy.deepcopy(model).double()
         return model64.classify(images.double().to(model64.class_tokens.device)).cpu().numpy()
 
@@ -323,22 +334,28 @@ def check_float32_error(ort_logits: np.ndarray, torch_logits: np.ndarray, ref64:
 
 
 def load_exportable(checkpoint, pretrained: Optional[str] = None):
-    """The model a checkpoint holds, if it is one export.onnx writes (a NEARL model with class names, else
-    ExportError), and what it records for the export: (model, {"intensity": policy, "calibration": ...})."""
-    from nearl_rt.checkpoint import load_checkpoint, read_checkpoint
+    """The model a checkpoint holds, if it is one export.onnx writes (a method the registry exports, with class
+    names; else ExportError), and what it records for the export: (model, {"intensity": policy, "calibration": ...,
+    "head": a feature head or None, "method": its method})."""
+    from nearl_rt.checkpoint import read_checkpoint
+    from nearl_rt.classifier import load_classifier
+    from nearl_rt.methods import METHODS, REGISTRY
     extra = read_checkpoint(checkpoint).get("extra") or {}
     method = extra.get("method", "nearl")
-    if method == "linear_probe":
-        raise ExportError(f"{checkpoint} is a linear_probe baseline: its linear head on frozen CLIP features "
-                          f"is not part of the NEARL graph. Export a checkpoint trained with --method nearl")
-    if method == "coop":
-        raise ExportError(f"{checkpoint} is a coop baseline: its learned prompt context is not exported. "
-                          f"Export a checkpoint trained with --method nearl")
-    model = load_checkpoint(checkpoint, pretrained=pretrained, backend="torch")
+    if method not in REGISTRY:
+        raise ExportError(f"{checkpoint} records an unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if REGISTRY[method].not_exported:
+        kind = "baseline" if method in ("linear_probe",) else "checkpoint"
+        raise ExportError(f"{checkpoint} is a {method} {kind}: {REGISTRY[method].not_exported}. Export a checkpoint "
+                          f"of another method (e.g. --method nearl)")
+    classifier, _ = load_classifier(checkpoint, pretrained=pretrained, backend="torch")
+    model = classifier.model
     if not model.class_names:
         raise ExportError(f"{checkpoint} stores no class names: set classes before saving the checkpoint")
+    head = classifier.head if isinstance(classifier.head, torch.nn.Module) else None
     return model, {"intensity": resolve_policy(extra.get("intensity"), None, checkpoint),
-                   "calibration": Calibration.from_dict(extra.get("calibration"), str(checkpoint))}
+                   "calibration": Calibration.from_dict(extra.get("calibration"), str(checkpoint)),
+                   "head": head, "method": method}
 
 
 def export_checkpoint(checkpoint, out_path, *, pretrained: Optional[str] = None, **options):
