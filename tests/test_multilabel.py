@@ -404,3 +404,18 @@ def test_csv_manifest_end_to_end(tmp_path, capsys):
         per = json.loads((tmp_path / f"{policy}.json").read_text())["results"][str(tmp_path / "run")]["per_finding"]
         known[policy] = [per[f]["known"] for f in FINDINGS]
     assert known == {"ignore": [9, 9, 12], "zeros": [9, 12, 12]}
+
+
+@pytest.mark.parametrize("method", ["coop", "tip_adapter", "kgcoop"])
+def test_single_label_methods_refuse_findings_in_one_line(planted, method, tmp_path, capsys):
+    """The registered methods other than multilabel.METHODS score classes, not findings: train and sweep say so."""
+    code, _, err = cli(train, ["--data", planted, "--classes", ",".join(FINDINGS), "--preset", "tiny", "--shots", "1",
+                               "--method", method, "--out", tmp_path / "o"], capsys)
+    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
+    assert code == 2 and len(lines) == 1, err
+    assert f"--method {method} are single-label only (multi-label methods: nearl, zeroshot, linear_probe)" in lines[0]
+    assert not (tmp_path / "o").exists()
+    from nearl_rt import sweep
+    code, _, err = cli(sweep, ["--data", planted, "--classes", ",".join(FINDINGS), "--methods", f"nearl,{method}",
+                               "--shots", "1", "--seeds", "0", "--out", tmp_path / "s", "--preset", "tiny"], capsys)
+    assert code == 2 and f"the methods ['{method}'] are single-label only" in err, err
