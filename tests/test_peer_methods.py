@@ -165,20 +165,25 @@ def test_trainable_parameter_counts_are_the_papers_formulas(preset, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- checkpoints
+def _fitted(preset, method, tmp_path, scale):
+    """(model, classifier) of a method away from its initialisation: a feature head fitted on shots, or a prompt
+    learner whose parameters moved by `scale` x N(0, 1) (so a round trip or an export that dropped them fails)."""
+    if method in FEATURE_METHODS:
+        model = _model(preset)
+        head, _ = FITS[method](model, *_shots(2), *_shots(1, seed=2), seed=0)
+        return model, Classifier(model, method, head)
+    model = _prompt_model(preset, method, tmp_path)
+    with torch.no_grad():
+        for p in model.prompt_context.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model, Classifier(model, method)
+
+
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("method", FEATURE_METHODS + PROMPT_METHODS)
 def test_checkpoints_round_trip(preset, method, tmp_path):
     images = _images(3, seed=9)
-    if method in FEATURE_METHODS:
-        model = _model(preset)
-        head, _ = FITS[method](model, *_shots(2), *_shots(1, seed=2), seed=0)
-        classifier = Classifier(model, method, head)
-    else:
-        model = _prompt_model(preset, method, tmp_path)
-        with torch.no_grad():
-            for p in model.prompt_context.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        classifier = Classifier(model, method)
+    model, classifier = _fitted(preset, method, tmp_path, 0.01)
     with torch.no_grad():
         before = classifier.logits(images)
     nearl_rt.save_checkpoint(model, tmp_path / "m.pt", extra=classifier.checkpoint_extra())
@@ -249,15 +254,7 @@ def test_export_parity(preset, method, tmp_path):
     import onnxruntime as ort
     from nearl_rt.core.metadata import read_metadata
     from nearl_rt.export.onnx import export_checkpoint
-    if method in FEATURE_METHODS:
-        model = _model(preset)
-        head, _ = FITS[method](model, *_shots(2), *_shots(1, seed=2), seed=0)
-        classifier = Classifier(model, method, head)
-    else:
-        model = _prompt_model(preset, method, tmp_path)
-        with torch.no_grad():
-            model.prompt_context.ctx.add_(0.05 * torch.randn(model.prompt_context.ctx.shape))
-        classifier = Classifier(model, method)
+    model, classifier = _fitted(preset, method, tmp_path, 0.05)
     nearl_rt.save_checkpoint(model, tmp_path / "m.pt", extra=classifier.checkpoint_extra())
     path, _ = export_checkpoint(tmp_path / "m.pt", tmp_path / "m.onnx")
     images = _images(5, seed=11)

@@ -121,11 +121,7 @@ def quantize(fp32_path, out_path, *, method: str = "dynamic", calibration: Optio
         if len(calibration.images) < MIN_CALIBRATION_IMAGES:
             raise QuantizationError(f"only {len(calibration.images)} calibration images from {calibration.source}; "
                                     f"static int8 needs at least {MIN_CALIBRATION_IMAGES}")
-    if verification is None:
-        verification = random_images(meta["input_size"], seed)
-    elif len(verification.images) < MIN_VERIFICATION_IMAGES:
-        raise QuantizationError(f"only {len(verification.images)} verification images from {verification.source}; "
-                                f"need at least {MIN_VERIFICATION_IMAGES}")
+    verification = verification_images(verification, meta["input_size"], seed)
     info = {"method": method, "weights": "int8, per tensor, symmetric",
             "activations": "uint8, dynamic per call" if method == "dynamic" else "uint8, calibrated (MinMax)",
             "quantized_ops": quantized_ops(proto, method),
@@ -283,6 +279,16 @@ def images_from_dataset(data, class_names: Sequence[str], preprocess_cfg: dict, 
     return out
 
 
+def verification_images(verification: Optional[ImageSet], input_size, seed: int) -> ImageSet:
+    """The images the gates compare on: the given set (at least MIN_VERIFICATION_IMAGES) or random ones."""
+    if verification is None:
+        return random_images(input_size, seed)
+    if len(verification.images) < MIN_VERIFICATION_IMAGES:
+        raise QuantizationError(f"only {len(verification.images)} verification images from {verification.source}; "
+                                f"need at least {MIN_VERIFICATION_IMAGES}")
+    return verification
+
+
 def random_images(size, seed: int = 0) -> ImageSet:
     """RANDOM_VERIFICATION_IMAGES seeded random inputs [N, 3, *size] (agreement only: no labels)."""
     rng = np.random.default_rng(seed)
@@ -305,11 +311,7 @@ def verify_runtime_precision(path, runtime: str, precision: str, verification: O
     if meta.get("precision", "fp32") != "fp32":
         raise QuantizationError(f"{path} is a {meta['precision']} model: {runtime} {precision} is verified on the "
                                 f"float32 export")
-    if verification is None:
-        verification = random_images(meta["input_size"], seed)
-    elif len(verification.images) < MIN_VERIFICATION_IMAGES:
-        raise QuantizationError(f"only {len(verification.images)} verification images from {verification.source}; "
-                                f"need at least {MIN_VERIFICATION_IMAGES}")
+    verification = verification_images(verification, meta["input_size"], seed)
     runner = OpenVinoRunner(str(path), precision, physical_cores())
     got = np.concatenate([runner.run(np.ascontiguousarray(verification.images[i:i + 16]))[1]
                           for i in range(0, len(verification.images), 16)])
