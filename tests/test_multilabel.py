@@ -419,3 +419,26 @@ def test_single_label_methods_refuse_findings_in_one_line(planted, method, tmp_p
     code, _, err = cli(sweep, ["--data", planted, "--classes", ",".join(FINDINGS), "--methods", f"nearl,{method}",
                                "--shots", "1", "--seeds", "0", "--out", tmp_path / "s", "--preset", "tiny"], capsys)
     assert code == 2 and f"the methods ['{method}'] are single-label only" in err, err
+
+
+def test_int8_export_keeps_the_findings(onnx_findings, planted, tmp_path):
+    """Dynamic int8 of a multi-label export: same findings and thresholds in the metadata, per-finding sigmoid
+    probabilities [B, F] close to the fp32 file's on planted images, gates counted per (image, finding) decision."""
+    from nearl_rt.export.quantize import Gates, ImageSet, quantize
+    onnx_path, _ = onnx_findings
+    fp32 = NearlSession(onnx_path)
+    images, labels = planted_multilabel(24, seed=5)
+    x = fp32.preprocess(list(images))
+    out = tmp_path / "findings.int8.onnx"
+    # the tiny random model's logits are a few units: int8 moves a probability by < 0.1 (the gate checks it)
+    report = quantize(onnx_path, out, verification=ImageSet(x, labels.astype(np.int64), "planted"),
+                      gates=Gates(min_agreement=0.9, max_accuracy_change=10.0, max_prob_diff=0.1))
+    meta = read_metadata(out)
+    assert meta["labels"] == "multi" and meta["class_names"] == FINDINGS and meta["precision"] == "int8"
+    assert meta["thresholds"] == read_metadata(onnx_path)["thresholds"]
+    int8 = NearlSession(out)
+    assert int8.multi_label
+    probs8, probs32 = int8.run(x)[1], fp32.run(x)[1]
+    assert probs8.shape == (24, len(FINDINGS))
+    assert np.abs(probs8 - probs32).max() <= 0.1 and np.abs(probs8 - probs32).max() > 0  # quantised, not a copy
+    assert report["top1_agreement"] >= 0.9
