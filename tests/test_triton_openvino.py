@@ -122,3 +122,5 @@ def test_cli_defaults_to_cpu_and_a_small_batch(tmp_path, capsys, verified):
     assert (c.backend, c.max_batch_size, c.instance_group[0].kind) == \
         ("openvino", 8, model_config_pb2().ModelInstanceGroup.KIND_CPU)
     assert main(["--check", str(tmp_path / "nearl_clip")]) == 0
+    with pytest.raises(RepositoryError, match="--max-batch-size 0: must be >= 1"):  # not replaced by the default
+        main([str(verified), "--repo", str(tmp_path / "zero"), "--backend", "openvino", "--max-batch-size", "0"])

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nearl_rt.core.errors import NearlError
+
 PROG = "python -m nearl_rt.bench.ort_profile"
 GROUPS = ("image tower", "text tower", "OCA (image)", "OCA (text)", "USEformer", "other")
 
@@ -42,11 +44,10 @@ def module_group(scope: str) -> str:
     return "other"
 
 
-def node_groups(path) -> dict:
+def node_groups(graph) -> dict:
     """ONNX node name -> group, from each node's exporter metadata."""
-    import onnx
     groups = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
+    for node in graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
         scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
         modules = [s for s in scopes[:-1] if s]  # the last scope is the op itself
@@ -54,12 +55,13 @@ def node_groups(path) -> dict:
     return groups
 
 
-def input_size(path) -> tuple:
+def input_size(graph, path) -> tuple:
     """(H, W) of the `images` input [B, 3, H, W] (also of files without nearl.* metadata: the frozen baselines)."""
-    import onnx
-    graph = onnx.load(str(path), load_external_data=False).graph
-    (images,) = [i for i in graph.input if i.name == "images"]
-    return tuple(d.dim_value for d in images.type.tensor_type.shape.dim[2:])
+    images = [i for i in graph.input if i.name == "images"]
+    if not images:
+        raise NearlError(f"{path} has no `images` input: profile files written by `python -m export.onnx` (or the "
+                         f"frozen-CLIP baselines of bench/latency.py)")
+    return tuple(d.dim_value for d in images[0].type.tensor_type.shape.dim[2:])
 
 
 def profile(path, batch_size: int, runs: int, threads: int, seed: int = 0) -> dict:
@@ -68,7 +70,13 @@ def profile(path, batch_size: int, runs: int, threads: int, seed: int = 0) -> di
 
     import onnxruntime as ort
 
-    groups, (h, w) = node_groups(path), input_size(path)
+    import onnx
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, OSError, ...
+        raise NearlError(f"cannot read {path} as ONNX: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    groups, (h, w) = node_groups(graph), input_size(graph, path)
     x = np.random.default_rng(seed).standard_normal((batch_size, 3, h, w)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="nearl-profile-") as tmp:
         options = ort.SessionOptions()

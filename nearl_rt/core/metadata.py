@@ -81,6 +81,17 @@ def classifier_metadata(source, name) -> dict:
     return meta
 
 
+def precision_key(runtime: str, precision: str) -> str:
+    """The key of a runtime's reduced precision in nearl.runtime_precisions, e.g. "openvino:bf16"."""
+    return f"{runtime}:{precision}"
+
+
+def verified_precision(meta: Mapping[str, object], runtime: str, precision: str) -> bool:
+    """Whether decoded metadata records that `runtime`'s `precision` passed the int8 gates (export.onnx
+    --openvino-bf16, nearl_rt.export.quantize.verify_runtime_precision)."""
+    return bool((meta.get("runtime_precisions") or {}).get(precision_key(runtime, precision)))
+
+
 def is_multi_label(meta: Mapping[str, object]) -> bool:
     """Whether decoded metadata describes a multi-label classifier (nearl.labels = multi)."""
     return meta.get("labels", LABELS_SINGLE) == LABELS_MULTI

@@ -37,7 +37,7 @@ from nearl_rt.core.cpu import physical_cores
 from nearl_rt.core.hashing import sha256_file
 from nearl_rt.core.imaging import IntensityPolicy, load_image, resolve_policy
 from nearl_rt.core.metadata import (GRAPH_FUSED, PREPROCESS_KIND, classifier_metadata, is_multi_label,
-                                    preprocess_graph_path, read_calibration, read_metadata)
+                                    preprocess_graph_path, read_calibration, read_metadata, verified_precision)
 from nearl_rt.core.preprocess import ImageLike, image_list, preprocess_batch
 
 
@@ -190,12 +190,10 @@ class NearlSession:
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} for OpenVINO: use one of {sorted(PRECISIONS)}")
         metadata = classifier_metadata(path, path)
-        if precision != "f32":
-            record = (metadata.get("runtime_precisions") or {}).get(f"openvino:{precision}")
-            if not record:
-                raise ValueError(f"{path} records no verification of OpenVINO {precision}: a reduced precision is served "
-                                 f"only after it passed the int8 gates against the file's float32 results (export "
-                                 f"with `python -m export.onnx CKPT --openvino-{precision}`), or use precision='f32'")
+        if precision != "f32" and not verified_precision(metadata, "openvino", precision):
+            raise ValueError(f"{path} records no verification of OpenVINO {precision}: a reduced precision is served "
+                             f"only after it passed the int8 gates against the file's float32 results (export "
+                             f"with `python -m export.onnx CKPT --openvino-{precision}`), or use precision='f32'")
         if metadata.get("precision") == "int8" and metadata.get("graph") == GRAPH_FUSED and \
                 (metadata.get("quantization") or {}).get("method") == "dynamic":
             raise ValueError(f"{path} is a fused dynamic int8 graph (onnxruntime's QAttention), which OpenVINO cannot "

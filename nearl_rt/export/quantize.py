@@ -34,7 +34,7 @@ import onnx
 
 from nearl_rt.core.hashing import sha256_file
 from nearl_rt.core.imaging import DEFAULT_POLICY, IntensityPolicy
-from nearl_rt.core.metadata import is_multi_label, read_metadata, write_metadata
+from nearl_rt.core.metadata import is_multi_label, precision_key, read_metadata, write_metadata
 from nearl_rt.core.atomic import atomic_output
 from nearl_rt.core.errors import NearlError
 
@@ -320,7 +320,7 @@ def verify_runtime_precision(path, runtime: str, precision: str, verification: O
     report["openvino"] = openvino_version()
     report["cpu_capabilities"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     records = dict(meta.get("runtime_precisions") or {})
-    records[f"{runtime}:{precision}"] = report
+    records[precision_key(runtime, precision)] = report
     with atomic_output(path) as tmp:
         write_metadata(proto, dict(meta, runtime_precisions=records))
         onnx.save(proto, str(tmp))

@@ -28,6 +28,7 @@ import sysconfig
 from pathlib import Path
 
 from nearl_rt.core.errors import NearlError
+from nearl_rt.core.openvino_runtime import PRECISIONS
 from nearl_rt.core.session import RUNTIMES
 
 PYTRITON = "nvidia-pytriton==0.7.0"
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                    help="what runs the model: onnxruntime (default; CUDA when available) or OpenVINO's CPU plugin "
                         "(NearlSession(runtime=...), docs/export.md#cpu-serving)")
-    p.add_argument("--precision", choices=("f32", "bf16"),
+    p.add_argument("--precision", choices=sorted(PRECISIONS),
                    help="OpenVINO's inference precision (default f32; bf16 only for a file exported with "
                         "--openvino-bf16, which records that it passed the int8 gates)")
     p.add_argument("--env", help=f"the server environment (default ${ENV_VAR} or {default_env_dir()})")
@@ -86,16 +87,18 @@ def default_env_dir() -> Path:
     return cache / "nearl-rt" / f"serve-env-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def installed(dist: str):
+    """`dist==version` of a distribution installed here, else None."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"{dist}=={version(dist)}"
+    except PackageNotFoundError:
+        return None
+
+
 def env_requirements() -> list:
     """pytriton with numpy<2, and the same onnxruntime, onnx, OpenVINO, Pillow and DICOM readers (those installed)
     as here, so that the served model decodes and computes what NearlSession does in this environment."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(dist):
-        try:
-            return f"{dist}=={version(dist)}"
-        except PackageNotFoundError:
-            return None
     runtime = installed("onnxruntime-gpu") or installed("onnxruntime") or "onnxruntime"
     optional = [r for r in map(installed, ("openvino", "pydicom", "python-gdcm")) if r]
     # onnx: NearlSession(runtime="openvino") reads the file's nearl.* metadata with it (nearl_rt.core.metadata)
@@ -134,7 +137,7 @@ def ensure_env(env_dir=None, *, refresh: bool = False) -> Path:
               *want["requirements"]], "install the server packages (pip's PIP_INDEX_URL / PIP_FIND_LINKS / "
              "PIP_NO_INDEX select where they come from)")
         modules = "pytriton.triton, numpy, onnxruntime, onnx, PIL, tritonclient.grpc" + (
-            ", openvino" if any(r.startswith("openvino==") for r in want["requirements"]) else "")
+            ", openvino" if installed("openvino") in want["requirements"] else "")
         _run([str(python), "-I", "-c", f"import {modules}"], "import the installed server packages")
         marker.write_text(json.dumps(want))
     return python
@@ -181,7 +184,7 @@ def _check_args(args) -> None:
     if args.precision and args.runtime != "openvino":
         raise ServeError(f"--precision {args.precision} is OpenVINO's: add --runtime openvino (onnxruntime runs the "
                          f"file's own precision)")
-    if args.runtime == "openvino" and not any(r.startswith("openvino==") for r in env_requirements()):
+    if args.runtime == "openvino" and not installed("openvino"):
         raise ServeError("--runtime openvino needs the openvino package here (the server environment installs the "
                          "same version): pip install 'nearl-rt[openvino]'")
     for name, low in (("max_batch_size", 1), ("max_queue_delay_us", 0), ("image_workers", 1), ("exit_timeout", 1)):

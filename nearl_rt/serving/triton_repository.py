@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from nearl_rt.core.metadata import PREPROCESS_KIND, preprocess_graph_path, read_metadata
+from nearl_rt.core.metadata import PREPROCESS_KIND, preprocess_graph_path, read_metadata, verified_precision
 from nearl_rt.core.errors import NearlError
 
 MODEL_FILE = "model.onnx"
@@ -293,7 +293,7 @@ def config_problems(config, sig: Signature, labels: Optional[list], dir_name: st
 def _openvino_problems(config, sig: Signature) -> list:
     pb = model_config_pb2()
     problems = []
-    if "openvino:bf16" not in (sig.metadata.get("runtime_precisions") or {}):
+    if not verified_precision(sig.metadata, "openvino", "bf16"):
         problems.append(OPENVINO_NEEDS_BF16)
     parameters = {k: v.string_value.upper() for k, v in config.parameters.items()}
     if config.max_batch_size and parameters.get("ENABLE_BATCH_PADDING") != "YES":
@@ -443,7 +443,7 @@ def write_repository(model, repo, opts: Options = Options(), *, force: bool = Fa
         else:
             _export_checkpoint(model, onnx_path, pretrained)
         sig = read_signature(onnx_path)
-        if opts.backend == "openvino" and "openvino:bf16" not in (sig.metadata.get("runtime_precisions") or {}):
+        if opts.backend == "openvino" and not verified_precision(sig.metadata, "openvino", "bf16"):
             raise RepositoryError(f"--backend openvino: {OPENVINO_NEEDS_BF16}")
         bad = [c for c in sig.class_names if not c or "\n" in c or "\r" in c]
         if bad:
@@ -561,7 +561,8 @@ def main(argv=None) -> int:
     if not args.model or not args.repo:
         parser.error("give MODEL and --repo DIR (or --check MODEL_DIR)")
     openvino = args.backend == "openvino"
-    opts = Options(args.name, args.version, args.max_batch_size or (8 if openvino else Options.max_batch_size),
+    max_batch = args.max_batch_size if args.max_batch_size is not None else 8 if openvino else Options.max_batch_size
+    opts = Options(args.name, args.version, max_batch,
                    args.instances, (not openvino) if args.gpu is None else args.gpu, args.tensorrt_fp16,
                    args.max_queue_delay_us, args.with_preprocess, args.backend)
     model_dir = write_repository(args.model, args.repo, opts, force=args.force, pretrained=args.pretrained)
