@@ -53,7 +53,7 @@ def read_selection(path) -> dict:
         items = []
         for d in data[part]:
             impath, label = getattr(d, "_impath", None), getattr(d, "_label", None)
-            if not (isinstance(d, _Record) and isinstance(impath, str) and isinstance(label, int)):
+            if not (isinstance(d, _Record) and isinstance(impath, str) and impath and isinstance(label, int)):
                 raise DataError(f"{path}: a {part} entry is not a Datum with an image path and an integer label")
             items.append((impath, label))
         out[part] = items
@@ -70,7 +70,7 @@ def _match(split, entries: list, path, part: str) -> list:
             by_suffix.setdefault(parts[-n:], []).append(i)
     chosen = []
     for impath, label in entries:
-        parts, found = Path(impath).parts, None
+        parts, found, hits = Path(impath).parts, None, None
         for n in range(len(parts), 0, -1):
             hits = by_suffix.get(parts[-n:])
             if hits:

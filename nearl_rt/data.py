@@ -344,6 +344,10 @@ def _read_npz(path: Path, multi_label: bool = False) -> Dataset:
         if images.dtype.kind not in "uif" or images.ndim not in (3, 4):
             raise DataError(f"{path}: {split}_images must be [N, H, W] or [N, H, W, 3] of uint8 (or uint16 / float: "
                             f"mapped by the intensity policy), got {images.dtype} {images.shape}")
+        if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):  # NaN fails too
+            bad = labels[labels != np.round(labels)].flat[0]
+            raise DataError(f"{path}: {split}_labels holds non-integer values (e.g. {float(bad):g}); labels are class indices "
+                            f"(single-label) or 1 / 0 / -1 = unknown (multi-label): round or threshold them yourself")
         splits[split] = Split(list(images), labels.astype(np.int64))
     if not splits:
         raise DataError(f"{path} has no train_images / val_images / test_images arrays (not a MedMNIST file)")

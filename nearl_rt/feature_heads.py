@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ADAPTER_REDUCTION = 4  # CLIP-Adapter's bottleneck E -> E / 4
@@ -138,7 +137,3 @@ def head_from_state(kind: str, state: dict) -> nn.Module:
     """The head a checkpoint's extra["feature_head"] = {"kind": ..., "state": ...} describes (KeyError/ValueError
     on a malformed state: the caller names the file)."""
     return HEADS[kind].from_state(state)
-
-
-def trainable_count(head: nn.Module) -> int:
-    return sum(p.numel() for p in head.parameters() if p.requires_grad)

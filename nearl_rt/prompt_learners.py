@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nearl_rt.classifier import frozen_image_features
-from nearl_rt.coop import PromptContext, coop_template, init_context
+from nearl_rt.coop import INIT_TEXT, PromptContext, init_context
 from nearl_rt.core.errors import NearlError
 from nearl_rt.methods import cocoop_hidden
 
@@ -148,7 +148,9 @@ def build_context(method: str, model, class_names: list, n: int, seed: int,
     if method == "coop":
         return start
     if method == "kgcoop":
-        return KgCoOpContext(start.ctx, class_features_with(model, class_names, coop_template(n)))
+        # the hand-crafted prompt's text features, whatever the context length (coop_template(n) is "X X ... {}."
+        # for n != 4)
+        return KgCoOpContext(start.ctx, class_features_with(model, class_names, INIT_TEXT + " {}."))
     if method == "cocoop":
         return CoCoOpContext(start.ctx, model.embed_dim)
     if method == "biomedcoop":

@@ -376,6 +376,9 @@ def main(argv=None) -> int:
     if ds.multi_label and (b2n or single_only):
         raise NearlError(f"{args.data} is multi-label: --base-to-novel and the methods {single_only} are single-label "
                          f"only (use {', '.join(multilabel.METHODS)})")
+    if b2n and args.fewshot_dir is not None:
+        raise NearlError("--fewshot-dir gives the shots of all classes; it does not combine with --base-to-novel "
+                         "(leave one out)")
     train_ds = ds
     if b2n:
         base, _ = split_base_novel(ds.class_names, parse_classes(args.base_classes), parse_classes(args.novel_classes))

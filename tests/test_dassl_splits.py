@@ -106,3 +106,16 @@ def test_train_and_sweep_take_the_selected_shots(tmp_path, dassl_module, capsys)
     rc, _, err = cli(sweep, ["--data", data, "--methods", "zeroshot", "--shots", "2,4", "--seeds", "1",
                              "--out", tmp_path / "sw2", "--fewshot-dir", folder, *quick], capsys)
     assert rc == 2 and "shot_4-seed_1.pkl: no such file" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = cli(sweep, ["--data", data, "--methods", "zeroshot", "--shots", "2", "--seeds", "1", "--base-to-novel",
+                             "--out", tmp_path / "sw3", "--fewshot-dir", folder, *quick], capsys)
+    assert rc == 2 and "--fewshot-dir gives the shots of all classes; it does not combine with --base-to-novel" in err
+    assert not (tmp_path / "sw3").exists()
+
+
+def test_an_entry_without_an_image_path_is_one_line(tmp_path, dassl_module):
+    path = _selection(dassl_module, tmp_path / "shot_1-seed_1.pkl", 1)
+    data = pickle.loads(path.read_bytes())
+    data["train"][0]._impath = ""
+    path.write_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+    with pytest.raises(DataError, match="a train entry is not a Datum with an image path and an integer label"):
+        read_selection(path)

@@ -442,3 +442,11 @@ def test_int8_export_keeps_the_findings(onnx_findings, planted, tmp_path):
     assert probs8.shape == (24, len(FINDINGS))
     assert np.abs(probs8 - probs32).max() <= 0.1 and np.abs(probs8 - probs32).max() > 0  # quantised, not a copy
     assert report["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("labels", [[[0.7, 1.0], [0.0, 1.0]], [[1.0, np.nan], [0.0, 1.0]], [0.5, 1.0]])
+def test_non_integer_npz_labels_are_refused_not_truncated(labels, tmp_path):
+    path = tmp_path / "soft.npz"
+    np.savez(path, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array(labels, np.float32))
+    with pytest.raises(DataError, match=r"soft.npz: train_labels holds non-integer values \(e.g. (0.7|nan|0.5)"):
+        read_dataset(path)

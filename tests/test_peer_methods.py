@@ -102,6 +102,18 @@ def test_prompt_learners_at_initialisation_are_zero_shot(preset, method, tmp_pat
             assert model.prompt_context.extra_loss(model, images, got).abs() < 1e-6
 
 
+@pytest.mark.parametrize("n", [2, 4, 6])
+def test_kgcoop_reference_is_the_hand_crafted_prompt_for_any_context_length(n):
+    """KgCoOp pulls the learned prompt towards "a photo of a {}.", also when the context is not 4 tokens long
+    (its learned context then starts from placeholder tokens, the reference does not)."""
+    from nearl_rt.prompt_learners import class_features_with
+    model = _model("tiny")
+    context = build_context("kgcoop", model, CLASSES, n, seed=0)
+    with torch.no_grad():
+        want = class_features_with(_model("tiny"), CLASSES, "a photo of a {}.")
+    torch.testing.assert_close(context.reference, want.float(), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("method", [m for m in FEATURE_METHODS if m != "tip_adapter"])

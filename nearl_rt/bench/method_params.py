@@ -27,6 +27,7 @@ def method_parameters(preset: str, classes: int, shots: int, context: int = 4) -
     from nearl_rt.core.errors import RandomBackboneWarning
     from nearl_rt.feature_fit import text_head_args
     from nearl_rt.feature_heads import ClipAdapterHead, LPPlusPlusHead, TipAdapterHead
+    from nearl_rt.adapters import count_parameters
     from nearl_rt.methods import METHODS, REGISTRY, trainable_count
     from nearl_rt.prompt_learners import build_context
 
@@ -57,10 +58,10 @@ def method_parameters(preset: str, classes: int, shots: int, context: int = 4) -
             elif kind == "probe":
                 counted = classes * (E + 1)  # scikit-learn's coefficients and intercepts, as a softmax head
             elif kind == "features":
-                counted = sum(p.numel() for p in heads[method].parameters() if p.requires_grad)
+                counted = count_parameters(heads[method])
             else:
                 context_module = build_context(method, model, names, context, 0, str(descriptions))
-                counted = sum(p.numel() for p in context_module.parameters())
+                counted = count_parameters(context_module)
             out[method] = {"counted": counted, "formula": trainable_count(
                 method, embed_dim=E, text_width=D, classes=classes, shots=shots, context=context,
                 adapters=model.num_trainable_parameters())}
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     presets = args.presets.split(",")
     table = {preset: method_parameters(preset, args.classes, args.shots) for preset in presets}
-    print(f"| method | " + " | ".join(presets) + " |\n|---|" + "---|" * len(presets))
+    print("| method | " + " | ".join(presets) + " |\n|---|" + "---|" * len(presets))
     for method in next(iter(table.values())):
         cells = []
         for preset in presets:

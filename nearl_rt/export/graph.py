@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from nearl_rt.classifier import frozen_image_features
 from nearl_rt.model import NearlCLIP, PromptBatch, TextStream
 from nearl_rt.prompts import pool_prompts
 
@@ -96,7 +96,7 @@ class FeatureHeadGraph(_Classifier):
         self.head = head
 
     def forward(self, images: torch.Tensor):
-        features = F.normalize(self.model.backbone.encode_image(images.to(self.model.dtype)), dim=-1)
+        features = frozen_image_features(self.model, images)
         return self._outputs(self.head(features.to(self.head.text.dtype)))
 
 
