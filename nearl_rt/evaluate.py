@@ -204,6 +204,13 @@ def evaluate_findings(classifier, ds: Dataset, split: str, *, limit=None, batch_
     return m, scored
 
 
+def write_finding_predictions(path: Path, classifier, m: dict, scored: Scored) -> None:
+    """The per-image CSV of a multi-label evaluation (multilabel.write_predictions) at the thresholds it fitted."""
+    thresholds = {f: v["threshold"] for f, v in m["per_finding"].items() if v["threshold_fitted"]}
+    multilabel.write_predictions(path, scored.images, scored.labels, scored.logits,
+                                 classifier.calibration.probabilities(scored.logits), scored.class_names, thresholds)
+
+
 def resolve_operating_point(classifier, scored: Scored, rule: Optional[OperatingPointRule], fit) -> tuple:
     """(the Calibration to report with, what its temperature and thresholds are): the model's stored one, or with
     `rule` (when it is not the stored rule) thresholds fitted now on `fit()`'s images (a Scored of the fit split)
@@ -392,10 +399,7 @@ def evaluate_multilabel(args, ckpt: str, classifier, extra: dict, ds: Dataset, r
     if m["skipped_images"]:
         print(f"  {skip_summary(m['skipped_images'])}")
     if args.predictions:
-        thresholds = {f: v["threshold"] for f, v in m["per_finding"].items() if v["threshold_fitted"]}
-        multilabel.write_predictions(Path(args.predictions), scored.images, scored.labels, scored.logits,
-                                     classifier.calibration.probabilities(scored.logits), scored.class_names,
-                                     thresholds)
+        write_finding_predictions(Path(args.predictions), classifier, m, scored)
         print(f"wrote {args.predictions} ({len(scored.labels)} images)")
     return True
 

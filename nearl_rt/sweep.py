@@ -50,7 +50,7 @@ from nearl_rt import multilabel
 from nearl_rt.data import parse_classes, read_dataset
 from nearl_rt.core.errors import NearlError, RandomBackboneWarning
 from nearl_rt.evaluate import (B2N_KEYS, evaluate_classifier, evaluate_findings, read_predictions, reported_calibration,
-                               write_predictions)
+                               write_finding_predictions, write_predictions)
 from nearl_rt.methods import METHODS, REGISTRY, expand_methods
 from nearl_rt.metrics import DEFAULT_RESAMPLES, SUMMARY_KEYS, bootstrap_intervals, mean_std
 from nearl_rt.dassl_splits import shots_from_selection
@@ -325,10 +325,7 @@ def evaluate_run(checkpoint: Path, ds, args, b2n: bool, device) -> dict:
     if classifier.multi_label:
         m, scored = evaluate_findings(classifier, ds, args.split, limit=args.eval_limit, resamples=args.bootstrap,
                                       intensity=intensity)
-        thresholds = {f: v["threshold"] for f, v in m["per_finding"].items() if v["threshold_fitted"]}
-        multilabel.write_predictions(checkpoint.parent / PREDICTIONS, scored.images, scored.labels, scored.logits,
-                                     classifier.calibration.probabilities(scored.logits), scored.class_names,
-                                     thresholds)
+        write_finding_predictions(checkpoint.parent / PREDICTIONS, classifier, m, scored)
         return m
     m, parts = evaluate_classifier(classifier, extra, ds, args.split, base_to_novel=b2n,
                                    base=parse_classes(args.base_classes), novel=parse_classes(args.novel_classes),
